@@ -584,3 +584,25 @@ def test_every_failure_is_a_projlens_error(tmp_path):
     junk.write_bytes(b"hello world, not a checkpoint")
     with pytest.raises(ProjlensError):
         detect_format(junk)
+
+
+def test_trainer_side_files_do_not_stop_a_scan(tmp_path):
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "run"
+    d.mkdir()
+    torch.save({"args": _SystemPayload(marker)}, d / "training_args.bin")
+    torch.save({"x": _TouchPayload(marker)}, d / "extra.pt")
+    save_file(
+        {"linear_1.weight": torch.zeros(3, 2), "linear_2.weight": torch.zeros(4, 3)},
+        d / "projector.safetensors",
+    )
+    info = detect_format(d)
+    assert info.files == [d / "projector.safetensors"] and load_projector(info).out_dim == 4
+    assert not marker.exists()
+    (d / "projector.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="extra.pt: refused to load"):
+        detect_format(d)  # the only candidate left is refused: its own error, not a generic one
+    (d / "broken.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(NothingScannableError, match="unreadable: 2 file"):
+        detect_format(d)
+    assert not marker.exists()

@@ -31,6 +31,8 @@ FORMATS = ("hf-llava", "llava-mm-projector", "qwen2-vl-merger", "bare-projector"
 MAX_DIR_PICKLE_BYTES = 512 * 1024 * 1024
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
 MAX_VOCAB = 10_000_000
+# training-run side files that never hold a projector state dict
+_NOT_PROJECTOR_FILES = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"})
 
 # (format, key prefixes in order of preference, layer style)
 _LAYOUTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -185,9 +187,13 @@ def _main_container(root: Path, names: set[str]) -> TensorContainer | None:
     return c
 
 
-def _dir_containers(root: Path) -> list[TensorContainer]:
-    """Candidate containers of a checkpoint dir, most specific first (opened lazily)."""
-    names = set()
+def _dir_containers(root: Path) -> tuple[list[TensorContainer], list[CheckpointError]]:
+    """Candidate containers of a checkpoint dir, most specific first, and fallback files refused.
+
+    HF weights and ``mm_projector.*`` are authoritative (their errors propagate). Otherwise every
+    top-level ``.safetensors`` / small torch pickle is a candidate; one that cannot be read is
+    set aside with its error, so e.g. a Trainer's ``training_args.bin`` does not stop a scan.
+    """
     try:
         names = {e.name for e in os.scandir(root)}
     except OSError as e:
@@ -200,21 +206,25 @@ def _dir_containers(root: Path) -> list[TensorContainer]:
         if name in names:
             out.append(_open_file(inside(root, name), root))
     if out:
-        return out
-    for name in sorted(names):
-        if name.startswith(".") or name == SINGLE_NAME:
+        return out, []
+    refused: list[CheckpointError] = []
+    for name in sorted(names - _NOT_PROJECTOR_FILES):
+        suffix = Path(name).suffix.lower()
+        if name.startswith((".", "rng_state")) or (
+            suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES
+        ):
             continue
-        p = root / name
-        suffix = p.suffix.lower()
-        if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
-            continue
-        st = stat_path(inside(root, name))
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if suffix in PICKLE_SUFFIXES and st.st_size > MAX_DIR_PICKLE_BYTES:
-            continue
-        out.append(_open_file(p, root))
-    return out
+        try:
+            p = inside(root, name)
+            st = stat_path(p)
+            if not stat.S_ISREG(st.st_mode) or (
+                suffix in PICKLE_SUFFIXES and st.st_size > MAX_DIR_PICKLE_BYTES
+            ):
+                continue
+            out.append(_open_file(p, root))
+        except CheckpointError as e:
+            refused.append(e)
+    return out, refused
 
 
 def detect_format(path: str | os.PathLike[str]) -> CheckpointInfo:
@@ -226,9 +236,10 @@ def detect_format(path: str | os.PathLike[str]) -> CheckpointInfo:
     """
     p = Path(path)
     st = stat_path(p)
+    refused: list[CheckpointError] = []
     if stat.S_ISDIR(st.st_mode):
         root: Path | None = p
-        containers = _dir_containers(p)
+        containers, refused = _dir_containers(p)
     elif stat.S_ISREG(st.st_mode):
         root = None
         containers = [_open_file(p)]
@@ -242,8 +253,11 @@ def detect_format(path: str | os.PathLike[str]) -> CheckpointInfo:
         if cls:
             hits.append((c, cls))
     if not hits:
+        if len(refused) == 1 and not containers:
+            raise refused[0]
         looked = ", ".join(f.name for c in containers for f in c.files[:3]) or "no tensor files"
-        raise NothingScannableError(f"{p}: no projector weights found (looked at: {looked})")
+        skipped = f"; unreadable: {len(refused)} file(s), first: {refused[0]}" if refused else ""
+        raise NothingScannableError(f"{p}: no projector weights found (looked at: {looked}){skipped}")
     main_hits = [h for h in hits if h[0].is_main]
     if not main_hits and len(hits) > 1:
         names = ", ".join(c.files[0].name for c, _ in hits)
