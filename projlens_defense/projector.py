@@ -122,6 +122,8 @@ class Projector:
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         assert self.pre_norm is not None
         weight, bias = self.pre_norm
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
         if self.pre_norm_type == "rmsnorm":
             x32 = x.to(torch.float32)
             x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.pre_norm_eps)
@@ -138,6 +140,11 @@ class Projector:
         """
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"expected input features of width {self.in_dim}, got {tuple(x.shape)}")
+        group = self.merge_size**2
+        if group > 1 and (x.numel() // self.in_dim) % group:
+            raise ValueError(
+                f"the merger needs the number of features to be a multiple of {group}, got {tuple(x.shape)}"
+            )
         h = x
         if self.pre_norm is not None:
             h = self._norm(h)

@@ -240,7 +240,7 @@ def test_unwritable_output_dir_is_a_clear_error(make_hf_llava, tmp_path, monkeyp
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(writer_mod.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(writer_mod.os, "mkdir", denied)
     with pytest.raises(CheckpointError, match="cannot write output: Permission denied") as e:
         write_projector(src, new, tmp_path / "out")
     assert "\n" not in str(e.value)
@@ -286,3 +286,17 @@ def test_symlink_escaping_source_dir_is_not_copied(make_hf_llava, tmp_path):
         write_projector(src, load_projector(src), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert json.loads((src / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_output_permissions_follow_umask(make_hf_llava, make_mm_projector, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        src, _ = make_hf_llava()
+        out = write_projector(src, load_projector(src), tmp_path / "out")
+        assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        msrc, _ = make_mm_projector()
+        fout = write_projector(msrc, load_projector(msrc), tmp_path / "p.bin")
+        assert fout.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

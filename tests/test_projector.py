@@ -192,3 +192,11 @@ def test_validate_rejects_shapes_that_do_not_chain():
 def test_state_dict_requires_keys():
     with pytest.raises(ValueError, match="no checkpoint key names"):
         Projector(layers=[LinearLayer(torch.zeros(2, 2), None)]).state_dict()
+
+
+def test_merger_forward_needs_whole_groups(make_merger):
+    proj = load_projector(make_merger()[0])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        proj(torch.zeros(6, VISION_DIM))
+    out = proj(torch.randn(8, VISION_DIM, dtype=torch.float64))
+    assert out.dtype == torch.float64 and out.shape == (2, TEXT_DIM)

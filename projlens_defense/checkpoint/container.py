@@ -123,7 +123,7 @@ class TensorContainer:
 
     @classmethod
     def from_index(cls, root: Path) -> TensorContainer:
-        index_path = root / INDEX_NAME
+        index_path = inside(root, INDEX_NAME)
         index = read_json(index_path)
         wmap = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wmap, dict) or not all(

@@ -226,3 +226,7 @@ TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }  # fmt: skip
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                   ("uint32", "U32"), ("uint64", "U64")):  # fmt: skip
+    if hasattr(torch, _name):
+        TORCH_TO_ST[getattr(torch, _name)] = _st

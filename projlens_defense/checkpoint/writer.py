@@ -9,10 +9,10 @@ header, ``__metadata__`` and every other tensor stay bit-identical.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import stat
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -109,7 +109,12 @@ def _write_pickle(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> None:
     for key, t in new.items():
         target[key] = t
     with open(dst, "xb") as fo:
-        torch.save(obj, fo)
+        try:
+            torch.save(obj, fo)
+        except (RuntimeError, pickle.PicklingError) as e:  # torch reports a failed write as RuntimeError
+            raise CheckpointError(
+                f"{dst}: cannot write: {str(e).splitlines()[0] if str(e) else e!r}"
+            ) from None
         fo.flush()
         os.fsync(fo.fileno())
 
@@ -189,6 +194,11 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
     _remove(backup)
 
 
+def _temp_sibling(out: Path, suffix: str = "") -> Path:
+    """A fresh hidden name beside ``out`` (same dir, so the final rename is atomic)."""
+    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}{suffix}"
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -226,17 +236,15 @@ def write_projector(
     tmp: Path | None = None
     try:
         if is_dir:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.tmp-", dir=parent))
+            tmp = _temp_sibling(out_p)
+            os.mkdir(tmp)  # honours the umask, unlike mkdtemp's 0700
             root = info.root
             assert root is not None
             _copy_tree(root, tmp, allowed_roots(root), {os.path.realpath(root)}, set(info.files))
             for f in info.files:
                 _write_file(info, f, tmp / f.relative_to(root), new)
         else:
-            fd, name = tempfile.mkstemp(prefix=f".{out_p.name}.tmp-", suffix=src_p.suffix, dir=parent)
-            os.close(fd)
-            tmp = Path(name)
-            tmp.unlink()  # the writers create it exclusively
+            tmp = _temp_sibling(out_p, src_p.suffix)  # the writers create it exclusively ("xb")
             _write_file(info, info.files[0], tmp, new)
         _verify(tmp, new, out_p)
         _commit(tmp, out_p, force)
