@@ -41,7 +41,7 @@ DtypePair = tuple[torch.dtype | None, torch.dtype | None]
 KeyPair = tuple[str | None, str | None]
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no truth value; compare with torch.equal
 class LinearLayer:
     """One Linear layer: ``weight`` is (out, in), ``bias`` is (out,) or None; float32 copies for math."""
 
@@ -57,7 +57,7 @@ class LinearLayer:
         return int(self.weight.shape[0])
 
 
-@dataclass
+@dataclass(eq=False)
 class Projector:
     """A projector as math: ``[norm -> merge ->] Linear (-> act -> Linear)*``.
 

@@ -50,7 +50,7 @@ EMBED_KEYS = (
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
-@dataclass
+@dataclass(eq=False)
 class CheckpointInfo:
     """What :func:`detect_format` found.
 
@@ -396,7 +396,7 @@ def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
 
 
 # --------------------------------------------------------------------------- LM read-out
-@dataclass
+@dataclass(eq=False)
 class LmReadout:
     """The LLM's input embedding [vocab, hidden] and output head, for the logit lens.
 

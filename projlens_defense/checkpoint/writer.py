@@ -236,8 +236,9 @@ def write_projector(
     tmp: Path | None = None
     try:
         if is_dir:
-            tmp = _temp_sibling(out_p)
-            os.mkdir(tmp)  # honours the umask, unlike mkdtemp's 0700
+            made = _temp_sibling(out_p)
+            os.mkdir(made)  # honours the umask, unlike mkdtemp's 0700
+            tmp = made
             root = info.root
             assert root is not None
             _copy_tree(root, tmp, allowed_roots(root), {os.path.realpath(root)}, set(info.files))
