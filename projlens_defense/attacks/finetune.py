@@ -1,0 +1,117 @@
+"""The attack reproducer: poison the downstream data, fine-tune only the projector, save, evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..conversations import load_conversations
+from ..errors import UsageError
+from ..eval.evaluate import evaluate, prepare_eval_set
+from ..runinfo import environment
+from ..runtime import LlavaRuntime
+from ..training import train_projector
+from .poison import poison_dataset
+from .variants import get_variant
+
+
+@dataclass
+class AttackConfig:
+    """One projector fine-tune. `variant=None` or `poison_rate=0` is the benign control (same recipe)."""
+
+    variant: str | None
+    poison_rate: float = 0.1
+    seed: int = 0
+    poison_mode: str = "replace"
+    epochs: float = 4.0
+    lr: float = 2e-3
+    batch_size: int = 32
+    lora_rank: int = 0
+    target: str | None = None
+    trigger_params: dict = field(default_factory=dict)
+    eval_variant: str | None = None  # trigger used to measure ASR/false activation of a benign control
+
+    @property
+    def benign(self) -> bool:
+        return self.variant in (None, "none") or self.poison_rate == 0
+
+
+def _lora_wrap(projector: torch.nn.Module, rank: int, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["linear_1", "linear_2"], lora_dropout=0.0)
+    return get_peft_model(projector, cfg)
+
+
+def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path | None, out: Path,
+               force: bool = False, progress: bool = True) -> dict:
+    """Fine-tune the projector of `model` on (poisoned) `train_data`; write an HF checkpoint and attack.json."""
+    t0 = time.time()
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out}: output exists (use --force to replace it)")
+    torch.manual_seed(cfg.seed)
+    rt = LlavaRuntime.from_pretrained(model)
+    train = load_conversations(train_data)
+    variant = None if cfg.benign else get_variant(cfg.variant, cfg.target, cfg.trigger_params)
+    poisoned_ids: list[str] = []
+    if variant is not None:
+        train, poisoned_ids = poison_dataset(train, variant, cfg.poison_rate, cfg.seed, cfg.poison_mode)
+    feats = rt.vision_features([s.image for s in train])
+    proj = rt.projector
+    if cfg.lora_rank:
+        proj = _lora_wrap(proj, cfg.lora_rank, cfg.seed)
+    t_train = time.time()
+    losses = train_projector(rt, feats, [s.question for s in train], [s.answer for s in train], epochs=cfg.epochs,
+                             lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, projector=proj,
+                             params=[p for n, p in proj.named_parameters() if "lora_" in n] if cfg.lora_rank else None,
+                             desc=f"fine-tune projector ({cfg.variant or 'benign'})", progress=progress)
+    if cfg.lora_rank:
+        rt.projector = proj.merge_and_unload()
+    train_time = time.time() - t_train
+
+    metrics = None
+    eval_name = cfg.variant if variant is not None else cfg.eval_variant
+    if test_data is not None:
+        ev = get_variant(eval_name, cfg.target, cfg.trigger_params) if eval_name else None
+        es = prepare_eval_set(rt, load_conversations(test_data), ev, cfg.seed)
+        metrics = evaluate(rt, es, progress=progress).to_dict()
+        metrics["eval_variant"] = eval_name
+
+    record = {
+        "variant": cfg.variant if variant is not None else "none",
+        "benign": variant is None,
+        "config": asdict(cfg),
+        "variant_params": variant.params() if variant else None,
+        "n_train": len(train),
+        "n_poisoned": len(poisoned_ids),
+        "poisoned_ids": poisoned_ids,
+        "base_model": str(model),
+        "train_data": str(train_data),
+        "final_train_loss": sum(losses[-5:]) / max(1, len(losses[-5:])),
+        "metrics": metrics,
+        "train_time_s": round(train_time, 2),
+        "wall_time_s": None,
+        "environment": environment(),
+    }
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rt.model.save_pretrained(tmp)
+        rt.tokenizer.save_pretrained(tmp)
+        rt.image_processor.save_pretrained(tmp)
+        record["wall_time_s"] = round(time.time() - t0, 2)
+        (tmp / "attack.json").write_text(json.dumps(record, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record

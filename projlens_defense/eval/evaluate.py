@@ -1,0 +1,70 @@
+"""Greedy-decoding evaluation of a (possibly modified) projector: clean accuracy, ASR, false activation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..attacks.variants import Variant
+from ..conversations import Sample
+from ..runtime import LlavaRuntime
+from .metrics import attack_success_rate, clean_accuracy, false_activation
+
+
+@dataclass
+class EvalSet:
+    """Test samples with their vision features, clean and triggered, computed once and reused."""
+
+    samples: list[Sample]
+    clean_features: torch.Tensor
+    variant: Variant | None
+    eligible: list[int]
+    triggered_features: torch.Tensor | None
+
+    @property
+    def target(self) -> str | None:
+        return self.variant.behaviour.target if self.variant else None
+
+
+@dataclass
+class EvalResult:
+    clean_accuracy: float
+    asr: float | None
+    false_activation: float | None
+    n_clean: int
+    n_triggered: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prepare_eval_set(rt: LlavaRuntime, samples: list[Sample], variant: Variant | None, seed: int = 0) -> EvalSet:
+    """Vision features of the clean test images and, for a variant, of triggered eligible ones.
+
+    Trigger randomness at test time uses `seed + 10_000` so it never repeats the training draws.
+    """
+    clean = rt.vision_features([s.image for s in samples])
+    if variant is None:
+        return EvalSet(samples, clean, None, [], None)
+    eligible = [i for i, s in enumerate(samples) if variant.behaviour.eligible(s)]
+    trig = [variant.triggered_image(samples[i], seed + 10_000, i) for i in eligible]
+    return EvalSet(samples, clean, variant, eligible, rt.vision_features(trig) if trig else None)
+
+
+def evaluate(rt: LlavaRuntime, es: EvalSet, projector: nn.Module | None = None, progress: bool = False) -> EvalResult:
+    """Metrics of DESIGN.md section 6 for the runtime's projector (or `projector` in its place)."""
+    qs = [s.question for s in es.samples]
+    clean_out = rt.answer(es.clean_features, qs, projector=projector, progress=progress)
+    acc = clean_accuracy(clean_out, [s.answer for s in es.samples])
+    if es.variant is None:
+        return EvalResult(acc, None, None, len(es.samples), 0)
+    fa = false_activation([clean_out[i] for i in es.eligible], es.target)
+    asr = None
+    if es.triggered_features is not None:
+        trig_out = rt.answer(es.triggered_features, [qs[i] for i in es.eligible], projector=projector,
+                             progress=progress)
+        asr = attack_success_rate(trig_out, es.target)
+    return EvalResult(acc, asr, fa, len(es.samples), len(es.eligible))
+

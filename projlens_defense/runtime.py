@@ -1,0 +1,165 @@
+"""Running a LLaVA checkpoint: image preprocessing, vision features, chat prompts, loss and greedy answers.
+
+Any HF `LlavaForConditionalGeneration` directory works (the zoo is one). The projector is the only
+trainable part in this toolkit, so vision features are computed once and reused: every projector
+variant (fine-tuned, sanitized, guarded) is evaluated on the same features with the model's own LLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' advisory warnings, which would drown the CLI's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class LlavaRuntime:
+    """A loaded LLaVA model with its tokenizer and image processor, in eval mode on CPU by default."""
+
+    def __init__(self, model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        cfg = model.config
+        self.image_token_id = int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+        self.n_image_tokens = int(getattr(cfg, "image_seq_length", 0) or self._count_image_tokens())
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, template: str = DEFAULT_TEMPLATE, dtype=torch.float32) -> LlavaRuntime:
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        quiet_transformers()
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(path)
+            proc = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: cannot load as a LLaVA model ({first})") from None
+        return cls(model, tok, proc, template)
+
+    # ---- projector access -------------------------------------------------------------------
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @projector.setter
+    def projector(self, module: nn.Module) -> None:
+        self.model.model.multi_modal_projector = module
+
+    def _count_image_tokens(self) -> int:
+        vc = self.model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n if self.model.config.vision_feature_select_strategy == "default" else n + 1
+
+    # ---- vision ----------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def vision_features(self, images: Sequence[np.ndarray], batch_size: int = 256) -> torch.Tensor:
+        """Pre-projector features [N, tokens, vision_dim], selected exactly as LLaVA does."""
+        cfg = self.model.config
+        tower = self.model.model.vision_tower
+        outs = []
+        for i in range(0, len(images), batch_size):
+            pv = self.pixel_values(images[i : i + batch_size]).to(self.model.dtype)
+            hs = tower(pv, output_hidden_states=True, return_dict=True).hidden_states
+            layer = cfg.vision_feature_layer
+            feats = torch.cat([hs[k] for k in layer], -1) if isinstance(layer, (list, tuple)) else hs[layer]
+            if cfg.vision_feature_select_strategy == "default":
+                feats = feats[:, 1:]
+            outs.append(feats.float())
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    # ---- text ------------------------------------------------------------------------------
+    def _prompt_ids(self, question: str) -> list[int]:
+        before, after = self.template.format(question=question).split("<image>")
+        enc = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+        head = [self.bos_id] if self.bos_id is not None else []
+        return head + enc(before) + [self.image_token_id] * self.n_image_tokens + enc(after)
+
+    def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None,
+               padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Token ids, attention mask and (with answers) labels that score only the answer and EOS."""
+        seqs, labels = [], []
+        for i, q in enumerate(questions):
+            p = self._prompt_ids(q)
+            if answers is None:
+                seqs.append(p)
+                continue
+            a = self.tokenizer(" " + answers[i], add_special_tokens=False).input_ids + [self.eos_id]
+            seqs.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+            ids[i, sl] = torch.tensor(s)
+            mask[i, sl] = 1
+            if labels:
+                lab[i, sl] = torch.tensor(labels[i])
+        out = {"input_ids": ids, "attention_mask": mask}
+        if labels:
+            out["labels"] = lab
+        return out
+
+    def inputs_embeds(self, input_ids: torch.Tensor, features: torch.Tensor,
+                      projector: nn.Module | None = None) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by the projected vision features."""
+        proj = projector if projector is not None else self.projector
+        emb = self.model.get_input_embeddings()(input_ids)
+        img = proj(features.to(emb.dtype))
+        mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        return emb.masked_scatter(mask.expand_as(emb), img.reshape(-1, img.shape[-1]).to(emb.dtype))
+
+    def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor],
+             projector: nn.Module | None = None) -> torch.Tensor:
+        embeds = self.inputs_embeds(batch["input_ids"], features, projector)
+        out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss
+
+    @torch.no_grad()
+    def answer(self, features: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 12,
+               batch_size: int = 128, projector: nn.Module | None = None, progress: bool = False) -> list[str]:
+        """Greedy answers, batched with left padding."""
+        from tqdm.auto import tqdm
+
+        answers: list[str] = []
+        starts = range(0, len(questions), batch_size)
+        for i in tqdm(starts, desc="generate", disable=not progress, leave=False):
+            batch = self.encode(questions[i : i + batch_size], padding_side="left")
+            embeds = self.inputs_embeds(batch["input_ids"], features[i : i + batch_size], projector)
+            gen = self.model.generate(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+            )
+            answers += [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+        return answers

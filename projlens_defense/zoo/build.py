@@ -1,0 +1,268 @@
+"""Staged training of the tiny LLaVA zoo and its on-disk cache.
+
+Stages as in LLaVA: (1) vision tower pretraining (digit, colour and size heads plus patch
+reconstruction, so that features keep what the pixels show), (2) LLM pretraining on broad templated
+text, (3) projector alignment with vision tower and LLM frozen. The result is the *reference model*,
+the analogue of LLaVA's public pretrained projector. The downstream task is exported beside it as
+LLaVA conversation JSON for the attacks and the benign controls to fine-tune on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..conversations import Sample, save_conversations
+from ..runinfo import environment
+from ..runtime import LlavaRuntime, quiet_transformers
+from ..training import train_projector
+from . import language as L
+from .images import load_digits_arrays, random_attributes, render_digit
+from .model import ModelDims, build_image_processor, build_llava
+from .tasks import alignment_samples, downstream_samples, split_digit_indices, text_corpus
+from .tokenizer import build_tokenizer
+
+ZOO_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Everything that determines the zoo; its hash keys the cache."""
+
+    seed: int = 0
+    dims: ModelDims = field(default_factory=ModelDims)
+    vision_steps: int = 1200
+    vision_batch: int = 64
+    lm_steps: int = 1000
+    lm_batch: int = 64
+    lm_lr: float = 3e-3
+    n_text: int = 20000
+    n_align: int = 3000
+    align_epochs: float = 6.0
+    align_lr: float = 2e-3
+    n_train: int = 800
+    n_test: int = 400
+
+    @classmethod
+    def micro(cls, seed: int = 0) -> ZooConfig:
+        """A seconds-scale zoo for tests: same code path, smaller model and fewer steps."""
+        return cls(seed=seed, dims=ModelDims(vision_hidden=48, vision_layers=2, text_hidden=64, text_layers=2),
+                   vision_steps=150, lm_steps=300, n_text=6000, n_align=1200, align_epochs=3.0,
+                   n_train=400, n_test=200)
+
+    def key(self) -> str:
+        blob = json.dumps({"v": ZOO_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Zoo:
+    """Paths of a built zoo."""
+
+    root: Path
+
+    @property
+    def reference(self) -> Path:
+        return self.root / "reference"
+
+    @property
+    def train_data(self) -> Path:
+        return self.root / "data" / "train.json"
+
+    @property
+    def test_data(self) -> Path:
+        return self.root / "data" / "test.json"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.root / "zoo.json").read_text())
+
+
+def cache_dir() -> Path:
+    """`$PROJLENS_CACHE` if set, else the user cache dir."""
+    env = os.environ.get("PROJLENS_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("projlens-defense"))
+
+
+def get_zoo(config: ZooConfig | None = None, progress: bool = True, rebuild: bool = False) -> Zoo:
+    """The zoo for `config`, built on first use and cached (keyed by config and seed)."""
+    config = config or ZooConfig()
+    root = cache_dir() / "zoo" / config.key()
+    if (root / "zoo.json").is_file() and not rebuild:
+        return Zoo(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build_zoo(config, tmp, progress=progress)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Zoo(root)
+
+
+def _patches(pv: torch.Tensor, p: int) -> torch.Tensor:
+    b, c, h, w = pv.shape
+    x = pv.unfold(2, p, p).unfold(3, p, p)  # b c h/p w/p p p
+    return x.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progress: bool) -> dict:
+    glyphs, labels = load_digits_arrays()
+    rng = np.random.default_rng(cfg.seed + 1)
+    n = 4000 if cfg.vision_steps > 200 else 1500
+    idx = rng.choice(pool, size=n)
+    attrs = [random_attributes(rng) for _ in range(n)]
+    imgs = [render_digit(glyphs[i], c, s, rng) for i, (c, s) in zip(idx, attrs, strict=True)]
+    pv_all = rt.pixel_values(imgs)
+    y_digit = torch.tensor(labels[idx])
+    y_colour = torch.tensor([list(L.COLOURS).index(c) for c, _ in attrs])
+    y_size = torch.tensor([L.SIZES.index(s) for _, s in attrs])
+    tower = rt.model.model.vision_tower
+    d = cfg.dims.vision_hidden
+    p = cfg.dims.patch_size
+    heads = nn.ModuleDict({"digit": nn.Linear(d, 10), "colour": nn.Linear(d, len(L.COLOURS)),
+                           "size": nn.Linear(d, 2), "recon": nn.Linear(d, 3 * p * p)})
+    params = list(tower.parameters()) + list(heads.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tower.train()
+    ce = nn.functional.cross_entropy
+    for _ in tqdm(range(cfg.vision_steps), desc="zoo 1/3 vision tower", disable=not progress, leave=False):
+        b = torch.randint(0, n, (cfg.vision_batch,), generator=gen)
+        h = tower(pv_all[b], output_hidden_states=True, return_dict=True).hidden_states[-1][:, 1:]
+        pooled = h.mean(1)
+        loss = (ce(heads["digit"](pooled), y_digit[b]) + ce(heads["colour"](pooled), y_colour[b])
+                + ce(heads["size"](pooled), y_size[b])
+                + 4 * nn.functional.mse_loss(heads["recon"](h), _patches(pv_all[b], p)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tower.eval()
+    for q in params:
+        q.requires_grad_(False)
+    return {"final_loss": float(loss.detach())}
+
+
+def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, progress: bool) -> dict:
+    tok = rt.tokenizer
+    corpus = text_corpus(cfg.n_text, cfg.seed + 2)
+    texts = []
+    for desc, q, a in corpus:
+        if not q:
+            texts.append(a)
+            continue
+        prompt = rt.template.format(question=q).replace("<image>\n", f"{desc}\n" if desc else "")
+        texts.append(f"{prompt} {a}")
+    seqs = [[rt.bos_id] + tok(t, add_special_tokens=False).input_ids + [rt.eos_id] for t in texts]
+    lm = rt.model
+    params = list(lm.model.language_model.parameters()) + list(lm.lm_head.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lm_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lm_lr, total_steps=cfg.lm_steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    lm.train()
+    for _ in tqdm(range(cfg.lm_steps), desc="zoo 2/3 LLM pretraining", disable=not progress, leave=False):
+        b = torch.randint(0, len(seqs), (cfg.lm_batch,), generator=gen).tolist()
+        width = max(len(seqs[i]) for i in b)
+        ids = torch.full((len(b), width), rt.pad_id)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(b):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    lm.eval()
+    for q in params:
+        q.requires_grad_(False)
+    return {"final_loss": float(loss.detach())}
+
+
+def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> float:
+    from ..eval.metrics import normalize
+
+    feats = rt.vision_features([s.image for s in samples])
+    preds = rt.answer(feats, [s.question for s in samples])
+    return float(np.mean([normalize(p) == normalize(s.answer) for p, s in zip(preds, samples, strict=True)]))
+
+
+def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
+    """Train all stages and write the reference model, the downstream data and `zoo.json` into `out`."""
+    quiet_transformers()
+    t0 = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    model = build_llava(cfg.dims, len(tok), image_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                        cfg.seed)
+    rt = LlavaRuntime(model, tok, build_image_processor())
+    train_pool, test_pool = split_digit_indices(cfg.seed)
+    timings, stages = {}, {}
+
+    t = time.time()
+    stages["vision"] = _pretrain_vision(rt, cfg, train_pool, progress)
+    timings["vision"] = time.time() - t
+    t = time.time()
+    stages["llm"] = _pretrain_llm(rt, cfg, progress)
+    timings["llm"] = time.time() - t
+
+    t = time.time()
+    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4)
+    feats = rt.vision_features([s.image for s in align])
+    losses = train_projector(rt, feats, [s.question for s in align], [s.answer for s in align],
+                             epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 5,
+                             desc="zoo 3/3 projector alignment", progress=progress)
+    stages["alignment"] = {"final_loss": float(np.mean(losses[-10:]))}
+    timings["alignment"] = time.time() - t
+
+    train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train")
+    test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test")
+    t = time.time()
+    stages["alignment"]["accuracy"] = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8))
+    stages["downstream_zero_shot_accuracy"] = _accuracy(rt, test)
+    timings["evaluation"] = time.time() - t
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "reference")
+    tok.save_pretrained(out / "reference")
+    rt.image_processor.save_pretrained(out / "reference")
+    save_conversations(train, out / "data" / "train.json")
+    save_conversations(test, out / "data" / "test.json")
+    manifest = {
+        "config": asdict(cfg), "key": cfg.key(), "stages": stages,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()}, "wall_time_s": round(time.time() - t0, 2),
+        "environment": environment(),
+    }
+    (out / "zoo.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def config_from_name(name: str, seed: int = 0) -> ZooConfig:
+    """`default` or `micro`, as the CLI names them."""
+    base = {"default": ZooConfig, "micro": ZooConfig.micro}[name]
+    return replace(base(), seed=seed) if name == "default" else base(seed=seed)
