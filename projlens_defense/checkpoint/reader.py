@@ -318,6 +318,13 @@ def _check_mm_projector_type(info: CheckpointInfo, n_layers: int) -> None:
         )
 
 
+def _float(where: str, key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it holds real floating-point values; integer, bool or complex weights are refused."""
+    if not t.is_floating_point():
+        raise CheckpointError(f"{where}: {key} must be floating-point, got {str(t.dtype).removeprefix('torch.')}")
+    return t
+
+
 def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
     """Read and validate the projector of a checkpoint (dir, file or a :class:`CheckpointInfo`).
 
@@ -343,10 +350,10 @@ def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
 
     layers, key_pairs, dtypes = [], [], []
     for wkey, bkey in info.layer_keys():
-        w = c.read(wkey)
+        w = _float(where, wkey, c.read(wkey))
         b = None
         if bkey in keys:
-            b = c.read(bkey)
+            b = _float(where, bkey, c.read(bkey))
         elif need_bias:
             raise CheckpointError(f"{where}: missing projector key {bkey!r}")
         if w.ndim != 2:
@@ -368,8 +375,8 @@ def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
     )
     if info.norm_name:
         nw_key, nb_key = f"{info.prefix}{info.norm_name}.weight", f"{info.prefix}{info.norm_name}.bias"
-        nw = c.read(nw_key)
-        nb = c.read(nb_key) if nb_key in keys else None
+        nw = _float(where, nw_key, c.read(nw_key))
+        nb = _float(where, nb_key, c.read(nb_key)) if nb_key in keys else None
         if nw.ndim != 1:
             raise CheckpointError(f"{where}: {nw_key} must be 1-D, got shape {tuple(nw.shape)}")
         merge = Projector.infer_merge_size(int(nw.shape[0]), layers[0].in_features)
