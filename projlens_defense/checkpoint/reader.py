@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ FORMATS = ("hf-llava", "llava-mm-projector", "qwen2-vl-merger", "bare-projector"
 MAX_DIR_PICKLE_BYTES = 512 * 1024 * 1024
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
 MAX_VOCAB = 10_000_000
+_LAYER_STEM = re.compile(r"linear_\d+|(mlp\.)?\d+")  # projector Linear stems: linear_N, N, mlp.N
 # training-run side files that never hold a projector state dict
 _NOT_PROJECTOR_FILES = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"})
 
@@ -363,6 +365,10 @@ def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
         )
         key_pairs.append((wkey, bkey if b is not None else None))
         dtypes.append((w.dtype, None if b is None else b.dtype))
+    for k in sorted(keys):  # a layer's bias without its weight: a layer was cut off, not a shorter projector
+        stem = k[len(info.prefix) : -len(".bias")] if k.startswith(info.prefix) and k.endswith(".bias") else ""
+        if _LAYER_STEM.fullmatch(stem) and stem not in info.layer_names and f"{info.prefix}{stem}.weight" not in keys:
+            raise CheckpointError(f"{where}: missing projector key '{info.prefix}{stem}.weight' (its bias is present)")
     _check_mm_projector_type(info, len(layers))
 
     proj = Projector(
