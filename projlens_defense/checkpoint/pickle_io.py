@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,11 +26,38 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
+def _check_zip(path: Path, fh, size: int) -> None:
+    """Refuse a torch zip whose records are compressed or claim more bytes than the file holds.
+
+    ``torch.save`` stores records uncompressed, but ``torch.load`` inflates deflated ones: a
+    few-MB file could otherwise decompress to gigabytes of "weights".
+    """
+    try:
+        if fh.read(4) != b"PK\x03\x04":  # torch's own zip test; legacy pickles are bounded by the file size
+            return
+        with zipfile.ZipFile(fh) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a valid torch pickle (bad zip archive: {_first_line(e)})") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path}: refused to load: zip record {info.filename!r} is compressed (torch.save never "
+                "compresses; it could be a decompression bomb)"
+            )
+        if info.file_size > size:
+            raise CheckpointError(
+                f"{path}: refused to load: zip record {info.filename!r} claims {info.file_size} bytes, "
+                f"more than the file's {size}"
+            )
+
+
 def load_pickle(path: Path | str) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors."""
     path = Path(path)
-    fh, _ = open_regular_file(path)  # refuses FIFOs/devices/missing paths before torch opens it
-    fh.close()
+    fh, size = open_regular_file(path)  # refuses FIFOs/devices/missing paths before torch opens it
+    with fh:
+        _check_zip(path, fh, size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
