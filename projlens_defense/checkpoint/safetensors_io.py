@@ -21,6 +21,7 @@ from projlens_defense.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_NDIM = 32
+MAX_TENSORS = 100_000  # per file; real checkpoints hold a few thousand, parsing costs ~30 us and ~1 KB each
 MAX_DIM = 1 << 40
 
 # safetensors dtype name -> (bits per element, torch dtype or None if torch lacks it)
@@ -112,6 +113,9 @@ def parse_header(path: Path | str) -> SafetensorsHeader:
             raise _fail(path, f"cannot read: {e.strerror or e}") from None
     if len(raw) != n:
         raise _fail(path, "truncated while reading the header")
+    objects = raw.count(b"{")  # >= the number of tensor entries (each is an object); bounds parse time
+    if objects > MAX_TENSORS + 2:
+        raise _fail(path, f"header has {objects} JSON objects, more than the {MAX_TENSORS} tensor entries allowed")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
