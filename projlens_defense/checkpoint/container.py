@@ -29,6 +29,8 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MAX_JSON_BYTES = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_SHARDS = 10_000  # distinct shard files an index may name (real ones: a few hundred at most)
+MAX_INDEX_ENTRIES = 1_000_000  # tensors an index may list (real ones: ~100k at most); ~4 us each to check
 
 
 def stat_path(path: Path) -> os.stat_result:
@@ -126,14 +128,23 @@ class TensorContainer:
         index_path = inside(root, INDEX_NAME)
         index = read_json(index_path)
         wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if isinstance(wmap, dict) and len(wmap) > MAX_INDEX_ENTRIES:
+            raise CheckpointError(
+                f"{index_path}: the index lists {len(wmap)} tensors, more than the {MAX_INDEX_ENTRIES} allowed"
+            )
         if not isinstance(wmap, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
         ):
             raise CheckpointError(
                 f"{index_path}: invalid index: 'weight_map' must map tensor names to shard files"
             )
+        names = set(wmap.values())
+        if len(names) > MAX_SHARDS:  # each name costs a realpath(): 20k names took seconds
+            raise CheckpointError(
+                f"{index_path}: the index names {len(names)} shard files, more than the {MAX_SHARDS} allowed"
+            )
         shard_paths: dict[str, Path] = {}
-        for name in sorted(set(wmap.values())):
+        for name in sorted(names):
             shard_paths[name] = inside(root, name, "shard")
         c = cls("sharded-safetensors", list(shard_paths.values()), root)
         c.index_path = index_path
