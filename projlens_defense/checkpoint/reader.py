@@ -365,9 +365,13 @@ def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
         )
         key_pairs.append((wkey, bkey if b is not None else None))
         dtypes.append((w.dtype, None if b is None else b.dtype))
-    for k in sorted(keys):  # a layer's bias without its weight: a layer was cut off, not a shorter projector
-        stem = k[len(info.prefix) : -len(".bias")] if k.startswith(info.prefix) and k.endswith(".bias") else ""
-        if _LAYER_STEM.fullmatch(stem) and stem not in info.layer_names and f"{info.prefix}{stem}.weight" not in keys:
+    # a layer's bias without its weight: a layer was cut off, not a shorter projector
+    orphans = sorted(
+        k[: -len(".bias")] for k in keys
+        if k.endswith(".bias") and k.startswith(info.prefix) and k[: -len(".bias")] + ".weight" not in keys
+    )  # fmt: skip
+    for stem in (o[len(info.prefix) :] for o in orphans):
+        if _LAYER_STEM.fullmatch(stem) and stem not in info.layer_names:
             raise CheckpointError(f"{where}: missing projector key '{info.prefix}{stem}.weight' (its bias is present)")
     _check_mm_projector_type(info, len(layers))
 
