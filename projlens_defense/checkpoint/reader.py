@@ -30,8 +30,8 @@ from projlens_defense.projector import ACTIVATIONS, LinearLayer, Projector
 
 FORMATS = ("hf-llava", "llava-mm-projector", "qwen2-vl-merger", "bare-projector")
 MAX_DIR_PICKLE_BYTES = 512 * 1024 * 1024
-MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
-MAX_VOCAB = 10_000_000
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # the largest real tokenizer.json (Gemma 3) is ~33 MB
+MAX_VOCAB = 2_000_000  # real vocabularies: up to ~262k tokens
 _LAYER_STEM = re.compile(r"linear_\d+|(mlp\.)?\d+")  # projector Linear stems: linear_N, N, mlp.N
 # training-run side files that never hold a projector state dict
 _NOT_PROJECTOR_FILES = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"})
@@ -498,6 +498,11 @@ def load_tokenizer_vocab(path: str | os.PathLike[str] | CheckpointInfo) -> list[
     data = read_json(tpath, MAX_TOKENIZER_BYTES)
     model = data.get("model") if isinstance(data, dict) else None
     vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = (data.get("added_tokens") if isinstance(data, dict) else None) or []
+    if not isinstance(added, list):
+        raise CheckpointError(f"{tpath}: added_tokens must be a list, got {type(added).__name__}")
+    if (len(vocab) if isinstance(vocab, (dict, list)) else 0) + len(added) > MAX_VOCAB:
+        raise CheckpointError(f"{tpath}: more than {MAX_VOCAB} vocabulary entries")
     pairs: list[tuple[int, str]] = []
     if isinstance(vocab, dict):
         pairs = [(i, t) for t, i in vocab.items()]
@@ -507,9 +512,9 @@ def load_tokenizer_vocab(path: str | os.PathLike[str] | CheckpointInfo) -> list[
             pairs.append((i, tok))
     else:
         raise CheckpointError(f"{tpath}: no model.vocab in tokenizer.json")
-    for added in data.get("added_tokens") or []:
-        if isinstance(added, dict):
-            pairs.append((added.get("id"), added.get("content")))
+    for entry in added:
+        if isinstance(entry, dict):
+            pairs.append((entry.get("id"), entry.get("content")))
     for i, t in pairs:
         if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_VOCAB and isinstance(t, str)):
             raise CheckpointError(f"{tpath}: invalid vocabulary entry {t!r} -> {i!r}"[:300])
