@@ -360,6 +360,8 @@ def load_projector(path: str | os.PathLike[str] | CheckpointInfo) -> Projector:
             raise CheckpointError(f"{where}: missing projector key {bkey!r}")
         if w.ndim != 2:
             raise CheckpointError(f"{where}: {wkey} must be a 2-D weight, got shape {tuple(w.shape)}")
+        if w.numel() == 0:
+            raise CheckpointError(f"{where}: {wkey} is empty (shape {tuple(w.shape)}): not a projector layer")
         layers.append(
             LinearLayer(w.to(torch.float32, copy=True), None if b is None else b.to(torch.float32, copy=True))
         )
