@@ -212,3 +212,9 @@ def variants() -> None:
     for name, make in VARIANTS.items():
         v = make()
         click.echo(f"{name:20s} trigger={v.trigger.name:15s} behaviour={v.behaviour.name:8s} target={v.behaviour.target!r}")
+
+
+from .commands_scan import calibrate, scan  # noqa: E402
+
+main.add_command(scan)
+main.add_command(calibrate)

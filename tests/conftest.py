@@ -234,3 +234,9 @@ def tree_digest(path: Path) -> dict[str, str]:
 def digest() -> Callable[[Path], dict[str, str]]:
     """sha256 per file of a checkpoint file or dir, to prove an input was not modified."""
     return tree_digest
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_factory() -> Callable[..., nn.Module]:
+    """Session-scoped access to the tiny LLaVA builder, for module-scoped fixtures."""
+    return _tiny_llava

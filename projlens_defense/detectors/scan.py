@@ -1,0 +1,270 @@
+"""The scan: find checkpoints under the given paths, run the detectors, decide with a calibration.
+
+Reads only what the detectors need (see :mod:`~projlens_defense.detectors.loading`), never
+executes anything from a checkpoint, and turns every problem with one checkpoint into an
+``error`` entry for that checkpoint instead of stopping the whole scan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from projlens_defense.checkpoint.container import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME
+from projlens_defense.detectors import DETECTORS
+from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, _finite
+from projlens_defense.detectors.calibration import MODE_DETECTORS, Calibration
+from projlens_defense.detectors.loading import LoadedCheckpoint, load_checkpoint
+from projlens_defense.errors import (
+    EXIT_CLEAN,
+    EXIT_ERROR,
+    EXIT_NOTHING_SCANNABLE,
+    EXIT_SUSPICIOUS,
+    CheckpointError,
+    NothingScannableError,
+    ProjlensError,
+)
+
+__all__ = ["ScanResult", "Scanner", "exit_code", "find_checkpoints"]
+
+_CHECKPOINT_MARKERS = frozenset({CONFIG_NAME, INDEX_NAME, SINGLE_NAME, "mm_projector.bin", "mm_projector.safetensors"})
+_TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+@dataclass
+class ScanResult:
+    """The outcome for one checkpoint (the JSON object ``scan --format json`` prints per checkpoint).
+
+    ``verdict``: ``clean``, ``suspicious`` or ``error``; ``score`` / ``threshold``: the calibrated
+    combined score and the decision threshold; ``suspected_target_tokens``: ranked; ``format``:
+    the checkpoint format; ``errors``: why it could not be judged; ``warnings``: caveats (e.g. a
+    calibration fitted for another model); ``mode``: ``reference`` or ``reference-free``;
+    ``signals`` / ``zscores``: every raw signal and its z-score against the benign fine-tunes;
+    ``signals_used``: those the decision combined; ``detectors``: each detector's report.
+    """
+
+    path: str
+    verdict: str
+    score: float | None = None
+    threshold: float | None = None
+    suspected_target_tokens: list[str] = field(default_factory=list)
+    format: str | None = None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    mode: str | None = None
+    reference: str | None = None
+    calibration: str | None = None
+    signals: dict[str, float] = field(default_factory=dict)
+    zscores: dict[str, float] = field(default_factory=dict)
+    signals_used: list[str] = field(default_factory=list)
+    detectors: list[dict[str, Any]] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+
+def exit_code(results: Sequence[ScanResult]) -> int:
+    """modelscan's convention: 1 if anything is suspicious, else 2 on any error, 3 if empty, else 0."""
+    if not results:
+        return EXIT_NOTHING_SCANNABLE
+    if any(r.verdict == "suspicious" for r in results):
+        return EXIT_SUSPICIOUS
+    if any(r.verdict == "error" for r in results):
+        return EXIT_ERROR
+    return EXIT_CLEAN
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    try:
+        names = {e.name for e in os.scandir(path)}
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot list directory: {e.strerror or e}") from None
+    return bool(names & _CHECKPOINT_MARKERS)
+
+
+def find_checkpoints(path: str | os.PathLike[str]) -> tuple[list[Path], bool]:
+    """Checkpoint candidates under ``path`` and whether ``path`` is a folder of checkpoints.
+
+    A file, or a directory holding a model (``config.json``, ``model.safetensors``, an index,
+    ``mm_projector.*``), is one checkpoint. Any other directory is a folder of checkpoints: each
+    visible subdirectory and each tensor file directly inside it is a candidate.
+    """
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode) or _is_checkpoint_dir(p):
+        return [p], False
+    try:
+        entries = sorted(os.scandir(p), key=lambda e: e.name)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot list directory: {e.strerror or e}") from None
+    out = []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            if e.is_dir():
+                out.append(Path(e.path))
+            elif e.is_file() and e.name.lower().endswith(_TENSOR_SUFFIXES):
+                out.append(Path(e.path))
+        except OSError:
+            continue
+    return out, True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:500] if text else type(e).__name__
+
+
+class Scanner:
+    """Scans checkpoints against an optional reference, deciding with a calibration.
+
+    ``detectors`` restricts which registered detectors run (default: those of the mode);
+    ``ov_layers`` is how many leading LLM layers the attention lens reads.
+    """
+
+    def __init__(self, calibration: Calibration, reference: str | os.PathLike[str] | None = None,
+                 detectors: Sequence[str] | None = None, ov_layers: int = 2) -> None:
+        self.calibration = calibration
+        self.ov_layers = ov_layers
+        self.reference_path = None if reference is None else str(reference)
+        self.reference: LoadedCheckpoint | None = None
+        if reference is not None:
+            self.reference = load_checkpoint(reference, readout=True, ov_layers=ov_layers)
+        self.mode = "reference" if reference is not None else "reference-free"
+        names = list(detectors) if detectors else MODE_DETECTORS[self.mode]
+        unknown = [n for n in names if n not in DETECTORS]
+        if unknown:
+            raise ProjlensError(f"unknown detector(s) {unknown}; known: {', '.join(DETECTORS)}")
+        self.detector_names = names
+
+    def _detectors(self) -> list[Detector]:
+        out = []
+        for name in self.detector_names:
+            det = DETECTORS[name]()
+            state = self.calibration.detector_states.get(name)
+            if state and hasattr(det, "set_state"):
+                det.set_state(state)
+            out.append(det)
+        return out
+
+    def build_input(self, ck: LoadedCheckpoint, warnings: list[str]) -> ScanInput:
+        """The ScanInput of a loaded checkpoint, borrowing the reference's LLM read-out if it has none."""
+        readout, ov, final, vocab = ck.readout, ck.ov_layers, ck.final_norm, ck.vocab
+        ref = self.reference
+        if readout is None and ref is not None and ref.readout is not None:
+            readout, ov, final = ref.readout, ref.ov_layers, ref.final_norm
+            vocab = vocab or ref.vocab
+            warnings.append("no LLM weights in the checkpoint: the logit lens reads the reference's LLM")
+        elif vocab is None and ref is not None:
+            vocab = ref.vocab
+        return ScanInput(
+            projector=ck.projector,
+            reference=None if ref is None else ref.projector,
+            readout=readout,
+            ov_layers=ov,
+            final_norm=final,
+            vocab=vocab,
+            path=str(ck.info.path),
+            format=ck.info.format,
+        )
+
+    def scan(self, path: str | os.PathLike[str]) -> ScanResult:
+        """Scan one checkpoint; problems become an ``error`` result (NothingScannableError propagates)."""
+        t0 = time.perf_counter()
+        res = ScanResult(path=str(path), verdict="error", mode=self.mode, reference=self.reference_path,
+                         calibration=self.calibration.source or None)
+        ck = None
+        try:
+            ck = load_checkpoint(path, readout=True, ov_layers=self.ov_layers)
+            res.format = ck.info.format
+            res.warnings += ck.notes
+            inp = self.build_input(ck, res.warnings)
+            self._judge(inp, res)
+        except NothingScannableError:
+            raise
+        except ProjlensError as e:
+            res.errors.append(_first_line(e))
+        except MemoryError:
+            res.errors.append("out of memory while scanning")
+        except Exception as e:  # noqa: BLE001 - a hostile file must not crash a multi-file scan
+            res.errors.append(f"internal error while scanning ({type(e).__name__}: {_first_line(e)})")
+        res.bytes_read = ck.bytes_read if ck is not None else 0
+        res.seconds = round(time.perf_counter() - t0, 4)
+        return res
+
+    def _judge(self, inp: ScanInput, res: ScanResult) -> None:
+        reports: list[DetectorReport] = []
+        for det in self._detectors():
+            if not det.can_score(inp):
+                why = "no reference" if det.requires_reference and inp.reference is None else "no LLM read-out"
+                res.warnings.append(f"{det.name}: skipped ({why})")
+                continue
+            try:
+                reports.append(det.score(inp))
+            except MissingInput as e:
+                res.warnings.append(f"{det.name}: skipped ({e})")
+        for r in reports:
+            res.signals.update(r.signals)
+        res.detectors = [r.to_dict() for r in reports]
+        lens = "logit-lens" if self.mode == "reference" else "reference-free"
+        tok = next((r for r in reports if r.name == lens), None) or next((r for r in reports if r.suspected_tokens), None)
+        res.suspected_target_tokens = list(tok.suspected_tokens) if tok else []
+        cal = self.calibration
+        mismatch = cal.matches(inp)
+        if mismatch:
+            res.warnings.append("calibration fitted for another model (" + "; ".join(mismatch)
+                                + "): thresholds may not transfer, run `projlens-defense calibrate`")
+        if self.mode not in cal.null:
+            res.errors.append(f"the calibration has no {self.mode!r} mode; recalibrate with benign fine-tunes")
+            return
+        try:
+            score, used, z = cal.score(self.mode, res.signals)
+        except MissingInput as e:
+            res.errors.append(f"cannot decide: {e}")
+            return
+        if not set(used) & set(cal.combine.get(self.mode, [])):
+            res.warnings.append(f"decided on the fallback signal(s) {used}: the calibrated "
+                                f"{cal.combine.get(self.mode)} could not be computed for this model")
+        res.score = round(score, 4)
+        res.threshold = round(cal.threshold(self.mode, used), 4)
+        res.signals_used = used
+        res.zscores = {k: round(v, 4) for k, v in z.items()}
+        res.verdict = "suspicious" if math.isfinite(score) and score > res.threshold else "clean"
+
+    def scan_paths(self, paths: Iterable[str | os.PathLike[str]]) -> tuple[list[ScanResult], list[str]]:
+        """Scan every checkpoint under ``paths``; returns (results, skipped entries).
+
+        Raises NothingScannableError when no path holds a checkpoint.
+        """
+        results: list[ScanResult] = []
+        skipped: list[str] = []
+        for p in paths:
+            try:
+                candidates, folder = find_checkpoints(p)
+            except ProjlensError as e:
+                results.append(ScanResult(path=str(p), verdict="error", errors=[_first_line(e)], mode=self.mode))
+                continue
+            for c in candidates:
+                try:
+                    results.append(self.scan(c))
+                except NothingScannableError as e:
+                    if not folder:
+                        skipped.append(_first_line(e))
+                    else:
+                        skipped.append(f"{c}: not a checkpoint")
+        if not results:
+            detail = "; ".join(skipped[:3]) if skipped else "no checkpoints found"
+            raise NothingScannableError(f"nothing scannable: {detail}")
+        return results, skipped

@@ -1,0 +1,408 @@
+"""`scan` / `calibrate`: detectors on planted updates, calibration, CLI exit codes, JSON and SARIF.
+
+Checkpoints are tiny real LLaVA saves with hand-made projector updates (no training): benign ones
+get a small random full-rank update, the suspect a rank-1 update along a direction that the
+logit lens reads as one known token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from projlens_defense.cli import main
+from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
+from projlens_defense.detectors.base import OvLayer, ScanInput, top_singular
+from projlens_defense.detectors.calibration import Calibration, default_calibration, fit_calibration
+from projlens_defense.detectors.loading import load_checkpoint
+from projlens_defense.detectors.scan import Scanner, exit_code
+from projlens_defense.detectors.spectral import spectrum_stats
+from projlens_defense.errors import CheckpointError
+
+TARGET = 17
+TASK = 30
+N_BENIGN = 7  # benign0..5 calibrate, benign6 is the held-out clean one
+CLEAN = f"benign{N_BENIGN - 1}"
+VOCAB = 50
+P1, P2 = "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"
+
+
+def _tokenizer_json() -> dict:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"tok{i}": i for i in range(3, VOCAB)}}
+    return {"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"}, "added_tokens": []}
+
+
+def _save(model: torch.nn.Module, d: Path) -> Path:
+    model.save_pretrained(d)
+    (d / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
+    return d
+
+
+def _attention_direction(model: torch.nn.Module, token: int) -> torch.Tensor:
+    """The projector-output direction that raises ``token``'s logit most through the OV circuit:
+    (g * OV)^T @ lm_head[token] (what a backdoor targeting that token would learn)."""
+    lm = model.model.language_model
+    ov = sum(
+        layer.self_attn.o_proj.weight @ layer.self_attn.v_proj.weight * layer.input_layernorm.weight[None]
+        for layer in lm.layers
+    )
+    m = lm.norm.weight[:, None] * ov
+    w = m.T @ model.lm_head.weight[token]
+    return (w / w.norm()).detach()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[str, Path]:
+    """reference, 5 benign fine-tunes, a suspect (attention-lens target) and an embedding-aligned suspect."""
+    root = tmp_path_factory.mktemp("scan")
+    out: dict[str, Path] = {}
+    model = tiny_llava_factory(0)
+    with torch.no_grad():  # a well-conditioned attention OV map (random init is nearly singular)
+        lm = model.model.language_model
+        for layer in lm.layers:
+            for lin in (layer.self_attn.v_proj, layer.self_attn.o_proj):
+                lin.weight.copy_(torch.linalg.qr(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(7)))[0])
+            layer.input_layernorm.weight.fill_(1.0)
+        lm.norm.weight.fill_(1.0)
+    out["reference"] = _save(model, root / "reference")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    w2 = model.model.multi_modal_projector.linear_2.weight
+    norm2 = float(w2.detach().norm())
+
+    def unit(n: int) -> torch.Tensor:
+        x = torch.randn(n, generator=gen)
+        return x / x.norm()
+
+    # every fine-tune of "the task" moves the projector along the same direction (toward TASK), with
+    # seed-to-seed variation; the backdoor adds a rank-1 piece toward TARGET on top
+    task = 0.5 * norm2 * torch.outer(_attention_direction(model, TASK), unit(w2.shape[1]))
+
+    def variant(name: str, i: int, extra: torch.Tensor | None = None) -> Path:
+        model.load_state_dict(sd)
+        with torch.no_grad():
+            proj = model.model.multi_modal_projector
+            proj.linear_1.weight += 0.01 * torch.randn(proj.linear_1.weight.shape, generator=gen)
+            proj.linear_2.weight += (1 + 0.1 * i) * task + 0.01 * torch.randn(w2.shape, generator=gen)
+            if extra is not None:
+                proj.linear_2.weight += extra
+        return _save(model, root / name)
+
+    for i in range(N_BENIGN):
+        out[f"benign{i}"] = variant(f"benign{i}", i)
+    v = unit(w2.shape[1])
+    out["suspect"] = variant("suspect", 2, 1.5 * norm2 * torch.outer(_attention_direction(model, TARGET), v))
+    e = model.model.language_model.embed_tokens.weight[TARGET].detach()
+    out["suspect_embed"] = variant("suspect_embed", 2, 1.5 * norm2 * torch.outer(e / e.norm(), v))
+    model.load_state_dict(sd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration_file(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cal") / "calibration.json"
+    benign = [str(world[f"benign{i}"]) for i in range(N_BENIGN - 1)]
+    res = CliRunner().invoke(main, ["calibrate", "--benign", *benign, "--reference", str(world["reference"]),
+                                    "--out", str(path)])
+    assert res.exit_code == 0, res.output
+    return path
+
+
+def _scan(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["scan", *args])
+    assert "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    return res.exit_code, res.output
+
+
+def _input(world: dict[str, Path], name: str, reference: bool = True, lens_layers: int = 2) -> ScanInput:
+    s = Scanner(Calibration(null={}), reference=world["reference"] if reference else None, ov_layers=lens_layers)
+    return s.build_input(load_checkpoint(world[name], ov_layers=lens_layers), [])
+
+
+# --------------------------------------------------------------------------- detectors
+def test_registry_names_match_detectors() -> None:
+    assert set(DETECTORS) == {"spectral", "logit-lens", "reference-free"}
+    for name, cls in DETECTORS.items():
+        assert cls.name == name
+
+
+def test_logit_lens_names_the_planted_token(world: dict[str, Path]) -> None:
+    det = LogitLensDetector()
+    rep = det.score(_input(world, "suspect"))
+    assert f"tok{TARGET}" in rep.suspected_tokens[:2]  # beside the task's own token
+    assert rep.signals["lens.peak"] > 3 and "lens.novelty" not in rep.signals  # unfitted: no baseline
+    json.dumps(rep.to_dict())  # serialisable
+    det.fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
+    rep = det.score(_input(world, "suspect"))
+    assert rep.evidence["most_novel_token"]["token"] == f"tok{TARGET}"
+    clean = det.score(_input(world, CLEAN))
+    assert rep.signals["lens.novelty"] > clean.signals["lens.novelty"]
+    assert rep.signals["lens.influence"] > clean.signals["lens.influence"]
+
+
+def test_plain_embedding_lens_names_an_embedding_aligned_update(world: dict[str, Path]) -> None:
+    inp = _input(world, "suspect_embed", lens_layers=0)
+    assert not inp.ov_layers
+    rep = LogitLensDetector(readings=["embed"]).score(inp)
+    assert rep.suspected_tokens[0] == f"tok{TARGET}"
+
+
+def test_benign_update_reads_as_the_task_token(world: dict[str, Path]) -> None:
+    rep = LogitLensDetector().score(_input(world, CLEAN))
+    assert rep.suspected_tokens[0] == f"tok{TASK}"
+    assert f"tok{TARGET}" not in rep.suspected_tokens[:3]
+
+
+def test_reference_free_finds_the_planted_token(world: dict[str, Path]) -> None:
+    inp = _input(world, "suspect", reference=False)
+    assert inp.reference is None
+    rep = ReferenceFreeDetector().score(inp)
+    assert f"tok{TARGET}" in rep.suspected_tokens[:5]
+
+
+def test_spectral_reports_per_layer_structure(world: dict[str, Path]) -> None:
+    rep = SpectralDetector().score(_input(world, "suspect"))
+    layers = rep.evidence["layers"]
+    assert list(layers) == ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2"]
+    assert rep.signals["l1.top1_energy"] < 0.5  # random full-rank noise
+    assert layers["multi_modal_projector.linear_2"]["stable_rank"] < 2  # task + backdoor: low rank
+    # a benign task update is just as low-rank: spectra alone cannot tell them apart (DESIGN.md 2)
+    ben = SpectralDetector().score(_input(world, CLEAN)).evidence["layers"]["multi_modal_projector.linear_2"]
+    assert ben["stable_rank"] < 2
+
+
+def test_spectrum_stats_and_randomized_svd() -> None:
+    s = torch.tensor([3.0, 1.0, 1.0, 1.0])
+    st = spectrum_stats(s, float((s**2).sum()))
+    assert st["top1_energy"] == pytest.approx(0.75)
+    assert st["stable_rank"] == pytest.approx(12 / 9)
+    assert st["gap12"] == pytest.approx(3.0)
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(120, 100, generator=g) * 0.01 + 5 * torch.outer(torch.randn(120, generator=g), torch.randn(100, generator=g))
+    u, sv, v = top_singular(m, 3, min_dim=50)  # min dim 100 > 50: randomized
+    eu, es, _ = torch.linalg.svd(m, full_matrices=False)
+    assert sv[0] == pytest.approx(float(es[0]), rel=1e-4)
+    assert abs(float(u[:, 0] @ eu[:, 0])) > 0.999
+    assert u.shape == (120, 3) and v.shape == (100, 3)
+
+
+def test_ov_layer_grouped_query_attention_matches_per_head_math() -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden, heads, kv, hd = 8, 4, 2, 2
+    vp, op = torch.randn(kv * hd, hidden, generator=g), torch.randn(hidden, heads * hd, generator=g)
+    x = torch.randn(hidden, 3, generator=g)
+    got = OvLayer(vp, op, None, heads // kv, hd).apply(x)
+    v = (vp @ x).reshape(kv, hd, 3)
+    want = sum(op[:, h * hd:(h + 1) * hd] @ v[h // (heads // kv)] for h in range(heads))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- calibration
+def test_calibration_threshold_is_max_leave_one_out_plus_margin() -> None:
+    cal = Calibration(null={"reference": {"lens.novelty": [1.0, 2.0, 3.0, 2.0]}}, margin=0.5)
+    used = ["lens.novelty"]
+    loo = cal.benign_scores("reference", used)
+    assert len(loo) == 4 and cal.threshold("reference", used) == pytest.approx(max(loo) + 0.5)
+    score, got, z = cal.score("reference", {"lens.novelty": 10.0, "lens.peak": 1.0})
+    assert got == used and score > cal.threshold("reference", used)
+    again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert again.threshold("reference", used) == pytest.approx(cal.threshold("reference", used))
+
+
+def test_calibration_file_is_valid_and_shipped_one_loads(calibration_file: Path) -> None:
+    d = json.loads(calibration_file.read_text())
+    assert set(d["thresholds"]) == {"reference", "reference-free"}
+    assert all(len(v) == N_BENIGN - 1 for v in d["null"]["reference"].values())
+    shipped = default_calibration()
+    assert shipped.null["reference"] and shipped.combine["reference"]
+
+
+def test_fit_calibration_refuses_too_few_benign(world: dict[str, Path]) -> None:
+    from projlens_defense.errors import UsageError
+
+    with pytest.raises(UsageError):
+        fit_calibration([_input(world, "benign0")], dict(DETECTORS))
+
+
+# --------------------------------------------------------------------------- CLI
+def test_scan_exit_codes_clean_and_suspicious(world: dict[str, Path], calibration_file: Path) -> None:
+    ref = ["--reference", str(world["reference"]), "--calibration", str(calibration_file)]
+    code, out = _scan(str(world[CLEAN]), *ref)
+    assert code == 0, out
+    code, out = _scan(str(world["suspect"]), *ref)
+    assert code == 1, out
+    assert "SUSPICIOUS" in out and f"tok{TARGET}" in out
+
+
+def test_scan_json_fields(world: dict[str, Path], calibration_file: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "report.json"
+    code, _ = _scan(str(world["suspect"]), str(world[CLEAN]), "--reference", str(world["reference"]),
+                    "--calibration", str(calibration_file), "--format", "json", "--output", str(out_file))
+    assert code == 1
+    data = json.loads(out_file.read_text())
+    assert isinstance(data, list) and len(data) == 2
+    for obj in data:
+        for key in ("path", "verdict", "score", "threshold", "suspected_target_tokens", "format", "errors"):
+            assert key in obj
+        assert obj["verdict"] in ("clean", "suspicious")
+        assert obj["format"] == "hf-llava"
+        assert isinstance(obj["suspected_target_tokens"], list)
+        assert math.isfinite(obj["score"]) and math.isfinite(obj["threshold"])
+    sus, ben = data
+    assert sus["verdict"] == "suspicious" and f"tok{TARGET}" in sus["suspected_target_tokens"][:2]
+    assert ben["verdict"] == "clean" and ben["errors"] == []
+    assert 0 < sus["bytes_read"] < sum(f.stat().st_size for f in world["suspect"].glob("*.safetensors"))
+
+
+def test_scan_reference_free_mode(world: dict[str, Path], calibration_file: Path) -> None:
+    code, out = _scan(str(world["suspect"]), "--calibration", str(calibration_file), "--format", "json")
+    obj = json.loads(out)[0]
+    assert obj["mode"] == "reference-free" and obj["verdict"] in ("clean", "suspicious")
+    assert obj["signals_used"] and obj["signals_used"][0].startswith("rf.")
+    assert f"tok{TARGET}" in obj["suspected_target_tokens"][:5]
+    assert code == (1 if obj["verdict"] == "suspicious" else 0)
+
+
+def test_scan_sarif_is_valid_2_1_0(world: dict[str, Path], calibration_file: Path) -> None:
+    code, out = _scan(str(world["suspect"]), str(world[CLEAN]), "--reference", str(world["reference"]),
+                      "--calibration", str(calibration_file), "--format", "sarif")
+    assert code == 1
+    log = json.loads(out)
+    assert log["version"] == "2.1.0" and "sarif-2.1.0" in log["$schema"]
+    run = log["runs"][0]
+    assert run["tool"]["driver"]["name"] == "projlens-defense"
+    rule_ids = {r["id"] for r in run["tool"]["driver"]["rules"]}
+    assert len(run["results"]) == 2
+    for r in run["results"]:
+        assert r["ruleId"] in rule_ids
+        assert r["level"] in ("none", "note", "warning", "error")
+        assert r["message"]["text"]
+        assert r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert [r["level"] for r in run["results"]] == ["error", "none"]
+
+
+def test_scan_folder_of_checkpoints_skips_non_checkpoints(world: dict[str, Path], calibration_file: Path,
+                                                         tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    shutil.copytree(world[CLEAN], folder / "a")
+    shutil.copytree(world["suspect"], folder / "b")
+    (folder / "notes").mkdir()
+    (folder / "README.md").write_text("hello")
+    code, out = _scan(str(folder), "--reference", str(world["reference"]), "--calibration", str(calibration_file),
+                      "--format", "json")
+    assert code == 1
+    assert [Path(o["path"]).name for o in json.loads(out)] == ["a", "b"]
+
+
+def test_scan_corrupt_file_exits_2(world: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, out = _scan(str(bad), "--format", "json")
+    assert code == 2
+    obj = json.loads(out)[0]
+    assert obj["verdict"] == "error" and obj["errors"]
+    code, out = _scan(str(bad))
+    assert code == 2 and "ERROR" in out
+
+
+def test_scan_error_does_not_hide_a_suspicious_checkpoint(world: dict[str, Path], calibration_file: Path,
+                                                          tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    code, _ = _scan(str(bad), str(world["suspect"]), "--reference", str(world["reference"]),
+                    "--calibration", str(calibration_file))
+    assert code == 1
+
+
+def test_scan_empty_dir_exits_3(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, out = _scan(str(tmp_path / "empty"))
+    assert code == 3 and "nothing scannable" in out
+
+
+@pytest.mark.parametrize("args", [["--format", "xml"], ["--lens-layers", "-1"], []])
+def test_scan_usage_errors_exit_4(world: dict[str, Path], args: list[str]) -> None:
+    paths = [str(world["benign0"])] if args else []
+    code, out = _scan(*paths, *args)
+    assert code == 4, out
+
+
+def test_scan_missing_path_and_reference_exit_4(world: dict[str, Path], tmp_path: Path) -> None:
+    code, _ = _scan(str(tmp_path / "nope"))
+    assert code == 4
+    code, _ = _scan(str(world["benign0"]), "--reference", str(tmp_path / "nope"))
+    assert code == 4
+
+
+def test_bad_calibration_file_is_one_line_error(world: dict[str, Path], tmp_path: Path) -> None:
+    cal = tmp_path / "cal.json"
+    cal.write_text('{"version": 1, "null": {"reference": {"x": "oops"}}}')
+    code, out = _scan(str(world["benign0"]), "--calibration", str(cal))
+    assert code == 2 and out.strip().count("\n") == 0 and "calibration" not in out.lower() or "must be" in out
+
+
+def test_unwritable_output_is_usage_error(world: dict[str, Path], calibration_file: Path, tmp_path: Path) -> None:
+    code, out = _scan(str(world["benign0"]), "--calibration", str(calibration_file), "--output", str(tmp_path / "no" / "x.json"))
+    assert code == 4 and "cannot write" in out
+
+
+def test_calibrate_usage_errors(world: dict[str, Path], calibration_file: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["calibrate", "--benign", str(world["benign0"]), "--out", str(calibration_file)])
+    assert res.exit_code == 4 and "exists" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["calibrate", "--benign", str(world["benign0"]), "--reference", str(world["reference"]),
+                               "--out", str(calibration_file.parent / "new.json")])
+    assert res.exit_code == 4 and "at least 3" in res.output
+
+
+def test_default_calibration_on_another_model_warns_and_falls_back(world: dict[str, Path]) -> None:
+    code, out = _scan(str(world["suspect"]), "--reference", str(world["reference"]), "--format", "json")
+    obj = json.loads(out)[0]
+    assert code in (0, 1) and obj["verdict"] in ("clean", "suspicious")
+    assert any("another model" in w for w in obj["warnings"])
+
+
+def test_bare_mm_projector_borrows_the_reference_llm(world: dict[str, Path], calibration_file: Path,
+                                                     tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    sd = load_file(world["suspect"] / "model.safetensors")
+    d = tmp_path / "mm"
+    d.mkdir()
+    save_file({"model.mm_projector.0.weight": sd[P1], "model.mm_projector.0.bias": sd[P1.replace("weight", "bias")],
+               "model.mm_projector.2.weight": sd[P2], "model.mm_projector.2.bias": sd[P2.replace("weight", "bias")]},
+              d / "mm_projector.safetensors")
+    code, out = _scan(str(d / "mm_projector.safetensors"), "--reference", str(world["reference"]),
+                      "--calibration", str(calibration_file), "--format", "json")
+    obj = json.loads(out)[0]
+    assert obj["format"] == "llava-mm-projector" and code == 1
+    assert f"tok{TARGET}" in obj["suspected_target_tokens"][:2]
+    assert any("reference's LLM" in w for w in obj["warnings"])
+
+
+def test_exit_code_precedence() -> None:
+    from projlens_defense.detectors.scan import ScanResult
+
+    assert exit_code([]) == 3
+    assert exit_code([ScanResult("a", "clean")]) == 0
+    assert exit_code([ScanResult("a", "clean"), ScanResult("b", "error")]) == 2
+    assert exit_code([ScanResult("a", "error"), ScanResult("b", "suspicious")]) == 1
+
+
+def test_unreadable_calibration_json_raises_checkpoint_error(tmp_path: Path) -> None:
+    from projlens_defense.detectors.calibration import load_calibration
+
+    p = tmp_path / "c.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(CheckpointError):
+        load_calibration(p)
