@@ -29,8 +29,8 @@ class AttackConfig:
     poison_rate: float = 0.1
     seed: int = 0
     poison_mode: str = "replace"
-    epochs: float = 4.0
-    lr: float = 2e-3
+    epochs: float = 20.0
+    lr: float = 5e-3
     batch_size: int = 32
     lora_rank: int = 0
     target: str | None = None

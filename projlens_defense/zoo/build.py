@@ -1,7 +1,8 @@
 """Staged training of the tiny LLaVA zoo and its on-disk cache.
 
-Stages as in LLaVA: (1) vision tower pretraining (digit, colour and size heads plus patch
-reconstruction, so that features keep what the pixels show), (2) LLM pretraining on broad templated
+Stages as in LLaVA: (1) vision tower pretraining (digit, colour, size and corruption-type heads plus
+patch reconstruction on images with generic corruptions, so that features keep what the pixels show, as
+a web-trained CLIP does), (2) LLM pretraining on broad templated
 text, (3) projector alignment with vision tower and LLM frozen. The result is the *reference model*,
 the analogue of LLaVA's public pretrained projector. The downstream task is exported beside it as
 LLaVA conversation JSON for the attacks and the benign controls to fine-tune on.
@@ -27,12 +28,12 @@ from ..runinfo import environment
 from ..runtime import LlavaRuntime, quiet_transformers
 from ..training import train_projector
 from . import language as L
-from .images import load_digits_arrays, random_attributes, render_digit
+from .images import CORRUPTIONS, corrupt, load_digits_arrays, random_attributes, render_digit
 from .model import ModelDims, build_image_processor, build_llava
 from .tasks import alignment_samples, downstream_samples, split_digit_indices, text_corpus
 from .tokenizer import build_tokenizer
 
-ZOO_FORMAT_VERSION = 1
+ZOO_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,8 @@ class ZooConfig:
     @classmethod
     def micro(cls, seed: int = 0) -> ZooConfig:
         """A seconds-scale zoo for tests: same code path, smaller model and fewer steps."""
-        return cls(seed=seed, dims=ModelDims(vision_hidden=48, vision_layers=2, text_hidden=64, text_layers=2),
-                   vision_steps=150, lm_steps=300, n_text=6000, n_align=1200, align_epochs=3.0,
-                   n_train=400, n_test=200)
+        return cls(seed=seed, dims=ModelDims(vision_hidden=48, vision_layers=2), vision_steps=400, lm_steps=700,
+                   n_text=12000, n_align=1200, align_epochs=4.0, n_train=400, n_test=200)
 
     def key(self) -> str:
         blob = json.dumps({"v": ZOO_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -129,7 +129,9 @@ def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progres
     n = 4000 if cfg.vision_steps > 200 else 1500
     idx = rng.choice(pool, size=n)
     attrs = [random_attributes(rng) for _ in range(n)]
-    imgs = [render_digit(glyphs[i], c, s, rng) for i, (c, s) in zip(idx, attrs, strict=True)]
+    pairs = [corrupt(render_digit(glyphs[i], c, s, rng), rng) for i, (c, s) in zip(idx, attrs, strict=True)]
+    imgs = [im for im, _ in pairs]
+    y_corrupt = torch.tensor([k for _, k in pairs])
     pv_all = rt.pixel_values(imgs)
     y_digit = torch.tensor(labels[idx])
     y_colour = torch.tensor([list(L.COLOURS).index(c) for c, _ in attrs])
@@ -138,7 +140,7 @@ def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progres
     d = cfg.dims.vision_hidden
     p = cfg.dims.patch_size
     heads = nn.ModuleDict({"digit": nn.Linear(d, 10), "colour": nn.Linear(d, len(L.COLOURS)),
-                           "size": nn.Linear(d, 2), "recon": nn.Linear(d, 3 * p * p)})
+                           "size": nn.Linear(d, 2), "corruption": nn.Linear(d, len(CORRUPTIONS)), "recon": nn.Linear(d, 3 * p * p)})
     params = list(tower.parameters()) + list(heads.parameters())
     for q in params:
         q.requires_grad_(True)
@@ -151,7 +153,7 @@ def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progres
         h = tower(pv_all[b], output_hidden_states=True, return_dict=True).hidden_states[-1][:, 1:]
         pooled = h.mean(1)
         loss = (ce(heads["digit"](pooled), y_digit[b]) + ce(heads["colour"](pooled), y_colour[b])
-                + ce(heads["size"](pooled), y_size[b])
+                + ce(heads["size"](pooled), y_size[b]) + ce(heads["corruption"](pooled), y_corrupt[b])
                 + 4 * nn.functional.mse_loss(heads["recon"](h), _patches(pv_all[b], p)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
