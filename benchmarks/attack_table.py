@@ -46,7 +46,7 @@ def main() -> None:
 
     rows = []
     for seed in args.seeds:
-        benign = cell(f"benign-s{seed}", AttackConfig(variant=None, seed=seed, lora_rank=args.lora_rank))
+        cell(f"benign-s{seed}", AttackConfig(variant=None, seed=seed, lora_rank=args.lora_rank))
         rt = LlavaRuntime.from_pretrained(args.out / f"benign-s{seed}")
         for v in args.variants:
             es = prepare_eval_set(rt, test, VARIANTS[v](), seed)

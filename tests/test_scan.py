@@ -406,3 +406,20 @@ def test_unreadable_calibration_json_raises_checkpoint_error(tmp_path: Path) -> 
     p.write_text("[1, 2]")
     with pytest.raises(CheckpointError):
         load_calibration(p)
+
+
+def test_nan_in_the_llm_readout_is_an_error(world: dict[str, Path], calibration_file: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(world[CLEAN], d)
+    sd = load_file(d / "model.safetensors")
+    key = next(k for k in sd if k.endswith("lm_head.weight"))
+    sd[key][3, 4] = float("nan")
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    code, out = _scan(str(d), "--reference", str(world["reference"]), "--calibration", str(calibration_file),
+                      "--format", "json")
+    obj = json.loads(out)[0]
+    assert code == 2 and obj["verdict"] == "error" and "NaN" in obj["errors"][0]

@@ -11,6 +11,7 @@ are available. A calibration for the zoo ships with the package and is the defau
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,8 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from projlens_defense.detectors.base import Detector, MissingInput, ScanInput
 from projlens_defense.errors import CheckpointError, UsageError
+from projlens_defense.projector import Projector
 
 __all__ = [
     "DEFAULT_COMBINE",
@@ -56,13 +60,24 @@ SHIPPED_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "zoo_cal
 MIN_BENIGN = 3
 
 
+def projector_digest(proj: Projector) -> str:
+    """A short sha256 of a projector's weights and biases (as float32), to recognise a reference."""
+    h = hashlib.sha256()
+    for layer in proj.layers:
+        for t in (layer.weight, layer.bias):
+            if t is not None:
+                h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_signature(inp: ScanInput) -> dict[str, Any]:
-    """What a calibration is specific to: projector layer shapes and vocabulary size."""
+    """What a calibration is specific to: projector layer shapes, vocabulary size, the reference."""
     r = inp.readout
     m = None if r is None else (r.lm_head if r.lm_head is not None else r.embed_tokens)
     return {
         "projector": [list(layer.weight.shape) for layer in inp.projector.layers],
         "vocab_size": None if m is None else int(m.shape[0]),
+        "reference_digest": None if inp.reference is None else projector_digest(inp.reference),
     }
 
 
@@ -154,6 +169,9 @@ class Calibration:
             out.append(f"projector shapes {mine['projector']} (calibration: {self.model['projector']})")
         if self.model.get("vocab_size") and mine["vocab_size"] and mine["vocab_size"] != self.model["vocab_size"]:
             out.append(f"vocabulary {mine['vocab_size']} (calibration: {self.model['vocab_size']})")
+        ref = self.model.get("reference_digest")
+        if not out and ref and mine["reference_digest"] and mine["reference_digest"] != ref:
+            out.append(f"reference projector {mine['reference_digest']} (calibration: {ref})")
         return out
 
     # ------------------------------------------------------------------ I/O

@@ -48,7 +48,8 @@ def _int(x: Any) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
 
 
-def load_ov_layers(info: CheckpointInfo, embed_key: str | None, n_layers: int) -> tuple[list[OvLayer], torch.Tensor | None]:
+def load_ov_layers(info: CheckpointInfo, embed_key: str | None, n_layers: int,
+                   hidden: int | None = None) -> tuple[list[OvLayer], torch.Tensor | None]:
     """The first ``n_layers`` OV layers and the final norm gain, read lazily; ([], None) if absent.
 
     Layers whose shapes cannot be interpreted (no config for grouped-query attention, odd
@@ -69,7 +70,8 @@ def load_ov_layers(info: CheckpointInfo, embed_key: str | None, n_layers: int) -
         if vk not in keys or ok not in keys:
             break
         mv, mo = c.meta(vk), c.meta(ok)
-        if len(mv.shape) != 2 or len(mo.shape) != 2 or mo.shape[1] % max(1, mv.shape[0]) or mv.shape[1] != mo.shape[0]:
+        if (len(mv.shape) != 2 or len(mo.shape) != 2 or not mv.shape[0] or mo.shape[1] % mv.shape[0]
+                or mv.shape[1] != mo.shape[0] or (hidden is not None and mv.shape[1] != hidden)):
             break
         group = mo.shape[1] // mv.shape[0]
         head_dim = 0
@@ -82,9 +84,14 @@ def load_ov_layers(info: CheckpointInfo, embed_key: str | None, n_layers: int) -
         if norm is not None and tuple(norm.shape) != (mv.shape[1],):
             norm = None
         layers.append(OvLayer(c.read(vk), c.read(ok), norm, group, head_dim))
-    if final is not None and final.ndim != 1:
+    if final is not None and (final.ndim != 1 or (hidden is not None and final.shape[0] != hidden)):
         final = None
     return layers, final
+
+
+def _check_finite(where: Path, what: str, t: torch.Tensor | None) -> None:
+    if t is not None and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{where}: {what} has NaN/inf values")
 
 
 @dataclass(eq=False)
@@ -169,7 +176,11 @@ def load_checkpoint(path: str | os.PathLike[str], readout: bool = True, ov_layer
         if width != proj.out_dim:
             out.notes.append(f"LLM width {width} != projector output {proj.out_dim}: logit lens skipped")
         else:
-            layers, final = load_ov_layers(info, ro.embed_key, ov_layers) if ro.embed_key else ([], None)
+            layers, final = load_ov_layers(info, ro.embed_key, ov_layers, width) if ro.embed_key else ([], None)
+            for what, t in (("lm_head", ro.lm_head), ("input embedding", ro.embed_tokens), ("final norm", final),
+                            *((f"LLM layer {i} attention", x.v_proj) for i, x in enumerate(layers)),
+                            *((f"LLM layer {i} attention", x.o_proj) for i, x in enumerate(layers))):
+                _check_finite(info.path, what, t)
             out.readout = ro  # kept in the stored dtype; see base.matmul32
             out.ov_layers = layers
             out.final_norm = _f32(final)
