@@ -72,12 +72,13 @@ def sarif_report(results: list, tool_version: str | None = None) -> dict[str, An
         elif r.verdict == "suspicious":
             toks = ", ".join(r.suspected_target_tokens[:5]) or "none named"
             out.append({"ruleId": RULE_BACKDOOR, "level": "error", "kind": "fail",
-                        "message": {"text": f"projector backdoor suspected: score {r.score:.2f} > threshold "
-                                            f"{r.threshold:.2f}; suspected target tokens: {toks}"},
+                        "message": {"text": f"projector backdoor suspected: score {_num(r.score)} > threshold "
+                                            f"{_num(r.threshold)}; suspected target tokens: {toks}"},
                         "locations": loc, "properties": props})
         else:
             out.append({"ruleId": RULE_BACKDOOR, "level": "none", "kind": "pass",
-                        "message": {"text": f"clean: score {r.score:.2f} <= threshold {r.threshold:.2f}"},
+                        "message": {"text": f"clean: score {_num(r.score)} <= threshold {_num(r.threshold)}"
+                                            + "".join(f"; {w}" for w in r.warnings[:1])},
                         "locations": loc, "properties": props})
     return {
         "version": "2.1.0",

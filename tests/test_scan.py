@@ -423,3 +423,11 @@ def test_nan_in_the_llm_readout_is_an_error(world: dict[str, Path], calibration_
                       "--format", "json")
     obj = json.loads(out)[0]
     assert code == 2 and obj["verdict"] == "error" and "NaN" in obj["errors"][0]
+
+
+def test_identical_to_reference_is_clean(world: dict[str, Path], calibration_file: Path) -> None:
+    code, out = _scan(str(world["reference"]), "--reference", str(world["reference"]),
+                      "--calibration", str(calibration_file), "--format", "sarif")
+    assert code == 0
+    res = json.loads(out)["runs"][0]["results"][0]
+    assert res["level"] == "none" and "identical" in res["message"]["text"]

@@ -172,8 +172,8 @@ def lens_reading(inp: ScanInput, directions: torch.Tensor, names: Sequence[str],
     influence = None
     if weights is not None and len(weights):
         w = weights.float()[: directions.shape[1]]
-        pos = raws[0][:, 0 : 2 * len(w) : 2]  # the "+" columns of the weighted directions
-        infl = (pos * w[None]).norm(dim=1)
+        plus = raws[0][:, 0 : 2 * len(w) : 2]  # the "+" columns of the weighted directions
+        infl = (plus * w[None]).norm(dim=1)
         influence = infl / infl[mask].pow(2).mean().sqrt().clamp_min(1e-12)
         influence = influence.masked_fill(~mask, float("-inf"))
     return LensReading(z=z, raw=raw, labels=labels, mask=mask, influence=influence)
@@ -208,6 +208,11 @@ class LogitLensDetector(Detector):
     def directions(self, inp: ScanInput) -> tuple[torch.Tensor, list[str], torch.Tensor, dict[str, Any]]:
         """The directions to read [hidden, n], their names, weights of the leading ones, and evidence."""
         u, s, _ = inp.svd("delta", -1, self.k)
+        scale = float(torch.linalg.vector_norm(inp.projector.layers[-1].weight))
+        if float(s[0]) <= 1e-6 * max(scale, 1e-12):
+            raise MissingInput("the last projector layer equals the reference's: no update for the lens to read")
+        keep = int((s > 1e-6 * s[0]).sum())  # drop numerically-zero directions of a low-rank update
+        u, s = u[:, :keep], s[:keep]
         return u, [f"u{i + 1}" for i in range(u.shape[1])], s, {"sigma": [round(float(x), 6) for x in s]}
 
     def reading(self, inp: ScanInput) -> tuple[LensReading, dict[str, Any]]:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from projlens_defense.checkpoint.container import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME
 from projlens_defense.detectors import DETECTORS
 from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, _finite
@@ -205,6 +207,12 @@ class Scanner:
         return res
 
     def _judge(self, inp: ScanInput, res: ScanResult) -> None:
+        if inp.reference is not None and all(
+            float(torch.linalg.vector_norm(d)) == 0.0 for d in inp.deltas()
+        ) and all(d is None or float(torch.linalg.vector_norm(d)) == 0.0 for d in inp.bias_deltas()):
+            res.verdict = "clean"
+            res.warnings.append("the projector is identical to the reference: nothing was fine-tuned")
+            return
         reports: list[DetectorReport] = []
         for det in self._detectors():
             if not det.can_score(inp):
