@@ -36,6 +36,7 @@ from projlens_defense.detectors.base import (
     matmul32,
     token_name,
 )
+from projlens_defense.errors import CheckpointError
 
 __all__ = ["LensReading", "LogitLensDetector", "lens_reading"]
 
@@ -166,6 +167,9 @@ def lens_reading(inp: ScanInput, directions: torch.Tensor, names: Sequence[str],
         raws.append(torch.cat([raw, -raw], dim=1)[:, order])
         labels += [f"{reading}:{s}" for s in signs]
     raw = torch.cat(raws, dim=1)
+    if not bool(torch.isfinite(raw).all()):  # cheaper than checking 32000 x 4096 inputs element by element
+        raise CheckpointError(f"{inp.path or 'checkpoint'}: the LLM read-out (lm_head / embeddings / first "
+                              "attention layers) has NaN/inf values")
     rm = raw[mask]
     z = (raw - rm.mean(0)) / rm.std(0).clamp_min(1e-12)
     z = z.masked_fill(~mask[:, None], float("-inf"))
