@@ -123,9 +123,11 @@ def measure(args: argparse.Namespace) -> dict:
     # fit on the calibration set
     tmp = Scanner(_empty_calibration(), reference=ref)
     inputs = [tmp.build_input(load_checkpoint(out / s.name), []) for s, _ in calib]
+    for inp, (s, _) in zip(inputs, calib, strict=True):
+        inp.path = s.name
     cal = fit_calibration(inputs, {n: DETECTORS[n] for n in DETECTORS}, margin=args.margin, rule=args.rule,
-                          note=f"zoo {zoo}: {len(calib)} benign projector fine-tunes (benchmarks/scan_detection.py)")
-    cal.benign = [s.name for s, _ in calib]
+                          note=f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr 5e-3 x "
+                               "{0.5,1,2}, 30 epochs x {0.5,1,2}; fitted by benchmarks/scan_detection.py")
     if args.save_calibration:
         cal.save(args.save_calibration)
         print(f"wrote {args.save_calibration}")
