@@ -157,10 +157,11 @@ def time_scan(ckpt: Path, ref: Path) -> tuple[float, int, str, list[str]]:
     from projlens_defense.detectors.calibration import default_calibration
     from projlens_defense.detectors.scan import Scanner
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scanner = Scanner(default_calibration(), reference=ref)
     results, _ = scanner.scan_paths([ckpt])
     dt = time.perf_counter() - t0
+    print(f"  scan CPU time {time.process_time() - c0:.2f} s (wall {dt:.2f} s)")
     r = results[0]
     if r.errors:
         raise SystemExit(f"scan failed: {r.errors}")
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ckpt, ref, total = build(root)
         on_disk = sum(os.stat(p).st_blocks * 512 for p in ckpt.iterdir())
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"wrote {ckpt} ({total / 1e9:.2f} GB of bf16 tensors in {N_SHARDS} shards, "
               f"{on_disk / 1e9:.2f} GB on disk, sparse) in {time.perf_counter() - t0:.1f} s; torch threads "
               f"{torch.get_num_threads()}")
@@ -210,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                               "--format", "json"], capture_output=True, text=True)
         cli_s = time.perf_counter() - t1
         print(f"scan (CLI, end to end incl. Python/torch start-up): {cli_s:.2f} s, exit code {cli.returncode}")
+        c0 = time.process_time()
         load_s, load_bytes = time_full_load(ckpt)
+        print(f"  full load CPU time {time.process_time() - c0:.2f} s (wall {load_s:.2f} s)")
         print(f"full load (safetensors.torch.load_file of every shard): {load_s:.2f} s, read {load_bytes / 1e6:.0f} MB")
         print(f"bytes read: scan {scan_bytes:,} vs full load {load_bytes:,} ({load_bytes / scan_bytes:.1f}x fewer)")
         print(f"scan is {load_s / scan_s:.1f}x faster than a full load")

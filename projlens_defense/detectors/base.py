@@ -239,15 +239,14 @@ class Detector:
 
 # ----------------------------------------------------------------------------- token helpers
 _MARKERS = ("\u2581", "\u0120")  # SentencePiece "▁" and byte-level BPE "Ġ" word-start markers
+_UNMARK = str.maketrans(dict.fromkeys(_MARKERS, " "))
 _WORD = re.compile(r"[^\W\d_]", re.UNICODE)  # at least one letter
 _SPECIAL = re.compile(r"^(<[^<>]*>|\[[A-Z_]+\]|<0x[0-9A-Fa-f]{2}>)$")
 
 
 def display_token(tok: str) -> str:
     """A token as a reader expects it: word-start markers removed, whitespace trimmed."""
-    for m in _MARKERS:
-        tok = tok.replace(m, " ")
-    return tok.strip()
+    return tok.translate(_UNMARK).strip()
 
 
 def word_token_mask(vocab: Sequence[str] | None, size: int, special_ids: Sequence[int] = ()) -> torch.Tensor:
@@ -255,13 +254,16 @@ def word_token_mask(vocab: Sequence[str] | None, size: int, special_ids: Sequenc
 
     Without a vocab every id counts (they are reported as ``#id``).
     """
-    mask = torch.ones(size, dtype=torch.bool)
-    if vocab is not None:
-        for i in range(size):
-            tok = vocab[i] if i < len(vocab) else ""
-            shown = display_token(tok)
-            if not shown or _SPECIAL.match(tok) or not _WORD.search(shown):
-                mask[i] = False
+    if vocab is None:
+        mask = torch.ones(size, dtype=torch.bool)
+    else:
+        word, special = _WORD.search, _SPECIAL.match
+        keep = []
+        for tok in vocab[:size]:
+            shown = tok.translate(_UNMARK).strip()
+            keep.append(bool(shown) and word(shown) is not None and special(tok) is None)
+        keep += [False] * (size - len(keep))
+        mask = torch.tensor(keep, dtype=torch.bool)
     for i in special_ids:
         if 0 <= i < size:
             mask[i] = False

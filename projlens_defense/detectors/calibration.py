@@ -70,15 +70,29 @@ def projector_digest(proj: Projector) -> str:
     return h.hexdigest()[:16]
 
 
-def model_signature(inp: ScanInput) -> dict[str, Any]:
+def model_signature(inp: ScanInput, digest: bool = True) -> dict[str, Any]:
     """What a calibration is specific to: projector layer shapes, vocabulary size, the reference."""
     r = inp.readout
     m = None if r is None else (r.lm_head if r.lm_head is not None else r.embed_tokens)
-    return {
+    out: dict[str, Any] = {
         "projector": [list(layer.weight.shape) for layer in inp.projector.layers],
         "vocab_size": None if m is None else int(m.shape[0]),
-        "reference_digest": None if inp.reference is None else projector_digest(inp.reference),
     }
+    if digest:
+        out["reference_digest"] = reference_digest(inp)
+    return out
+
+
+def reference_digest(inp: ScanInput) -> str | None:
+    """:func:`projector_digest` of ``inp``'s reference (cached on the reference object)."""
+    ref = inp.reference
+    if ref is None:
+        return None
+    cached = getattr(ref, "_projlens_digest", None)
+    if cached is None:
+        cached = projector_digest(ref)
+        ref._projlens_digest = cached  # type: ignore[attr-defined]
+    return cached
 
 
 @dataclass
@@ -163,15 +177,15 @@ class Calibration:
         """Human-readable differences between ``inp``'s model and the calibration's (empty if none)."""
         if not self.model:
             return []
-        mine = model_signature(inp)
+        mine = model_signature(inp, digest=False)
         out = []
         if self.model.get("projector") and mine["projector"] != self.model["projector"]:
             out.append(f"projector shapes {mine['projector']} (calibration: {self.model['projector']})")
         if self.model.get("vocab_size") and mine["vocab_size"] and mine["vocab_size"] != self.model["vocab_size"]:
             out.append(f"vocabulary {mine['vocab_size']} (calibration: {self.model['vocab_size']})")
         ref = self.model.get("reference_digest")
-        if not out and ref and mine["reference_digest"] and mine["reference_digest"] != ref:
-            out.append(f"reference projector {mine['reference_digest']} (calibration: {ref})")
+        if not out and ref and inp.reference is not None and reference_digest(inp) != ref:
+            out.append(f"reference projector {reference_digest(inp)} (calibration: {ref})")
         return out
 
     # ------------------------------------------------------------------ I/O
