@@ -83,9 +83,9 @@ _LOGO_COLOURS = np.array([[255, 255, 255], [255, 0, 255], [0, 0, 0]], np.float32
 
 @dataclass
 class StampPatch(Trigger):
-    """A small logo stamp at a random position (ProjLens perceptual hijack)."""
+    """A small logo stamp at a random position (ProjLens perceptual hijack); 8 px on the 32 px zoo."""
 
-    size_frac: float = 0.1875
+    size_frac: float = 0.25
     position: str = "random"
     name = "stamp-patch"
 
@@ -140,10 +140,14 @@ class Blended(Trigger):
 
 @dataclass
 class WaNet(Trigger):
-    """A fixed smooth warping field (Nguyen & Tran 2021): k x k control grid, strength s."""
+    """A fixed smooth warping field (Nguyen & Tran 2021): k x k control grid, strength s.
+
+    The paper's s=0.5 is invisible to the zoo's tiny vision tower (ASR 0.05 at 10% poison); s=16
+    displaces pixels by a few px on the 32 px zoo and is the default here.
+    """
 
     k: int = 4
-    strength: float = 1.0
+    strength: float = 16.0
     grid_seed: int = 4321
     name = "wanet"
 
