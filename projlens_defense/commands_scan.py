@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,16 @@ def text_report(results: list, skipped: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _existing(paths: tuple[Path, ...], what: str = "path") -> None:
+    """A path that is not there at all is a usage error (4); one that is there but unreadable
+    (dangling link, symlink loop, permission) is left to the scan, which reports it as an error (2)."""
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"{p}: {what} does not exist")
+
+
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
               help="The checkpoint the suspect was fine-tuned from (enables the stronger update-based mode).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -167,6 +176,7 @@ def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | No
     from .detectors.calibration import default_calibration, load_calibration
     from .detectors.scan import Scanner, exit_code
 
+    _existing(paths)
     cal = load_calibration(calibration) if calibration else default_calibration()
     scanner = Scanner(cal, reference=reference, ov_layers=lens_layers)
     results, skipped = scanner.scan_paths(paths)

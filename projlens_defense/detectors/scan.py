@@ -11,7 +11,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,7 @@ class Scanner:
         res.zscores = {k: round(v, 4) for k, v in z.items()}
         res.verdict = "suspicious" if math.isfinite(score) and score > res.threshold else "clean"
 
-    def scan_paths(self, paths: Iterable[str | os.PathLike[str]]) -> tuple[list[ScanResult], list[str]]:
+    def scan_paths(self, paths: Sequence[str | os.PathLike[str]]) -> tuple[list[ScanResult], list[str]]:
         """Scan every checkpoint under ``paths``; returns (results, skipped entries).
 
         Raises NothingScannableError when no path holds a checkpoint.
@@ -273,6 +273,7 @@ class Scanner:
                     else:
                         skipped.append(f"{c}: not a checkpoint")
         if not results:
+            where = ", ".join(str(p) for p in paths)
             detail = "; ".join(skipped[:3]) if skipped else "no checkpoints found"
-            raise NothingScannableError(f"nothing scannable: {detail}")
+            raise NothingScannableError(f"{where}: nothing scannable ({detail})")
         return results, skipped
