@@ -3,7 +3,10 @@
 ProjLens finding 1: the backdoor lives in a few top singular components of dW. Global spectral
 statistics alone do not separate backdoored from benign fine-tunes at scale (DESIGN.md section 2),
 so this detector reports scale-free shape statistics (top-k energy, stable and effective rank, the
-gap between the first singular values) as signals for the calibration to weigh, never a verdict.
+gap between the first singular values) as evidence and as signals a calibration may weigh. On the
+zoo they do not carry the decision: benign fine-tunes of the task have an even more concentrated
+last-layer update than backdoored ones (benchmarks/scan_detection.py), so the default calibration
+does not combine them.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import math
 
 import torch
 
-from projlens_defense.detectors.base import Detector, DetectorReport, ScanInput, top_singular  # noqa: F401
+from projlens_defense.detectors.base import LOWRANK_MIN_DIM, Detector, DetectorReport, ScanInput, top_singular  # noqa: F401
 
 __all__ = ["SpectralDetector", "spectrum_stats", "top_singular"]
+
 
 def spectrum_stats(s: torch.Tensor, fro2: float, top_k: int = 5) -> dict[str, float]:
     """Shape statistics of a (possibly truncated) singular spectrum ``s`` of a matrix with ||M||_F^2 = fro2.
@@ -69,11 +73,14 @@ class SpectralDetector(Detector):
         for i, dw in enumerate(deltas):
             tag = "last" if i == len(deltas) - 1 else f"l{i + 1}"
             fro2 = float(torch.linalg.vector_norm(dw)) ** 2
-            _, s, _ = inp.svd("delta", i, self.n_values)
+            if min(dw.shape) <= LOWRANK_MIN_DIM:  # small layer: the exact full spectrum is cheap
+                s = torch.linalg.svdvals(dw.float())
+            else:  # large layer: the shared randomized top-k; the effective rank assumes a flat tail
+                _, s, _ = inp.svd("delta", i, self.n_values)
             st = spectrum_stats(s, fro2, self.top_k)
             name = inp.projector.layer_name(i)
             layers[name] = st
-            spectra[name] = [round(float(x), 6) for x in s]
+            spectra[name] = [round(float(x), 6) for x in s[: self.n_values]]
             for key in ("top1_energy", f"top{self.top_k}_energy", "gap12"):
                 signals[f"{tag}.{key}"] = st[key]
             signals[f"{tag}.inv_stable_rank"] = 1.0 / st["stable_rank"]
