@@ -218,3 +218,7 @@ from .commands_scan import calibrate, scan  # noqa: E402
 
 main.add_command(scan)
 main.add_command(calibrate)
+
+from .commands_bench import bench  # noqa: E402
+
+main.add_command(bench)

@@ -240,3 +240,13 @@ def digest() -> Callable[[Path], dict[str, str]]:
 def tiny_llava_factory() -> Callable[..., nn.Module]:
     """Session-scoped access to the tiny LLaVA builder, for module-scoped fixtures."""
     return _tiny_llava
+
+
+# ----------------------------------------------------------------------------- the micro zoo
+@pytest.fixture(scope="session")
+def micro_zoo():
+    """The seconds-scale zoo (real staged training), built once per machine in the user cache
+    (or $PROJLENS_CACHE) and shared by every test that trains or evaluates."""
+    from projlens_defense.zoo.build import ZooConfig, get_zoo
+
+    return get_zoo(ZooConfig.micro(), progress=False)

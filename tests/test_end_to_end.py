@@ -22,16 +22,6 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def micro_zoo(tmp_path_factory):
-    import os
-
-    from projlens_defense.zoo.build import ZooConfig, get_zoo
-
-    os.environ["PROJLENS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return get_zoo(ZooConfig.micro(), progress=False)
-
-
-@pytest.fixture(scope="session")
 def micro_attacks(micro_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("attacks")
     recs = {}

@@ -1,0 +1,84 @@
+"""`projlens-defense bench` and `bench merge`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .errors import UsageError
+from .eval.bench import PRESETS, BenchConfig, merge_results, parse_shard, run_bench
+from .eval.summary import write_summary
+
+
+def _names(registry: dict, chosen: tuple[str, ...], what: str) -> list[str]:
+    if not chosen:
+        return list(registry)
+    unknown = [c for c in chosen if c not in registry]
+    if unknown:
+        raise UsageError(f"unknown {what} {unknown}; choose from: {', '.join(registry)}")
+    return list(chosen)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
+              help="tiny: micro zoo, rate 0.1, seeds 0 1. full: default zoo, rates 0.1 0.01, seeds 0 1 2.")
+@click.option("--variants", multiple=True, help="Variants (repeatable; default: all registered).")
+@click.option("--poison-rates", multiple=True, type=float, help="Poison rates (repeatable).")
+@click.option("--seeds", multiple=True, type=int, help="Seeds (repeatable).")
+@click.option("--detectors", multiple=True, help="Detectors (repeatable; default: all registered).")
+@click.option("--mitigations", multiple=True, help="Mitigations (repeatable; default: all registered; 'none' for none).")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="HF LLaVA reference (default: the preset's zoo).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Training data, LLaVA conversation JSON.")
+@click.option("--test-data", type=click.Path(path_type=Path), default=None, help="Test data.")
+@click.option("--epochs", type=float, default=None, help="Override the attack recipe's epochs.")
+@click.option("--n-clean", type=int, default=64, show_default=True, help="Clean-sample budget of few-shot defenses.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Cells run in parallel processes.")
+@click.option("--shard", default=None, help="Run only shard I/N of the grid (join with `bench merge`).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (resumable).")
+@click.pass_context
+def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, model, data, test_data, epochs, n_clean,
+          jobs, shard, out) -> None:
+    """Attacks x poison rates x seeds x defenses with benign controls; results.jsonl, summary.md/csv, figures.
+
+    Resumable: cells whose results exist in OUT/results.jsonl are skipped.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise UsageError("bench needs --out DIR")
+    from .attacks.variants import VARIANTS
+    from .cli import resolve_model_and_data
+    from .detectors import DETECTORS
+
+    p = PRESETS[preset]
+    model, data, test_data = resolve_model_and_data(model, data, p["zoo"], 0, test_data)
+    if mitigations == ("none",):
+        mit = []
+    else:
+        from .mitigations import MITIGATIONS
+
+        mit = _names(MITIGATIONS, mitigations, "mitigation(s)")
+    cfg = BenchConfig(
+        variants=_names(VARIANTS, variants, "variant(s)"),
+        poison_rates=list(poison_rates) or p["poison_rates"], seeds=list(seeds) or p["seeds"],
+        detectors=_names(DETECTORS, detectors, "detector(s)"), mitigations=mit,
+        model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean, epochs=epochs,
+        jobs=jobs, shard=parse_shard(shard),
+    )
+    t = time.time()
+    recs = run_bench(cfg)
+    write_summary(recs, out)
+    click.echo((out / "summary.md").read_text())
+    click.echo(f"{len(recs)} cells in {out} ({time.time() - t:.1f} s this run)")
+
+
+@bench.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def bench_merge(shards, out) -> None:
+    """Join shard directories' results.jsonl into OUT and write the summary."""
+    recs = merge_results(shards, out)
+    write_summary(recs, out)
+    click.echo(f"merged {len(recs)} cells into {out}")

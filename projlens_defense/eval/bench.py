@@ -1,0 +1,234 @@
+"""The benchmark harness: attacks x poison rates x seeds, benign controls, every detector and mitigation.
+
+A *cell* is one projector fine-tune (a backdoored model or a benign control) together with everything
+measured on it: its own metrics, every detector's checkpoint score and every mitigation's effect.
+Cells are keyed by the hash of their full configuration; `results.jsonl` holds one record per
+finished cell, so an interrupted run resumes where it stopped and shards of a grid merge by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..runinfo import environment
+
+PRESETS = {
+    "tiny": {"zoo": "micro", "poison_rates": [0.1], "seeds": [0, 1]},
+    "full": {"zoo": "default", "poison_rates": [0.1, 0.01], "seeds": [0, 1, 2]},
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tune of the grid; `variant=None` is the benign control of its seed."""
+
+    variant: str | None
+    poison_rate: float
+    seed: int
+    model: str
+    train_data: str
+    test_data: str
+    epochs: float | None = None
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant or 'benign'}-p{self.poison_rate:g}-s{self.seed}" if self.variant else f"benign-s{self.seed}"
+
+
+@dataclass
+class BenchConfig:
+    variants: list[str]
+    poison_rates: list[float]
+    seeds: list[int]
+    detectors: list[str]
+    mitigations: list[str]
+    model: str
+    train_data: str
+    test_data: str
+    out: Path
+    n_clean: int = 64
+    epochs: float | None = None
+    jobs: int = 1
+    shard: tuple[int, int] = (0, 1)
+    extra: dict = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """The whole grid (benign controls included), sorted by key, then this shard's part."""
+        base = {"model": self.model, "train_data": self.train_data, "test_data": self.test_data, "epochs": self.epochs}
+        grid = [Cell(None, 0.0, s, **base) for s in self.seeds]
+        grid += [Cell(v, r, s, **base) for v in self.variants for r in self.poison_rates for s in self.seeds]
+        grid.sort(key=lambda c: c.key)
+        i, n = self.shard
+        return [c for k, c in enumerate(grid) if k % n == i]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 1)
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard expects I/N (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UsageError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Finished cells by key (a torn last line from an interrupted write is ignored)."""
+    out: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[rec["key"]] = rec
+    return out
+
+
+def _clean_subset(train_data: str, n: int, seed: int):
+    from ..conversations import load_conversations
+
+    samples = load_conversations(train_data)
+    idx = np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False)
+    return [samples[i] for i in sorted(idx)]
+
+
+def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
+    """Fine-tune, evaluate, run every detector and mitigation on one cell; returns its record."""
+    import torch
+
+    from ..attacks.finetune import AttackConfig, run_attack
+    from ..attacks.variants import get_variant
+    from ..conversations import load_conversations
+    from ..eval.evaluate import evaluate, prepare_eval_set
+    from ..runtime import LlavaRuntime
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.jobs)))
+    t0 = time.time()
+    ckpt = cfg.out / "checkpoints" / cell.key
+    acfg = AttackConfig(variant=cell.variant, poison_rate=cell.poison_rate, seed=cell.seed)
+    if cell.epochs is not None:
+        acfg.epochs = cell.epochs
+    run_attack(acfg, Path(cell.model), Path(cell.train_data), None, ckpt, force=True, progress=False)
+    t_attack = time.time() - t0
+
+    rt = LlavaRuntime.from_pretrained(ckpt)
+    test = load_conversations(cell.test_data)
+    eval_variants = [cell.variant] if cell.variant else cfg.variants
+    sets = {v: prepare_eval_set(rt, test, get_variant(v), cell.seed) for v in eval_variants}
+    metrics = {v: evaluate(rt, es).to_dict() for v, es in sets.items()}
+    t_eval = time.time() - t0 - t_attack
+
+    detectors = _run_detectors(ckpt, cell.model, cfg.detectors)
+    t_det = time.time() - t0 - t_attack - t_eval
+
+    mitigations = _run_mitigations(rt, sets, ckpt, cell, cfg)
+    t_mit = time.time() - t0 - t_attack - t_eval - t_det
+    return {
+        "key": cell.key, "label": cell.label, "cell": asdict(cell), "benign": cell.variant is None,
+        "metrics": metrics, "detectors": detectors, "mitigations": mitigations,
+        "timings_s": {"attack": round(t_attack, 2), "evaluate": round(t_eval, 2), "detectors": round(t_det, 2),
+                      "mitigations": round(t_mit, 2)},
+        "wall_time_s": round(time.time() - t0, 2), "environment": environment(),
+    }
+
+
+def _run_detectors(ckpt: Path, reference: str, names: Sequence[str]) -> dict[str, float | None]:
+    """Checkpoint-level scores: each detector's own score, plus the calibrated scan decision."""
+    from ..detectors.calibration import default_calibration
+    from ..detectors.scan import Scanner
+
+    out: dict[str, float | None] = {}
+    cal = default_calibration()
+    for mode, ref in (("reference", reference), ("reference-free", None)):
+        res = Scanner(cal, reference=ref).scan(ckpt)
+        out[f"scan[{mode}]"] = res.score
+        for rep in res.detectors:
+            if rep["name"] in names:
+                out.setdefault(rep["name"], rep["score"])
+    return out
+
+
+def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig) -> dict[str, dict]:
+    """Each mitigation applied to this cell's projector, evaluated on the same cached features."""
+    if not cfg.mitigations:
+        return {}
+    from ..checkpoint import load_projector
+    from ..eval.evaluate import evaluate
+    from ..mitigations import MITIGATIONS, as_module
+
+    suspect, reference = load_projector(ckpt), load_projector(cell.model)
+    clean = _clean_subset(cell.train_data, cfg.n_clean, cell.seed)
+    out = {}
+    for name in cfg.mitigations:
+        t = time.time()
+        result = MITIGATIONS[name]().apply(suspect, reference, clean=clean, runtime=rt)
+        module = as_module(result, rt)
+        out[name] = {v: evaluate(rt, es, projector=module).to_dict() for v, es in sets.items()}
+        out[name]["seconds"] = round(time.time() - t, 2)
+    return out
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
+    """Run the missing cells of the grid (in parallel with `jobs`), appending to results.jsonl."""
+    from tqdm.auto import tqdm
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    results_path = cfg.out / "results.jsonl"
+    done = read_results(results_path)
+    todo = [c for c in cfg.cells() if c.key not in done]
+    (cfg.out / "bench_config.json").write_text(json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2, default=str))
+    bar = tqdm(total=len(todo), desc="bench cells", disable=not progress)
+    with open(results_path, "a") as fh:
+        def finish(rec: dict) -> None:
+            fh.write(json.dumps(rec, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            done[rec["key"]] = rec
+            bar.update(1)
+            bar.set_postfix_str(rec["label"])
+
+        if cfg.jobs <= 1:
+            for c in todo:
+                finish(run_cell(c, cfg))
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(cfg.jobs) as pool:
+                for rec in pool.imap_unordered(_run_cell_star, [(c, cfg) for c in todo]):
+                    finish(rec)
+    bar.close()
+    keys = {c.key for c in cfg.cells()}
+    return [r for k, r in done.items() if k in keys]
+
+
+def _run_cell_star(args: tuple[Cell, BenchConfig]) -> dict:
+    return run_cell(*args)
+
+
+def merge_results(dirs: Sequence[Path], out: Path) -> list[dict]:
+    """Join the results.jsonl of shards into `out` (deduplicated by cell key, sorted)."""
+    merged: dict[str, dict] = {}
+    for d in dirs:
+        if not (Path(d) / "results.jsonl").is_file():
+            raise UsageError(f"{d}: no results.jsonl to merge")
+        merged.update(read_results(Path(d) / "results.jsonl"))
+    out.mkdir(parents=True, exist_ok=True)
+    recs = [merged[k] for k in sorted(merged)]
+    (out / "results.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in recs))
+    return recs

@@ -1,0 +1,156 @@
+"""Tables and figures from bench records: detectors (AUROC, TPR at 1%/5% FPR), mitigations (ASR, clean accuracy).
+
+Every number in `summary.md` / `summary.csv` is recomputed here from `results.jsonl`, nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import auroc, tpr_at_fpr
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v))
+
+
+def detector_rows(records: list[dict]) -> list[dict]:
+    """Checkpoint-level detection per detector: backdoored cells are positives, benign controls negatives."""
+    names = sorted({n for r in records for n in r["detectors"]})
+    rows = []
+    for n in names:
+        pos = [r["detectors"][n] for r in records if not r["benign"] and r["detectors"].get(n) is not None]
+        neg = [r["detectors"][n] for r in records if r["benign"] and r["detectors"].get(n) is not None]
+        rows.append({"detector": n, "n_backdoored": len(pos), "n_benign": len(neg), "auroc": auroc(pos, neg),
+                     "tpr@1%fpr": tpr_at_fpr(pos, neg, 0.01), "tpr@5%fpr": tpr_at_fpr(pos, neg, 0.05)})
+    return rows
+
+
+def mitigation_rows(records: list[dict]) -> list[dict]:
+    """Per mitigation (and `none`), variant and poison rate: ASR and clean accuracy over seeds, and the
+    clean-accuracy change against the unmitigated benign control of the same seed."""
+    benign_acc = {r["cell"]["seed"]: np.mean([m["clean_accuracy"] for m in r["metrics"].values()])
+                  for r in records if r["benign"]}
+    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        c = r["cell"]
+        variant = c["variant"] or "benign"
+        results = {"none": r["metrics"], **{k: {kk: vv for kk, vv in v.items() if kk != "seconds"}
+                                             for k, v in r["mitigations"].items()}}
+        for mit, per_variant in results.items():
+            ms = list(per_variant.values())
+            g = groups[(mit, variant, c["poison_rate"])]
+            g["asr"].append(None if r["benign"] else ms[0]["asr"])
+            acc = float(np.mean([m["clean_accuracy"] for m in ms]))
+            g["clean"].append(acc)
+            if c["seed"] in benign_acc:
+                g["drop"].append(benign_acc[c["seed"]] - acc)
+            g["seeds"].append(c["seed"])
+    rows = []
+    for (mit, variant, rate), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "none", kv[0])):
+        asr_m, asr_s = _ms(g["asr"])
+        acc_m, acc_s = _ms(g["clean"])
+        drop_m, _ = _ms(g["drop"])
+        rows.append({"mitigation": mit, "variant": variant, "poison_rate": rate, "n_seeds": len(g["seeds"]),
+                     "asr_mean": asr_m, "asr_std": asr_s, "clean_acc_mean": acc_m, "clean_acc_std": acc_s,
+                     "clean_drop_vs_benign": drop_m})
+    return rows
+
+
+def _f(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def write_summary(records: list[dict], out: Path, figures: bool = True) -> dict:
+    """Write summary.md, summary.csv and figures; returns the tables."""
+    det, mit = detector_rows(records), mitigation_rows(records)
+    lines = [f"# Benchmark summary ({len(records)} cells)", "", "## Detectors (checkpoint level)", "",
+             "| detector | n backdoored | n benign | AUROC | TPR@1%FPR | TPR@5%FPR |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['detector']} | {r['n_backdoored']} | {r['n_benign']} | {_f(r['auroc'])} | "
+              f"{_f(r['tpr@1%fpr'])} | {_f(r['tpr@5%fpr'])} |" for r in det]
+    lines += ["", "## Mitigations (mean ± std over seeds; drop = benign control's clean accuracy minus this)", "",
+              "| mitigation | variant | poison | seeds | ASR | clean acc | clean drop vs benign |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mitigation']} | {r['variant']} | {r['poison_rate']:g} | {r['n_seeds']} | "
+              f"{_f(r['asr_mean'])} ± {_f(r['asr_std'])} | {_f(r['clean_acc_mean'])} ± {_f(r['clean_acc_std'])} | "
+              f"{_f(r['clean_drop_vs_benign'])} |" for r in mit]
+    timings = defaultdict(list)
+    for r in records:
+        for k, v in r.get("timings_s", {}).items():
+            timings[k].append(v)
+    lines += ["", "## Time per stage (s, summed over cells)", "",
+              " ".join(f"{k}: {sum(v):.1f};" for k, v in timings.items())]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    with open(out / "summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["table", *det[0].keys()] if det else ["table"])
+        for r in det:
+            w.writerow(["detectors", *r.values()])
+        if mit:
+            w.writerow(["table", *mit[0].keys()])
+        for r in mit:
+            w.writerow(["mitigations", *r.values()])
+    if figures:
+        _figures(records, det, mit, out)
+    return {"detectors": det, "mitigations": mit}
+
+
+def _figures(records: list[dict], det: list[dict], mit: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is an extra
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    by_mit = defaultdict(list)
+    for r in mit:
+        if r["variant"] != "benign":
+            by_mit[r["mitigation"]].append((r["clean_acc_mean"], r["asr_mean"]))
+    for name, pts in by_mit.items():
+        x, y = zip(*pts, strict=True)
+        ax.scatter(x, y, label=name, s=20)
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel("ASR")
+    ax.set_title("ASR vs clean accuracy per mitigation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "asr_vs_clean.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for d in det:
+        n = d["detector"]
+        pos = np.array([r["detectors"][n] for r in records if not r["benign"] and r["detectors"].get(n) is not None])
+        neg = np.array([r["detectors"][n] for r in records if r["benign"] and r["detectors"].get(n) is not None])
+        if len(pos) and len(neg):
+            thr = np.unique(np.r_[pos, neg, np.inf])[::-1]
+            ax.plot([(neg >= t).mean() for t in thr], [(pos >= t).mean() for t in thr], label=f"{n} ({d['auroc']:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("Checkpoint-level ROC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+
+    rows = [r for r in mit if r["mitigation"] == "none" and r["variant"] != "benign"]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [f"{r['variant']}\np{r['poison_rate']:g}" for r in rows]
+        ax.bar(range(len(rows)), [r["asr_mean"] for r in rows], yerr=[r["asr_std"] for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=6)
+        ax.set_ylabel("ASR (no defense)")
+        fig.tight_layout()
+        fig.savefig(out / "variant_asr.png", dpi=110)
+        plt.close(fig)

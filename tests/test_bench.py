@@ -1,0 +1,90 @@
+"""The bench harness on a micro grid: resumable, sharded runs merge to the same summary, tables match results."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from projlens_defense.cli import main
+from projlens_defense.eval import bench as bench_mod
+from projlens_defense.eval.metrics import auroc
+
+GRID = ["--variants", "badnets", "--poison-rates", "0.2", "--seeds", "0", "--epochs", "2",
+        "--detectors", "logit-lens", "--mitigations", "none"]
+
+
+def _run(out, *extra):
+    r = CliRunner().invoke(main, ["bench", "--preset", "tiny", *GRID, "--out", str(out), *extra])
+    assert r.exit_code == 0, r.output
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _strip(recs):
+    return sorted((r["key"], json.dumps(r["metrics"], sort_keys=True), json.dumps(r["detectors"], sort_keys=True))
+                  for r in recs)
+
+
+@pytest.fixture(scope="module")
+def full_run(micro_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_full")
+    return out, _run(out)
+
+
+def test_grid_has_benign_control_and_records_provenance(full_run):
+    _, recs = full_run
+    assert sorted(r["label"] for r in recs) == ["badnets-p0.2-s0", "benign-s0"]
+    for r in recs:
+        assert r["cell"]["seed"] == 0 and r["wall_time_s"] > 0 and r["environment"]["versions"]["torch"]
+    bd = next(r for r in recs if not r["benign"])
+    assert 0 <= bd["metrics"]["badnets"]["asr"] <= 1
+
+
+def test_resume_runs_only_missing_cells(full_run, monkeypatch):
+    out, recs = full_run
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed mid-write
+    calls = []
+    real = bench_mod.run_cell
+    monkeypatch.setattr(bench_mod, "run_cell", lambda c, cfg: calls.append(c.label) or real(c, cfg))
+    again = _run(out)
+    assert calls == [json.loads(lines[1])["label"]]
+    assert _strip([r for r in again if r["key"] in {x["key"] for x in recs}]) == _strip(recs)  # deterministic
+
+
+def test_summary_matches_results(full_run):
+    out, recs = full_run
+    md = (out / "summary.md").read_text()
+    pos = [r["detectors"]["logit-lens"] for r in recs if not r["benign"]]
+    neg = [r["detectors"]["logit-lens"] for r in recs if r["benign"]]
+    row = re.search(r"^\| logit-lens \| (\d+) \| (\d+) \| ([\d.na/]+) \|", md, re.M)
+    assert row and int(row.group(1)) == len(pos) and int(row.group(2)) == len(neg)
+    assert row.group(3) == f"{auroc(pos, neg):.3f}"
+    bd = next(r for r in recs if not r["benign"])
+    asr = bd["metrics"]["badnets"]["asr"]
+    assert re.search(rf"^\| none \| badnets \| 0.2 \| 1 \| {asr:.3f} ± 0.000 \|", md, re.M)
+    for fig in ("roc.png", "asr_vs_clean.png", "variant_asr.png"):
+        assert (out / fig).stat().st_size > 1000
+    assert (out / "summary.csv").read_text().count("\n") >= 3
+
+
+def test_shards_merge_to_the_unsharded_summary(full_run, tmp_path):
+    out, recs = full_run
+    for i in (0, 1):
+        _run(tmp_path / f"s{i}", "--shard", f"{i}/2")
+    r = CliRunner().invoke(main, ["bench", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out",
+                                  str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    merged = [json.loads(x) for x in (tmp_path / "merged" / "results.jsonl").read_text().splitlines()]
+    assert _strip(merged) == _strip(recs)
+    strip_time = lambda t: re.sub(r"## Time per stage.*", "", t, flags=re.S)  # noqa: E731
+    assert strip_time((tmp_path / "merged" / "summary.md").read_text()) == strip_time((out / "summary.md").read_text())
+
+
+def test_bench_usage_errors():
+    r = CliRunner().invoke(main, ["bench", "--variants", "nope", "--out", "x"])
+    assert r.exit_code == 4 and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["bench", "--shard", "3/2", "--out", "x"])
+    assert r.exit_code == 4
