@@ -53,19 +53,23 @@ def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, mo
     from .detectors import DETECTORS
 
     p = PRESETS[preset]
-    model, data, test_data = resolve_model_and_data(model, data, p["zoo"], 0, test_data)
+    shard_spec = parse_shard(shard)
+    names = {"variants": _names(VARIANTS, variants, "variant(s)"),
+             "detectors": _names(DETECTORS, detectors, "detector(s)")}
     if mitigations == ("none",):
-        mit = []
+        mit: list[str] = []
     else:
-        from .mitigations import MITIGATIONS
-
+        try:
+            from .mitigations import MITIGATIONS
+        except ImportError:
+            MITIGATIONS = {}
         mit = _names(MITIGATIONS, mitigations, "mitigation(s)")
+    model, data, test_data = resolve_model_and_data(model, data, p["zoo"], 0, test_data)
     cfg = BenchConfig(
-        variants=_names(VARIANTS, variants, "variant(s)"),
-        poison_rates=list(poison_rates) or p["poison_rates"], seeds=list(seeds) or p["seeds"],
-        detectors=_names(DETECTORS, detectors, "detector(s)"), mitigations=mit,
+        variants=names["variants"], poison_rates=list(poison_rates) or p["poison_rates"],
+        seeds=list(seeds) or p["seeds"], detectors=names["detectors"], mitigations=mit,
         model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean, epochs=epochs,
-        jobs=jobs, shard=parse_shard(shard),
+        jobs=jobs, shard=shard_spec,
     )
     t = time.time()
     recs = run_bench(cfg)
