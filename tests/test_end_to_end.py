@@ -85,7 +85,7 @@ def test_cli_evaluate_json_and_refusals(micro_zoo, micro_attacks):
     out, recs = micro_attacks
     r = CliRunner().invoke(main, ["evaluate", str(out / "backdoored"), "--zoo", "micro", "--format", "json"])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)
     assert {"clean_accuracy", "asr", "false_activation", "n_clean", "n_triggered"} <= res.keys()
     assert res["asr"] == pytest.approx(recs["backdoored"]["metrics"]["asr"])
     # existing output without --force: usage error, nothing touched, no traceback
