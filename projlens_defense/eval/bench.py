@@ -170,15 +170,15 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig) -
         return {}
     from ..checkpoint import load_projector
     from ..eval.evaluate import evaluate
-    from ..mitigations import MITIGATIONS, as_module
+    from ..mitigations import MITIGATIONS
+    from ..mitigations.base import CleanData
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
-    clean = _clean_subset(cell.train_data, cfg.n_clean, cell.seed)
+    clean = CleanData.from_samples(rt, _clean_subset(cell.train_data, cfg.n_clean, cell.seed), n=None)
     out = {}
     for name in cfg.mitigations:
         t = time.time()
-        result = MITIGATIONS[name]().apply(suspect, reference, clean=clean, runtime=rt)
-        module = as_module(result, rt)
+        module = MITIGATIONS[name]().apply(suspect, reference, clean).as_module()
         out[name] = {v: evaluate(rt, es, projector=module).to_dict() for v, es in sets.items()}
         out[name]["seconds"] = round(time.time() - t, 2)
     return out
