@@ -106,3 +106,16 @@ def test_lora_attack_merges_into_plain_projector(micro_zoo, tmp_path):
     delta = t[f"{PROJ}linear_2.weight"] - ref[f"{PROJ}linear_2.weight"]
     assert 0 < torch.linalg.matrix_rank(delta).item() <= 4
     assert rec["config"]["lora_rank"] == 4
+
+
+def test_scan_json_is_deterministic(micro_zoo, micro_attacks):
+    out, _ = micro_attacks
+    runs = []
+    for _ in range(2):
+        r = CliRunner().invoke(main, ["scan", str(out / "backdoored"), "--reference", str(micro_zoo.reference),
+                                      "--format", "json"])
+        assert r.exit_code in (0, 1), r.output
+        objs = json.loads(r.stdout)
+        objs = objs if isinstance(objs, list) else [objs]
+        runs.append([{k: v for k, v in o.items() if k != "seconds"} for o in objs])
+    assert runs[0] == runs[1]
