@@ -191,6 +191,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     results_path = cfg.out / "results.jsonl"
     done = read_results(results_path)
+    if results_path.is_file():  # drop a line torn by an interrupted write before appending
+        tmp = results_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in done.values()))
+        os.replace(tmp, results_path)
     todo = [c for c in cfg.cells() if c.key not in done]
     (cfg.out / "bench_config.json").write_text(json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2, default=str))
     bar = tqdm(total=len(todo), desc="bench cells", disable=not progress)
