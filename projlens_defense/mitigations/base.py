@@ -1,0 +1,208 @@
+"""The mitigation interface: what a mitigation gets (suspect, reference, a few clean samples) and returns.
+
+In the spirit of peft's tuner registry: a mitigation is configured in ``__init__`` (plain keyword
+parameters, the same names the CLI and the harness pass), and :meth:`Mitigation.apply` returns a
+:class:`MitigationResult`: a new :class:`~projlens_defense.projector.Projector` (weights the writer
+can put back into the checkpoint) or, for run-time guards, a wrapper ``nn.Module``, plus a report of
+what was removed (directions, energy, rank) and the parameters used.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from projlens_defense.errors import UsageError
+from projlens_defense.projector import LinearLayer, Projector
+
+__all__ = [
+    "CleanData",
+    "Mitigation",
+    "MitigationInputError",
+    "MitigationResult",
+    "ProjectorModule",
+    "svd",
+    "weight_change",
+]
+
+
+class MitigationInputError(UsageError):
+    """The mitigation needs an input it was not given (a reference, clean samples, the LLM)."""
+
+
+@dataclass(eq=False)
+class CleanData:
+    """A few clean samples (no trigger knowledge): their vision features and the LLM to run them through.
+
+    ``runtime`` is a :class:`~projlens_defense.runtime.LlavaRuntime` of the suspect model (its vision
+    tower and LLM are untouched by a projector-only fine-tune); ``features`` [N, tokens, in_dim] are
+    computed once. Mitigations that only need activations use ``features``; those that need answers
+    (fine-tuning, trigger synthesis) use the runtime.
+    """
+
+    runtime: Any
+    features: torch.Tensor
+    questions: list[str]
+    answers: list[str]
+    ids: list[str] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # shared probes, keyed by the caller
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    @classmethod
+    def from_samples(cls, runtime: Any, samples: Sequence[Any], n: int | None = 64, seed: int = 0) -> CleanData:
+        """Draw ``n`` samples (seeded, without replacement; all if ``n`` is None) and compute their features."""
+        chosen = list(samples)
+        if n is not None and n < len(chosen):
+            chosen = random.Random(seed).sample(chosen, n)
+        if not chosen:
+            raise MitigationInputError("no clean samples given")
+        feats = runtime.vision_features([s.image for s in chosen])
+        return cls(runtime, feats, [s.question for s in chosen], [s.answer for s in chosen], [s.id for s in chosen])
+
+
+class ProjectorModule(nn.Module):
+    """A trainable ``nn.Module`` view of a :class:`Projector` (same math; the merger norm stays fixed).
+
+    Drop-in for the runtime's projector (``LlavaRuntime.answer(..., projector=module)``) and for
+    :func:`~projlens_defense.training.train_projector`; :meth:`to_projector` gives the weights back
+    with the source's keys and dtypes.
+    """
+
+    def __init__(self, projector: Projector) -> None:
+        super().__init__()
+        self.template = projector
+        self.weights = nn.ParameterList([nn.Parameter(layer.weight.detach().float().clone()) for layer in projector.layers])
+        self.biases = nn.ParameterList(
+            [nn.Parameter(layer.bias.detach().float().clone()) for layer in projector.layers if layer.bias is not None]
+        )
+        self._has_bias = [layer.bias is not None for layer in projector.layers]
+
+    def _layers(self) -> list[LinearLayer]:
+        it = iter(self.biases)
+        return [LinearLayer(w, next(it) if hb else None) for w, hb in zip(self.weights, self._has_bias, strict=True)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return replace(self.template, layers=self._layers()).forward(x)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Input of the last layer (after the activation): the channels pruning and guards act on."""
+        layers = self._layers()
+        proj = replace(self.template, layers=layers[:-1])
+        return proj._act()(proj.forward(x)) if len(layers) > 1 else x
+
+    def to_projector(self) -> Projector:
+        """The current weights as a Projector with the template's keys, dtypes and format."""
+        layers = self._layers()
+        return self.template.with_weights([layer.weight.detach() for layer in layers],
+                                          [None if layer.bias is None else layer.bias.detach() for layer in layers])
+
+
+@dataclass(eq=False)
+class MitigationResult:
+    """What a mitigation produced.
+
+    ``projector``: the repaired weights (None for a pure run-time guard); ``module``: a run-time
+    wrapper to use instead of the projector (None for weight edits); ``report``: what was removed
+    (per method: directions, energy, rank, discovered target...); ``params``: the parameters used.
+    """
+
+    method: str
+    projector: Projector | None
+    report: dict[str, Any]
+    params: dict[str, Any]
+    module: nn.Module | None = None
+
+    @property
+    def writable(self) -> bool:
+        """Whether the result is plain weights the checkpoint writer can store."""
+        return self.projector is not None and self.module is None
+
+    def as_module(self) -> nn.Module:
+        """The module to run in place of the projector."""
+        if self.module is not None:
+            return self.module
+        assert self.projector is not None
+        return ProjectorModule(self.projector).eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "writable": self.writable, "params": self.params, "report": self.report}
+
+
+def svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float32: U [out, r], S [r], V [in, r] (columns are the right singular vectors)."""
+    u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
+    return u, s, vh.T
+
+
+def weight_change(suspect: Projector, new: Projector, reference: Projector | None = None) -> list[dict[str, Any]]:
+    """Per layer: how much the mitigation changed the weights, and which share of the fine-tune's update it removed."""
+    out = []
+    ref_layers = reference.layers if reference is not None else [None] * suspect.num_layers
+    for i, (a, b, r) in enumerate(zip(suspect.layers, new.layers, ref_layers, strict=True)):
+        dw = b.weight.float() - a.weight.float()
+        s = torch.linalg.svdvals(dw) if dw.abs().max() > 0 else torch.zeros(1)
+        row: dict[str, Any] = {
+            "layer": suspect.layer_name(i),
+            "relative_change": round(float(dw.norm() / a.weight.float().norm().clamp_min(1e-12)), 6),
+            "change_rank": int((s > 1e-4 * s.max().clamp_min(1e-12)).sum()) if s.max() > 0 else 0,
+        }
+        if a.bias is not None and b.bias is not None:
+            row["bias_change"] = round(float((b.bias - a.bias).norm()), 6)
+        if r is not None:
+            upd = a.weight.float() - r.weight.float()
+            e = float(upd.pow(2).sum())
+            row["update_energy_removed"] = round(float(dw.pow(2).sum()) / e, 6) if e > 0 else 0.0
+        out.append(row)
+    return out
+
+
+class Mitigation:
+    """Base class. Subclasses set ``name`` and the inputs they need and implement :meth:`apply`.
+
+    ``requires_reference`` / ``requires_clean``: inputs without which the method cannot run;
+    ``uses_clean``: the method has a few-shot mode that uses clean samples when given;
+    ``run_time_only``: the result is a wrapper module, not weights a checkpoint can hold.
+    """
+
+    name: ClassVar[str] = "mitigation"
+    requires_reference: ClassVar[bool] = False
+    requires_clean: ClassVar[bool] = False
+    uses_clean: ClassVar[bool] = False
+    run_time_only: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults())
+        if unknown:
+            raise UsageError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; known: {sorted(self.defaults())}")
+        self.params: dict[str, Any] = {**self.defaults(), **params}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Default parameters (override in subclasses)."""
+        return {}
+
+    def check(self, reference: Projector | None, clean: CleanData | None) -> None:
+        """Raise :class:`MitigationInputError` when a required input is missing."""
+        if self.requires_reference and reference is None:
+            raise MitigationInputError(f"method {self.name!r} needs the reference projector (--reference)")
+        if self.requires_clean and clean is None:
+            raise MitigationInputError(f"method {self.name!r} needs clean samples (--clean-data)")
+
+    def apply(self, suspect: Projector, reference: Projector | None = None,
+              clean: CleanData | None = None) -> MitigationResult:
+        raise NotImplementedError  # pragma: no cover
+
+    def result(self, suspect: Projector, new: Projector | None, reference: Projector | None,
+               report: dict[str, Any], module: nn.Module | None = None) -> MitigationResult:
+        """Assemble a result, adding the generic weight-change summary to ``report``."""
+        if new is not None:
+            report = {**report, "weight_change": weight_change(suspect, new, reference)}
+        return MitigationResult(self.name, new, report, dict(self.params), module)

@@ -1,0 +1,78 @@
+"""`fine-prune`: Fine-Pruning (Liu et al., RAID 2018) on the projector's hidden channels.
+
+Hidden channels (the first layer's outputs, after the activation) are pruned in increasing order of
+their mean activation on the clean samples, as long as the clean accuracy on those samples stays
+within ``acc_tol`` of the unpruned projector; the pruned projector is then fine-tuned on the same
+samples with the pruned channels held at zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from projlens_defense.eval.metrics import clean_accuracy
+from projlens_defense.mitigations.base import (
+    CleanData,
+    Mitigation,
+    MitigationInputError,
+    MitigationResult,
+    ProjectorModule,
+)
+from projlens_defense.mitigations.clp import prune_channels
+from projlens_defense.mitigations.finetune import finetune_module
+from projlens_defense.projector import Projector
+
+
+def few_shot_accuracy(clean: CleanData, module: torch.nn.Module) -> float:
+    """Clean accuracy of ``module`` on the clean samples themselves (greedy answers)."""
+    out = clean.runtime.answer(clean.features, clean.questions, projector=module)
+    return clean_accuracy(out, clean.answers)
+
+
+class FinePruneMitigation(Mitigation):
+    """Prune dormant hidden channels until clean accuracy drops, then fine-tune."""
+
+    name = "fine-prune"
+    requires_clean = True
+    uses_clean = True
+    summary = "prune hidden channels dormant on clean data, then clean fine-tuning"
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"step": 0.05, "max_fraction": 0.9, "acc_tol": 0.04, "epochs": 5.0, "lr": 1e-3, "batch_size": 16,
+                "seed": 0}
+
+    def apply(self, suspect: Projector, reference: Projector | None = None,
+              clean: CleanData | None = None) -> MitigationResult:
+        self.check(reference, clean)
+        assert clean is not None
+        if suspect.num_layers < 2:
+            raise MitigationInputError("fine-prune needs a projector with a hidden layer")
+        p = self.params
+        with torch.no_grad():
+            act = ProjectorModule(suspect).hidden(clean.features).reshape(-1, suspect.hidden_dim).mean(0)
+        order = torch.argsort(act).tolist()
+        n = suspect.hidden_dim
+        base_acc = few_shot_accuracy(clean, ProjectorModule(suspect))
+        pruned: list[int] = []
+        k, step = 0, max(1, round(p["step"] * n))
+        while k + step <= round(p["max_fraction"] * n):
+            trial = order[: k + step]
+            acc = few_shot_accuracy(clean, ProjectorModule(prune_channels(suspect, trial)))
+            if acc < base_acc - p["acc_tol"]:
+                break
+            k += step
+            pruned = trial
+        module = ProjectorModule(prune_channels(suspect, pruned))
+        if pruned:
+            idx = torch.tensor(pruned)
+            module.weights[1].register_hook(lambda g: g.index_fill(1, idx, 0.0))
+        losses = finetune_module(module, clean, p["epochs"], p["lr"], p["batch_size"], p["seed"])
+        with torch.no_grad():
+            if pruned:
+                module.weights[1][:, pruned] = 0.0
+        report = {"n_pruned": len(pruned), "n_channels": n, "pruned_channels": sorted(pruned),
+                  "few_shot_accuracy_before": round(base_acc, 4), "finetune_steps": len(losses)}
+        return self.result(suspect, module.to_projector(), reference, report)

@@ -1,0 +1,43 @@
+"""`finetune`: plain clean fine-tuning of the projector on the few clean samples (the classic baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule
+from projlens_defense.projector import Projector
+
+
+def finetune_module(module: ProjectorModule, clean: CleanData, epochs: float, lr: float, batch_size: int,
+                    seed: int) -> list[float]:
+    """Fine-tune ``module`` in place on the clean samples' answers; returns the step losses."""
+    from projlens_defense.training import train_projector
+
+    return train_projector(clean.runtime, clean.features, clean.questions, clean.answers, epochs=epochs, lr=lr,
+                           batch_size=batch_size, seed=seed, projector=module, progress=False,
+                           desc="clean fine-tune")
+
+
+class FinetuneMitigation(Mitigation):
+    """AdamW on the clean samples' answers, every projector parameter trainable."""
+
+    name = "finetune"
+    requires_clean = True
+    uses_clean = True
+    summary = "clean fine-tuning on the given samples"
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"epochs": 10.0, "lr": 1e-3, "batch_size": 16, "seed": 0}
+
+    def apply(self, suspect: Projector, reference: Projector | None = None,
+              clean: CleanData | None = None) -> MitigationResult:
+        self.check(reference, clean)
+        assert clean is not None
+        p = self.params
+        module = ProjectorModule(suspect)
+        losses = finetune_module(module, clean, p["epochs"], p["lr"], p["batch_size"], p["seed"])
+        report = {"n_clean": len(clean), "steps": len(losses),
+                  "loss_first": round(losses[0], 5) if losses else None,
+                  "loss_last": round(losses[-1], 5) if losses else None}
+        return self.result(suspect, module.to_projector(), reference, report)

@@ -1,0 +1,66 @@
+"""`orthogonal`: SVD + principal-angle purification against a short benign fine-tune.
+
+A short fine-tune of the reference on the clean samples gives a benign update whose top singular
+subspaces stand for "what the task changes". Each of the suspect update's top components whose
+left or right singular vector lies far (by principal angle) from the benign subspace is removed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule, svd
+from projlens_defense.mitigations.finetune import finetune_module
+from projlens_defense.projector import Projector
+
+
+def principal_angle(x: torch.Tensor, basis: torch.Tensor) -> float:
+    """Angle in degrees between unit vector ``x`` and the span of orthonormal columns ``basis``."""
+    c = float((basis.T @ x).norm().clamp(max=1.0))
+    return math.degrees(math.acos(c))
+
+
+class OrthogonalMitigation(Mitigation):
+    """Remove top update components far from a benign update's top subspaces."""
+
+    name = "orthogonal"
+    requires_reference = True
+    requires_clean = True
+    uses_clean = True
+    summary = "remove top update directions far (principal angle) from a short benign fine-tune"
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"layers": "last", "k": 8, "benign_k": 8, "max_angle": 60.0, "epochs": 5.0, "lr": 5e-3,
+                "batch_size": 16, "seed": 0}
+
+    def apply(self, suspect: Projector, reference: Projector | None = None,
+              clean: CleanData | None = None) -> MitigationResult:
+        self.check(reference, clean)
+        assert reference is not None and clean is not None
+        p = self.params
+        delta = suspect.delta(reference)
+        benign = ProjectorModule(reference)
+        finetune_module(benign, clean, p["epochs"], p["lr"], p["batch_size"], p["seed"])
+        bdelta = benign.to_projector().delta(reference)
+        layers = [suspect.num_layers - 1] if p["layers"] == "last" else list(range(suspect.num_layers))
+        weights = [layer.weight.clone() for layer in suspect.layers]
+        removed = []
+        for li in layers:
+            u, s, v = svd(delta[li])
+            bu, _, bv = svd(bdelta[li])
+            bu, bv = bu[:, : p["benign_k"]], bv[:, : p["benign_k"]]
+            energy = float(s.pow(2).sum())
+            for i in range(min(p["k"], len(s))):
+                au, av = principal_angle(u[:, i], bu), principal_angle(v[:, i], bv)
+                if max(au, av) > p["max_angle"]:
+                    weights[li] -= s[i] * torch.outer(u[:, i], v[:, i])
+                    removed.append({"layer": suspect.layer_name(li), "component": i, "sigma": round(float(s[i]), 6),
+                                    "energy": round(float(s[i] ** 2) / energy, 6), "angle_left": round(au, 2),
+                                    "angle_right": round(av, 2)})
+        new = suspect.with_weights(weights)
+        return self.result(suspect, new, reference, {"removed": removed, "rank": len(removed),
+                                                     "energy_removed": round(sum(r["energy"] for r in removed), 6)})

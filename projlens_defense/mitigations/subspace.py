@@ -1,0 +1,189 @@
+"""`subspace`: remove the backdoor-critical low-rank part of the fine-tune's update dW (ProjLens finding 1).
+
+Candidates are the top-``k`` singular components ``s_i u_i v_i^T`` of dW per layer. Which of them
+are removed (the rank) is chosen automatically:
+
+* **data-free** (weights only): through the logit lens. A component whose output direction ``u_i``
+  reads as one vocabulary token far more sharply than random directions do (peak z-score above
+  the random-direction mean by ``lens_sigma`` standard deviations) is target-aligned (finding 2)
+  and removed. Without the LLM read-out, the top ``fallback_rank`` components are removed.
+* **few-shot** (<= 64 clean samples, no trigger knowledge): a synthesized universal trigger
+  (:mod:`~projlens_defense.mitigations.probe`) reveals whether the projector has a shortcut to a
+  fixed target at all; if so, the components are ranked by how much their removal suppresses the
+  target under that trigger and added greedily while the clean samples' answers stay unchanged
+  (within ``clean_tol``), until the target no longer shows. No target found: nothing is removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule, svd
+from projlens_defense.mitigations.probe import best_probe, resynthesize, support_under, target_batch
+from projlens_defense.projector import Projector
+
+Component = tuple[int, int, float, torch.Tensor, torch.Tensor]  # layer, index, sigma, u, v
+
+
+def top_components(delta: list[torch.Tensor], layers: list[int], k: int) -> list[Component]:
+    """The top-``k`` singular components of the update of each layer in ``layers``."""
+    out = []
+    for li in layers:
+        u, s, v = svd(delta[li])
+        for i in range(min(k, len(s))):
+            out.append((li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()))
+    return out
+
+
+def remove_components(proj: Projector, comps: list[Component]) -> Projector:
+    """``proj`` with each component's rank-1 term subtracted from its layer's weight."""
+    weights = [layer.weight.clone().float() for layer in proj.layers]
+    for li, _, s, u, v in comps:
+        weights[li] -= s * torch.outer(u, v)
+    return proj.with_weights(weights)
+
+
+def lens_peaks(lens: Any, directions: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Per direction: the best token z-score (either sign) under the logit lens, and that token's id."""
+    from projlens_defense.detectors.logit_lens import lens_reading
+
+    rd = lens_reading(lens, directions, [f"d{i}" for i in range(directions.shape[1])])
+    z = torch.maximum(rd.z[:, 0::2], rd.z[:, 1::2])
+    best = z.max(dim=0)
+    return best.values, [int(t) for t in best.indices]
+
+
+def lens_threshold(lens: Any, dim: int, n: int, sigma: float, seed: int = 0) -> tuple[float, float, float]:
+    """Significance threshold for a direction's lens peak: mean + ``sigma`` std of ``n`` random directions' peaks."""
+    g = torch.Generator().manual_seed(seed)
+    rnd, _ = lens_peaks(lens, torch.randn(dim, n, generator=g))
+    mean, std = float(rnd.mean()), float(rnd.std())
+    return mean + sigma * std, mean, std
+
+
+def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[str, Any]:
+    li, i, s, _, _ = c
+    return {"layer": proj.layer_name(li), "component": i, "sigma": round(s, 6),
+            "energy": round(s * s / energy[li], 6) if energy[li] > 0 else 0.0}
+
+
+class SubspaceMitigation(Mitigation):
+    """Remove the target-aligned top singular components of dW (see the module doc for the two modes)."""
+
+    name = "subspace"
+    requires_reference = True
+    uses_clean = True
+    summary = "remove the backdoor-critical low-rank subspace of dW (rank chosen automatically)"
+
+    def __init__(self, lens: Any = None, **params: Any) -> None:
+        super().__init__(**params)
+        self.lens = lens
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"k": 8, "layers": "auto", "rank": "auto", "lens_sigma": 1.25, "n_random": 256, "fallback_rank": 1,
+                "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "off_support": 0.05, "clean_tol": 0.03,
+                "verify": True, "seed": 0}
+
+    def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
+        spec = self.params["layers"]
+        last = [proj.num_layers - 1]
+        if spec == "auto":
+            return list(range(proj.num_layers)) if few_shot else last
+        return last if spec == "last" else list(range(proj.num_layers))
+
+    def apply(self, suspect: Projector, reference: Projector | None = None,
+              clean: CleanData | None = None) -> MitigationResult:
+        self.check(reference, clean)
+        assert reference is not None
+        delta = suspect.delta(reference)
+        energy = {li: float(d.pow(2).sum()) for li, d in enumerate(delta)}
+        p = self.params
+        if p["rank"] != "auto":
+            comps = top_components(delta, [suspect.num_layers - 1], int(p["rank"]))
+            report: dict[str, Any] = {"mode": "fixed-rank"}
+        elif clean is not None:
+            comps, report = self._few_shot(suspect, delta, clean)
+        else:
+            comps, report = self._data_free(suspect, delta)
+        new = remove_components(suspect, comps)
+        report.update({"removed": [_describe(c, energy, suspect) for c in comps], "rank": len(comps),
+                       "energy_removed": {suspect.layer_name(li): round(sum(c[2] ** 2 for c in comps if c[0] == li)
+                                                                        / energy[li], 6)
+                                          for li in sorted({c[0] for c in comps}) if energy[li] > 0}})
+        return self.result(suspect, new, reference, report)
+
+    # ------------------------------------------------------------------ data-free
+    def _data_free(self, suspect: Projector, delta: list[torch.Tensor]) -> tuple[list[Component], dict[str, Any]]:
+        p = self.params
+        cands = top_components(delta, self._layers(suspect, False), p["k"])
+        if self.lens is None:
+            return cands[: p["fallback_rank"]], {"mode": "data-free", "selection": "top components (no LLM read-out)"}
+        from projlens_defense.detectors.base import token_name
+
+        last = [c for c in cands if c[0] == suspect.num_layers - 1]
+        peaks, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in last], dim=1))
+        thr, rmean, rstd = lens_threshold(self.lens, suspect.out_dim, p["n_random"], p["lens_sigma"], p["seed"])
+        vocab = getattr(self.lens, "vocab", None)
+        chosen = [c for c, z in zip(last, peaks.tolist(), strict=True) if z >= thr]
+        readings = [{"component": c[1], "peak_z": round(float(z), 3), "token": token_name(vocab, t)}
+                    for c, z, t in zip(last, peaks.tolist(), tokens, strict=True)]
+        return chosen, {"mode": "data-free", "selection": "logit lens", "lens_threshold": round(thr, 3),
+                        "random_peak_mean": round(rmean, 3), "random_peak_std": round(rstd, 3),
+                        "components": readings}
+
+    # ------------------------------------------------------------------ few-shot
+    def _few_shot(self, suspect: Projector, delta: list[torch.Tensor],
+                  clean: CleanData) -> tuple[list[Component], dict[str, Any]]:
+        p = self.params
+        module = ProjectorModule(suspect)
+        probe = best_probe(clean, module, p["eps"], p["probe_steps"], p["seed"], cache_key=f"suspect:{id(suspect)}")
+        report: dict[str, Any] = {"mode": "few-shot", "n_clean": len(clean), "probe": probe.to_dict()}
+        if not probe.found(p["min_support"]):
+            report["selection"] = "no fixed-target response found: nothing removed"
+            return [], report
+        assert probe.target is not None
+        idx = probe.showing()
+        rt = clean.runtime
+
+        def measure(comps: list[Component]) -> tuple[float, float]:
+            m = ProjectorModule(remove_components(suspect, comps))
+            sup = support_under(clean, m, idx, probe.delta, probe.target)  # type: ignore[arg-type]
+            with torch.no_grad():
+                out = rt.answer(clean.features, clean.questions, projector=m)
+            agree = sum(a == b for a, b in zip(out, probe.clean_answers, strict=True)) / len(out)
+            return sup, agree
+
+        cands = top_components(delta, self._layers(suspect, True), p["k"])
+        scored = []
+        for c in cands:
+            sup, agree = measure([c])
+            scored.append((sup, -agree, c, agree))
+        scored.sort(key=lambda t: (t[0], t[1]))
+        chosen: list[Component] = []
+        sup_now, agree_now = probe.support, 1.0
+        steps = []
+        for sup1, _, c, agree1 in scored:
+            if agree1 < 1 - p["clean_tol"] or sup1 >= probe.support:
+                continue
+            sup, agree = measure(chosen + [c])
+            if agree < 1 - p["clean_tol"] or sup >= sup_now:
+                continue
+            chosen.append(c)
+            sup_now, agree_now = sup, agree
+            steps.append({"layer": suspect.layer_name(c[0]), "component": c[1], "support": round(sup, 4),
+                          "clean_agreement": round(agree, 4)})
+            if sup_now <= p["off_support"]:
+                break
+        report.update({"selection": "probe-guided", "steps": steps, "support_after": round(sup_now, 4),
+                       "clean_agreement_after": round(agree_now, 4),
+                       "candidates": [{"layer": suspect.layer_name(c[0]), "component": c[1], "support": round(s, 4),
+                                       "clean_agreement": round(a, 4)} for s, _, c, a in scored]})
+        if p["verify"] and chosen:
+            m = ProjectorModule(remove_components(suspect, chosen))
+            idx2, tb, _ = target_batch(clean, probe)
+            d = resynthesize(clean, m, idx2, tb, probe.delta, p["eps"])
+            report["verify_support"] = round(support_under(clean, m, idx2, d, probe.target), 4)
+        return chosen, report
