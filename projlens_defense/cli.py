@@ -222,3 +222,8 @@ main.add_command(calibrate)
 from .commands_bench import bench  # noqa: E402
 
 main.add_command(bench)
+
+from .commands_analyze import analyze, guard  # noqa: E402
+
+main.add_command(analyze)
+main.add_command(guard)

@@ -128,7 +128,7 @@ def _input(world: dict[str, Path], name: str, reference: bool = True, lens_layer
 
 # --------------------------------------------------------------------------- detectors
 def test_registry_names_match_detectors() -> None:
-    assert set(DETECTORS) == {"spectral", "logit-lens", "reference-free"}
+    assert {"spectral", "logit-lens", "reference-free"} <= set(DETECTORS)
     for name, cls in DETECTORS.items():
         assert cls.name == name
 

@@ -4,7 +4,14 @@ Adding a detector = one new module with a :class:`~projlens_defense.detectors.ba
 subclass + one line in :data:`DETECTORS`.
 """
 
+from projlens_defense.detectors.activation import ActivationDetector
 from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, OvLayer, ScanInput
+from projlens_defense.detectors.baselines import (
+    ActivationClusteringDetector,
+    SpectralSignatureDetector,
+    StripDetector,
+)
+from projlens_defense.detectors.input_level import ShiftInputDetector
 from projlens_defense.detectors.logit_lens import LogitLensDetector
 from projlens_defense.detectors.reference_free import ReferenceFreeDetector
 from projlens_defense.detectors.spectral import SpectralDetector
@@ -13,6 +20,11 @@ DETECTORS: dict[str, type[Detector]] = {
     "spectral": SpectralDetector,
     "logit-lens": LogitLensDetector,
     "reference-free": ReferenceFreeDetector,
+    "activation": ActivationDetector,
+    "input-shift": ShiftInputDetector,
+    "strip": StripDetector,
+    "spectral-signatures": SpectralSignatureDetector,
+    "activation-clustering": ActivationClusteringDetector,
 }
 
 __all__ = [

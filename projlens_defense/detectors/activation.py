@@ -284,6 +284,8 @@ class ActivationDetector(Detector):
     the benign subspace), ``act.gain`` (excited residual mean shift over the clean shift RMS) and
     ``act.score``: the max of the decision signals' z-scores against the benign fine-tunes
     (leave-one-out), with ``evidence['threshold']`` (largest leave-one-out benign score + ``margin``).
+    Suspected tokens are ranked by the reading minus the benign mean reading once fitted (by the
+    reading itself before).
     """
 
     name = "activation"
@@ -347,6 +349,17 @@ class ActivationDetector(Detector):
         except MissingInput:
             return None
 
+    def relative(self, scores: torch.Tensor, baseline: dict[str, Any] | None = None) -> torch.Tensor | None:
+        """Per-token reading minus the benign fine-tunes' mean reading (None when unfitted).
+
+        Tokens every fine-tune of the task points at (its answer words, generic words like
+        "sure") drop out; what is left is what this checkpoint reads and benign ones do not.
+        """
+        b = self.baseline if baseline is None else baseline
+        if not b or int(b["vocab_size"]) != scores.shape[0]:
+            return None
+        return scores - torch.tensor(b["mean"], dtype=torch.float32)
+
     def _novelty(self, scores: torch.Tensor, baseline: dict[str, Any] | None) -> torch.Tensor | None:
         if not baseline or int(baseline["vocab_size"]) != scores.shape[0]:
             return None
@@ -390,11 +403,11 @@ class ActivationDetector(Detector):
             if r is not None:
                 rows.append(r.z[:, 0])
         baseline = None
-        if len(rows) >= 2 and len({r.shape[0] for r in rows}) == 1:
+        if rows and len({r.shape[0] for r in rows}) == 1:
             x = torch.stack(rows)
             x = x.masked_fill(torch.isinf(x), 0.0)
-            baseline = {"vocab_size": int(x.shape[1]), "n": len(rows), "mean": x.mean(0).tolist(),
-                        "std": x.std(0).tolist()}
+            sd = x.std(0) if len(rows) > 1 else torch.zeros(x.shape[1])
+            baseline = {"vocab_size": int(x.shape[1]), "n": len(rows), "mean": x.mean(0).tolist(), "std": sd.tolist()}
         return basis, baseline
 
     def fit(self, benign: Sequence[ScanInput]) -> ActivationDetector:
@@ -415,9 +428,10 @@ class ActivationDetector(Detector):
         return self
 
     def fit_basis(self, benign: Sequence[ScanInput]) -> ActivationDetector:
-        """Only learn the benign task subspace (enough for the analysis; no calibrated score)."""
+        """Learn the benign task subspace and mean reading only (enough for the analysis; no calibrated score)."""
         benign = [b for b in benign if self.can_score(b)]
-        self.basis = benign_subspace([self.shift(b) for b in benign], self.benign_rank) if benign else None
+        if benign:
+            self.basis, self.baseline = self._fit_parts(benign)
         return self
 
     def get_state(self) -> dict[str, Any]:
@@ -481,13 +495,19 @@ class ActivationDetector(Detector):
         if reading is not None:
             sc = reading.z[:, 0]
             n = min(self.n_tokens, int(reading.mask.sum()))
+            rel = self.relative(sc)
+            key = sc if rel is None else rel
             top = []
-            for t in torch.topk(sc, n).indices.tolist():
+            for t in torch.topk(key, n).indices.tolist():
                 item: dict[str, Any] = {"token": token_name(inp.vocab, t), "id": t, "z": round(float(sc[t]), 3)}
+                if rel is not None:
+                    item["relative"] = round(float(rel[t]), 3)
                 if nov is not None:
                     item["novelty"] = round(float(nov[t]), 3)
                 top.append(item)
             evidence["top_tokens"] = top
+            evidence["ranking"] = "z" if rel is None else "z minus the benign mean reading"
+            evidence["reading"] = reading.labels[0].split(":")[0]
             evidence["per_direction"] = reading.column_tops(inp.vocab)
             if nov is not None:
                 evidence["most_novel_tokens"] = [{"token": token_name(inp.vocab, t), "id": t,

@@ -74,7 +74,7 @@ def variant_from_record(rec: dict[str, Any]) -> Variant | None:
     trig = {k: v for k, v in (params.get("trigger") or {}).items() if k != "type"}
     target = (params.get("behaviour") or {}).get("target") or (rec.get("config") or {}).get("target")
     try:
-        return get_variant(name, target, {k: v for k, v in trig.items() if not isinstance(v, (list, dict))})
+        return get_variant(name, target, {k: v for k, v in trig.items() if not isinstance(v, dict)})
     except UsageError:
         return get_variant(name, target)
 
@@ -316,11 +316,14 @@ def _markdown(rep: dict[str, Any]) -> str:
     L.append("\n### Logit lens of the dominant direction\n")
     lens = act.get("top_tokens") or []
     if lens:
-        has_nov = "novelty" in lens[0]
-        L.append("| rank | token | z | " + ("novelty vs benign |" if has_nov else ""))
-        L.append("|---|---|---|" + ("---|" if has_nov else ""))
+        has_rel, has_nov = "relative" in lens[0], "novelty" in lens[0]
+        L.append("| rank | token | z | " + ("z - benign mean |" if has_rel else "") + ("novelty vs benign |" if has_nov else ""))
+        L.append("|---|---|---|" + ("---|" if has_rel else "") + ("---|" if has_nov else ""))
         for i, t in enumerate(lens):
-            L.append(f"| {i + 1} | `{t['token']}` | {t['z']:.2f} | " + (f"{t['novelty']:.2f} |" if has_nov else ""))
+            L.append(f"| {i + 1} | `{t['token']}` | {t['z']:.2f} | " + (f"{t['relative']:.2f} |" if has_rel else "")
+                     + (f"{t['novelty']:.2f} |" if has_nov else ""))
+        L.append(f"\nRanked by {act.get('ranking') or 'z'}; lens reading: {act.get('reading')} "
+                 "(attention = the first LLM layers' value-output maps read by lm_head).")
         if trig["target"]:
             L.append(f"\nTarget's first word `{trig['target'].split()[0]}`: rank {_fmt(act.get('target_rank'))} "
                      "in this reading.")
@@ -438,6 +441,7 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
     signals, a, e, _reading, _nov = det.measure(inp)
     direction = e.direction if e is not None else a.direction
     act: dict[str, Any] = {"direction": report.evidence["direction"], "signals": report.signals,
+                           "ranking": report.evidence.get("ranking"), "reading": report.evidence.get("reading"),
                            "top_tokens": report.evidence.get("top_tokens", []),
                            "per_direction": report.evidence.get("per_direction", {}),
                            "excitation": report.evidence.get("excitation")}
