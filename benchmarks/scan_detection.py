@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from projlens_defense.detectors import DETECTORS
-    from projlens_defense.detectors.calibration import fit_calibration
+    from projlens_defense.detectors.calibration import WEIGHT_SPACE_DETECTORS, fit_calibration
     from projlens_defense.detectors.loading import load_checkpoint
     from projlens_defense.detectors.scan import Scanner
     from projlens_defense.eval.metrics import auroc, tpr_at_fpr
@@ -125,7 +125,7 @@ def measure(args: argparse.Namespace) -> dict:
     inputs = [tmp.build_input(load_checkpoint(out / s.name), []) for s, _ in calib]
     for inp, (s, _) in zip(inputs, calib, strict=True):
         inp.path = s.name
-    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in DETECTORS}, margin=args.margin, rule=args.rule,
+    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, margin=args.margin, rule=args.rule,
                           note=f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr 5e-3 x "
                                "{0.5,1,2}, 30 epochs x {0.5,1,2}; fitted by benchmarks/scan_detection.py")
     if args.save_calibration:

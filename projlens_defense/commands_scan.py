@@ -211,7 +211,7 @@ def calibrate(more: tuple[Path, ...], benign: tuple[Path, ...], reference: Path 
     Example: projlens-defense calibrate --benign runs/benign-* --reference base/ --out calibration.json
     """
     from .detectors import DETECTORS
-    from .detectors.calibration import Calibration, fit_calibration
+    from .detectors.calibration import WEIGHT_SPACE_DETECTORS, Calibration, fit_calibration
     from .detectors.loading import load_checkpoint
     from .detectors.scan import Scanner, find_checkpoints
     from .errors import NothingScannableError
@@ -230,7 +230,7 @@ def calibrate(more: tuple[Path, ...], benign: tuple[Path, ...], reference: Path 
             except NothingScannableError:
                 continue
             inputs.append(helper.build_input(ck, []))
-    cal = fit_calibration(inputs, dict(DETECTORS), margin=margin, rule=rule,
+    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, margin=margin, rule=rule,
                           note=f"{len(inputs)} benign fine-tunes" + (f" of {reference}" if reference else ""))
     _write(json.dumps(cal.to_dict(), indent=1), out)
     for mode, thr in cal.to_dict()["thresholds"].items():

@@ -19,7 +19,12 @@ from safetensors.torch import save_file
 from projlens_defense.cli import main
 from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
 from projlens_defense.detectors.base import OvLayer, ScanInput, top_singular
-from projlens_defense.detectors.calibration import Calibration, default_calibration, fit_calibration
+from projlens_defense.detectors.calibration import (
+    WEIGHT_SPACE_DETECTORS,
+    Calibration,
+    default_calibration,
+    fit_calibration,
+)
 from projlens_defense.detectors.loading import load_checkpoint
 from projlens_defense.detectors.scan import Scanner, exit_code
 from projlens_defense.detectors.spectral import spectrum_stats
@@ -228,7 +233,7 @@ def test_fit_calibration_refuses_too_few_benign(world: dict[str, Path]) -> None:
     from projlens_defense.errors import UsageError
 
     with pytest.raises(UsageError):
-        fit_calibration([_input(world, "benign0")], dict(DETECTORS))
+        fit_calibration([_input(world, "benign0")], {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS})
 
 
 # --------------------------------------------------------------------------- CLI

@@ -55,6 +55,8 @@ FALLBACK_COMBINE: dict[str, list[str]] = {
 }
 """Used when none of the combined signals can be computed (e.g. a calibration from another model,
 whose per-token benign baseline does not fit this vocabulary): model-independent concentration."""
+WEIGHT_SPACE_DETECTORS = ["spectral", "logit-lens", "reference-free"]
+"""The detectors `scan` runs and `calibrate` fits (activation-space detectors need probe data)."""
 RULES = ("max", "mean")
 SHIPPED_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "zoo_calibration.json"
 MIN_BENIGN = 3
