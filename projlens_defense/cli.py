@@ -227,3 +227,7 @@ from .commands_analyze import analyze, guard  # noqa: E402
 
 main.add_command(analyze)
 main.add_command(guard)
+
+from .commands_sanitize import sanitize  # noqa: E402
+
+main.add_command(sanitize)

@@ -158,9 +158,13 @@ def target_batch(clean: CleanData, probe: ProbeResult) -> tuple[list[int], dict[
 
 
 def resynthesize(clean: CleanData, module: nn.Module, idx: Sequence[int], batch: dict[str, torch.Tensor],
-                 delta: torch.Tensor, eps: float, steps: int = 15, lr: float = 0.05) -> torch.Tensor:
+                 delta: torch.Tensor, eps: float, steps: int = 15, lr: float = 0.05, bound_kind: str = "token") -> torch.Tensor:
     """Targeted trigger inversion: the perturbation (started at ``delta``) that makes ``module`` give the
-    target answers in ``batch`` on samples ``idx``, within the same per-token bound."""
+    target answers in ``batch`` on samples ``idx``.
+
+    ``bound_kind="token"`` bounds each token's perturbation by ``eps`` times the mean clean feature
+    norm; ``"total"`` bounds the whole perturbation by the same budget times sqrt(tokens), so it may
+    concentrate on a few positions (a patch) or spread over all (a global filter)."""
     rt = clean.runtime
     x = clean.features[list(idx)]
     bound = eps * float(clean.features.norm(dim=-1).mean())
@@ -176,8 +180,11 @@ def resynthesize(clean: CleanData, module: nn.Module, idx: Sequence[int], batch:
             loss.backward()
             opt.step()
             with torch.no_grad():
-                n = d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                d.mul_(torch.clamp(bound / n, max=1.0))
+                if bound_kind == "total":
+                    d.mul_(min(1.0, bound * d.shape[0] ** 0.5 / float(d.norm().clamp_min(1e-12))))
+                else:
+                    n = d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    d.mul_(torch.clamp(bound / n, max=1.0))
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -5,8 +5,9 @@ are removed (the rank) is chosen automatically:
 
 * **data-free** (weights only): through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
-  the random-direction mean by ``lens_sigma`` standard deviations) is target-aligned (finding 2)
-  and removed. Without the LLM read-out, the top ``fallback_rank`` components are removed.
+  the random-direction mean by ``lens_sigma`` standard deviations) and carries at least
+  ``min_energy`` of the update's energy is target-aligned (finding 2) and removed. (Both
+  thresholds were set on the zoo against benign fine-tunes; see benchmarks/mitigation_table.py.) Without the LLM read-out, the top ``fallback_rank`` components are removed.
 * **few-shot** (<= 64 clean samples, no trigger knowledge): a synthesized universal trigger
   (:mod:`~projlens_defense.mitigations.probe`) reveals whether the projector has a shortcut to a
   fixed target at all; if so, the components are ranked by how much their removal suppresses the
@@ -83,7 +84,7 @@ class SubspaceMitigation(Mitigation):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"k": 8, "layers": "auto", "rank": "auto", "lens_sigma": 1.25, "n_random": 256, "fallback_rank": 1,
+        return {"k": 8, "layers": "auto", "rank": "auto", "lens_sigma": 1.25, "min_energy": 0.05, "n_random": 256, "fallback_rank": 1,
                 "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "off_support": 0.05, "clean_tol": 0.03,
                 "verify": True, "seed": 0}
 
@@ -127,7 +128,9 @@ class SubspaceMitigation(Mitigation):
         peaks, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in last], dim=1))
         thr, rmean, rstd = lens_threshold(self.lens, suspect.out_dim, p["n_random"], p["lens_sigma"], p["seed"])
         vocab = getattr(self.lens, "vocab", None)
-        chosen = [c for c, z in zip(last, peaks.tolist(), strict=True) if z >= thr]
+        total = float(delta[suspect.num_layers - 1].pow(2).sum())
+        chosen = [c for c, z in zip(last, peaks.tolist(), strict=True)
+                  if z >= thr and c[2] ** 2 >= p["min_energy"] * total]
         readings = [{"component": c[1], "peak_z": round(float(z), 3), "token": token_name(vocab, t)}
                     for c, z, t in zip(last, peaks.tolist(), tokens, strict=True)]
         return chosen, {"mode": "data-free", "selection": "logit lens", "lens_threshold": round(thr, 3),

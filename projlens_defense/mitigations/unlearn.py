@@ -5,7 +5,8 @@ Few-shot only (<= 64 clean samples, no trigger knowledge). The probe of
 trigger is re-synthesized for the current projector (targeted inversion towards the discovered
 target, within the larger bound ``resynth_eps``: with the target known, a larger budget no longer
 drifts into generic degradation) and the projector is trained to give the clean answers under it, while its outputs on the
-clean features are held to the suspect's (distillation, weight ``distill``). It stops as soon as the
+clean features are held to the suspect's (distillation, weight ``distill``) and its clean answers
+kept (cross-entropy, weight ``clean_ce``). It stops as soon as the
 re-synthesized trigger no longer elicits the target on more than ``stop_support`` of the samples.
 In the spirit of I-BAU (Zeng et al., ICLR 2022), made targeted and distillation-anchored.
 """
@@ -31,8 +32,8 @@ class UnlearnMitigation(Mitigation):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"eps": 0.5, "probe_steps": 30, "min_support": 0.25, "rounds": 12, "min_rounds": 3, "resynth_eps": 1.0, "resynth_steps": 15,
-                "train_steps": 15, "lr": 1e-3, "distill": 5.0, "stop_support": 0.02, "seed": 0}
+        return {"eps": 0.5, "probe_steps": 30, "min_support": 0.25, "rounds": 12, "min_rounds": 3, "resynth_eps": 0.75,
+                "resynth_bound": "token", "resynth_steps": 15, "train_steps": 15, "lr": 5e-4, "distill": 5.0, "clean_ce": 1.0, "stop_support": 0.02, "seed": 0}
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
@@ -52,11 +53,13 @@ class UnlearnMitigation(Mitigation):
             y0 = module(x)
         var = y0.var().clamp_min(1e-12)
         idx, tb, cb = target_batch(clean, probe)
+        clean_batch = rt.encode(clean.questions, clean.answers)
         opt = torch.optim.Adam(module.parameters(), lr=p["lr"])
         delta = probe.delta
         rounds = []
         for r in range(p["rounds"] + 1):
-            delta = resynthesize(clean, module, idx, tb, delta, p["resynth_eps"], p["resynth_steps"])
+            delta = resynthesize(clean, module, idx, tb, delta, p["resynth_eps"], p["resynth_steps"],
+                                 bound_kind=p["resynth_bound"])
             sup = support_under(clean, module, idx, delta, probe.target)
             rounds.append(round(sup, 4))
             if (sup <= p["stop_support"] and r >= p["min_rounds"]) or r == p["rounds"]:
@@ -66,6 +69,8 @@ class UnlearnMitigation(Mitigation):
             for _ in range(p["train_steps"]):
                 mse = (module(x) - y0).pow(2).mean() / var
                 loss = p["distill"] * mse + rt.loss(x[idx] + delta[None], cb, projector=module)
+                if p["clean_ce"]:
+                    loss = loss + p["clean_ce"] * rt.loss(x, clean_batch, projector=module)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
