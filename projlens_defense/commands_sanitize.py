@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import CheckpointError, UsageError
+from .errors import UsageError
 
 
 def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
@@ -36,23 +36,6 @@ def default_reference(ckpt: Path) -> Path | None:
     except (OSError, ValueError, AttributeError):
         return None
     return Path(base) if isinstance(base, str) and Path(base).exists() else None
-
-
-def _lens(ckpt: Path, reference: Any, warnings: list[str]) -> Any:
-    """The logit-lens input (LLM read-out) of ``ckpt``, or None with a warning when it has no LLM weights."""
-    from .detectors.base import ScanInput
-    from .detectors.loading import load_checkpoint
-
-    try:
-        ck = load_checkpoint(ckpt)
-    except CheckpointError as e:
-        warnings.append(f"logit lens unavailable ({str(e).splitlines()[0]})")
-        return None
-    if not ck.has_readout:
-        warnings.append("no LLM weights in the checkpoint: data-free selection falls back to the top component")
-        return None
-    return ScanInput(projector=ck.projector, reference=reference, readout=ck.readout, ov_layers=ck.ov_layers,
-                     final_norm=ck.final_norm, vocab=ck.vocab, path=str(ckpt), format=ck.info.format)
 
 
 def _text(rec: dict[str, Any]) -> str:
@@ -159,8 +142,10 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
         if len(samples) < n_clean:
             warnings.append(f"--clean-data has only {len(samples)} samples")
     kw: dict[str, Any] = _parse_params(params)
-    if method in LENS_METHODS:
-        kw["lens"] = _lens(checkpoint, ref, warnings) if clean is None or method == "target-direction" else None
+    if method in LENS_METHODS and (clean is None or method == "target-direction"):
+        from .mitigations.lens import lens_context
+
+        kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings)
     result = cls(**kw).apply(suspect, ref, clean)
     assert result.projector is not None
     write_projector(checkpoint, result.projector, out, force=force)

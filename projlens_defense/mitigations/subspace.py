@@ -6,8 +6,10 @@ are removed (the rank) is chosen automatically:
 * **data-free** (weights only): through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
   the random-direction mean by ``lens_sigma`` standard deviations) and carries at least
-  ``min_energy`` of the update's energy is target-aligned (finding 2) and removed. (Both
-  thresholds were set on the zoo against benign fine-tunes; see benchmarks/mitigation_table.py.) Without the LLM read-out, the top ``fallback_rank`` components are removed.
+  ``min_energy`` of the update's energy is target-aligned (finding 2) and removed; with a scan
+  calibration (``calibration``), its token must also be novel (``min_novelty``) against the
+  benign fine-tunes' readings, so that directions toward the task's own answer words are kept.
+  (The thresholds were set on the zoo against benign fine-tunes; see benchmarks/mitigation_table.py.) Without the LLM read-out, the top ``fallback_rank`` components are removed.
 * **few-shot** (<= 64 clean samples, no trigger knowledge): a synthesized universal trigger
   (:mod:`~projlens_defense.mitigations.probe`) reveals whether the projector has a shortcut to a
   fixed target at all; if so, the components are ranked by how much their removal suppresses the
@@ -64,6 +66,27 @@ def lens_threshold(lens: Any, dim: int, n: int, sigma: float, seed: int = 0) -> 
     return mean + sigma * std, mean, std
 
 
+def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> list[float] | None:
+    """Per direction: how far its best-read token lies outside the benign fine-tunes' token scores (the
+    logit-lens detector's novelty, from a scan calibration); None without a matching calibration."""
+    if calibration is None:
+        return None
+    from projlens_defense.detectors.logit_lens import LogitLensDetector, lens_reading
+
+    state = getattr(calibration, "detector_states", {}).get("logit-lens")
+    if not state:
+        return None
+    det = LogitLensDetector().set_state(state)
+    rd = lens_reading(lens, directions, [f"d{i}" for i in range(directions.shape[1])])
+    out = []
+    for i in range(directions.shape[1]):
+        nov = det.novelty(torch.maximum(rd.z[:, 2 * i], rd.z[:, 2 * i + 1]))
+        if nov is None:
+            return None
+        out.append(float(nov.max()))
+    return out
+
+
 def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[str, Any]:
     li, i, s, _, _ = c
     return {"layer": proj.layer_name(li), "component": i, "sigma": round(s, 6),
@@ -78,13 +101,14 @@ class SubspaceMitigation(Mitigation):
     uses_clean = True
     summary = "remove the backdoor-critical low-rank subspace of dW (rank chosen automatically)"
 
-    def __init__(self, lens: Any = None, **params: Any) -> None:
+    def __init__(self, lens: Any = None, calibration: Any = None, **params: Any) -> None:
         super().__init__(**params)
         self.lens = lens
+        self.calibration = calibration
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"k": 8, "layers": "auto", "rank": "auto", "lens_sigma": 1.25, "min_energy": 0.05, "n_random": 256, "fallback_rank": 1,
+        return {"k": 8, "layers": "auto", "rank": "auto", "lens_sigma": 1.25, "min_energy": 0.05, "min_novelty": 2.5, "n_random": 256, "fallback_rank": 1,
                 "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "off_support": 0.05, "clean_tol": 0.03,
                 "verify": True, "seed": 0}
 
@@ -129,10 +153,13 @@ class SubspaceMitigation(Mitigation):
         thr, rmean, rstd = lens_threshold(self.lens, suspect.out_dim, p["n_random"], p["lens_sigma"], p["seed"])
         vocab = getattr(self.lens, "vocab", None)
         total = float(delta[suspect.num_layers - 1].pow(2).sum())
-        chosen = [c for c, z in zip(last, peaks.tolist(), strict=True)
-                  if z >= thr and c[2] ** 2 >= p["min_energy"] * total]
-        readings = [{"component": c[1], "peak_z": round(float(z), 3), "token": token_name(vocab, t)}
-                    for c, z, t in zip(last, peaks.tolist(), tokens, strict=True)]
+        novelty = component_novelty(self.lens, torch.stack([c[3] for c in last], dim=1), self.calibration)
+        chosen = [c for i, (c, z) in enumerate(zip(last, peaks.tolist(), strict=True))
+                  if z >= thr and c[2] ** 2 >= p["min_energy"] * total
+                  and (novelty is None or novelty[i] >= p["min_novelty"])]
+        readings = [{"component": c[1], "peak_z": round(float(z), 3), "token": token_name(vocab, t),
+                     **({"novelty": round(novelty[i], 3)} if novelty is not None else {})}
+                    for i, (c, z, t) in enumerate(zip(last, peaks.tolist(), tokens, strict=True))]
         return chosen, {"mode": "data-free", "selection": "logit lens", "lens_threshold": round(thr, 3),
                         "random_peak_mean": round(rmean, 3), "random_peak_std": round(rstd, 3),
                         "components": readings}

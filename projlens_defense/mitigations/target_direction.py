@@ -7,7 +7,8 @@ directions when a reference is known:
 * with clean samples: the gradient, w.r.t. the projector outputs, of the likelihood of the target
   answers that a synthesized trigger (:mod:`~projlens_defense.mitigations.probe`) revealed;
 * data-free: the logit lens; the direction that most raises the lens logit of the target tokens
-  (``target_text``, or else the single token the update's top directions read most sharply).
+  (``target_text``, or else the token that the sharpest significant top direction of the update
+  reads, gated as in ``subspace``'s data-free mode).
 
 The update's component along the direction is removed (``W2 -= t t^T dW2``, same for the bias);
 without a reference the whole output component is (``W2 = (I - t t^T) W2``).
@@ -29,7 +30,7 @@ from projlens_defense.mitigations.base import (
     svd,
 )
 from projlens_defense.mitigations.probe import best_probe, target_batch
-from projlens_defense.mitigations.subspace import lens_peaks, lens_threshold
+from projlens_defense.mitigations.subspace import component_novelty, lens_peaks, lens_threshold
 from projlens_defense.projector import Projector
 
 
@@ -92,13 +93,14 @@ class TargetDirectionMitigation(Mitigation):
     uses_clean = True
     summary = "project the target-aligned direction out of the projector's output space"
 
-    def __init__(self, lens: Any = None, **params: Any) -> None:
+    def __init__(self, lens: Any = None, calibration: Any = None, **params: Any) -> None:
         super().__init__(**params)
         self.lens = lens
+        self.calibration = calibration
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"target_text": None, "k": 8, "lens_sigma": 1.25, "n_random": 256, "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "seed": 0}
+        return {"target_text": None, "k": 8, "lens_sigma": 1.25, "min_novelty": 2.5, "n_random": 256, "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "seed": 0}
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
@@ -158,10 +160,15 @@ class TargetDirectionMitigation(Mitigation):
             p = self.params
             peaks, toks = lens_peaks(lens, basis)
             thr, _, _ = lens_threshold(lens, basis.shape[0], p["n_random"], p["lens_sigma"], p["seed"])
-            best = int(peaks.argmax())
+            novelty = component_novelty(lens, basis, self.calibration)
+            ok = [i for i in range(len(peaks)) if float(peaks[i]) >= thr
+                  and (novelty is None or novelty[i] >= p["min_novelty"])]
+            best = max(ok or range(len(peaks)), key=lambda i: float(peaks[i]))
             report = {"mode": "data-free", "source": "logit lens", "lens_threshold": round(thr, 3),
                       "best_peak_z": round(float(peaks[best]), 3), "best_token": token_name(vocab, toks[best])}
-            if float(peaks[best]) < thr:
+            if novelty is not None:
+                report["best_novelty"] = round(novelty[best], 3)
+            if not ok:
                 return None, report
             return lens_gradient(lens, [toks[best]]), {**report, "target_tokens": [token_name(vocab, toks[best])]}
         return lens_gradient(lens, tokens), {"mode": "data-free", "source": source,

@@ -1,0 +1,39 @@
+"""The logit-lens context data-free mitigations read: the detectors' ScanInput and a matching calibration."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from projlens_defense.errors import CheckpointError
+from projlens_defense.projector import Projector
+
+
+def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None,
+                 warnings: list[str] | None = None) -> tuple[Any, Any]:
+    """(ScanInput with the LLM read-out, scan calibration matching this model or None); (None, None) when
+    the checkpoint holds no LLM weights. Problems are appended to ``warnings``."""
+    from projlens_defense.detectors.base import ScanInput
+    from projlens_defense.detectors.calibration import default_calibration
+    from projlens_defense.detectors.loading import load_checkpoint
+
+    notes = warnings if warnings is not None else []
+    try:
+        ck = load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        notes.append(f"logit lens unavailable ({str(e).splitlines()[0]})")
+        return None, None
+    if not ck.has_readout:
+        notes.append("no LLM weights in the checkpoint: no logit lens")
+        return None, None
+    inp = ScanInput(projector=ck.projector, reference=reference, readout=ck.readout, ov_layers=ck.ov_layers,
+                    final_norm=ck.final_norm, vocab=ck.vocab, path=str(checkpoint), format=ck.info.format)
+    try:
+        cal = default_calibration()
+        if cal.matches(inp):
+            cal = None
+    except Exception:  # noqa: BLE001 - the calibration only sharpens the selection; never fail on it
+        cal = None
+    if cal is None:
+        notes.append("no scan calibration for this model: lens selection without benign token novelty")
+    return inp, cal
