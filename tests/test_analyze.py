@@ -7,7 +7,6 @@ on the micro zoo (one backdoored and one benign fine-tune) and check the report'
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -219,19 +218,15 @@ def test_guard_hook_flags_and_blocks(synth: dict) -> None:
 
 # ----------------------------------------------------------------------------- micro zoo, end to end
 @pytest.fixture(scope="session")
-def analyze_zoo(tmp_path_factory):
+def analyze_zoo(micro_zoo, tmp_path_factory):
+    """The micro zoo (conftest: built once per machine) with a BadNets backdoor and a short benign fine-tune."""
     from projlens_defense.attacks.finetune import AttackConfig, run_attack
-    from projlens_defense.zoo.build import ZooConfig, get_zoo
 
-    cached = os.environ.get("PROJLENS_CACHE")  # reuse a micro zoo an earlier fixture or CI already built
-    if not (cached and (Path(cached) / "zoo" / ZooConfig.micro().key() / "zoo.json").is_file()):
-        os.environ["PROJLENS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    zoo = get_zoo(ZooConfig.micro(), progress=False)
     out = tmp_path_factory.mktemp("analyze_ckpts")
     for name, cfg in {"backdoored": AttackConfig(variant="badnets", poison_rate=0.2, seed=0),
-                      "benign": AttackConfig(variant=None, seed=1, epochs=4)}.items():
-        run_attack(cfg, zoo.reference, zoo.train_data, None, out / name, progress=False)
-    return zoo, out
+                      "benign": AttackConfig(variant=None, seed=1, epochs=2)}.items():
+        run_attack(cfg, micro_zoo.reference, micro_zoo.train_data, None, out / name, progress=False)
+    return micro_zoo, out
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -246,7 +241,7 @@ def test_analyze_report_files_and_numbers(analyze_zoo, tmp_path: Path) -> None:
     out = tmp_path / "rep"
     code, text = _run(["analyze", str(ck / "backdoored"), "--reference", str(zoo.reference), "--out", str(out),
                        "--benign", str(ck / "benign"), "--data", str(zoo.test_data), "--probes", str(zoo.train_data),
-                       "--max-test", "60", "--k", "0,1,2,8", "--format", "json"])
+                       "--max-test", "50", "--k", "0,1,2,8", "--format", "json"])
     assert code == 0, text
     for f in ("report.md", "report.json", "spectra.png", "topk_curves.png", "shift_vs_norm.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
@@ -257,7 +252,7 @@ def test_analyze_report_files_and_numbers(analyze_zoo, tmp_path: Path) -> None:
     rep = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     assert rep["trigger"] == {"source": "attack.json", "variant": "badnets", "target": "buy cheap crypto now"}
-    assert rep["data"]["n_test"] == 60 and rep["data"]["subsampled"] and "subsampled" in md
+    assert rep["data"]["n_test"] == 50 and rep["data"]["subsampled"] and "subsampled" in md
     ft = rep["fine_tuned"]
     assert ft["asr"] >= 0.5 and rep["reference_metrics"]["asr"] <= 0.1
     plain = rep["curves"]["plain"]

@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, token_name
+from projlens_defense.detectors.base import (
+    Detector,
+    DetectorReport,
+    MissingInput,
+    ScanInput,
+    token_name,
+    top_singular,
+)
 from projlens_defense.detectors.input_level import EXTRA_PROBES, probe_features
 from projlens_defense.detectors.logit_lens import LensReading, available_readings, lens_reading
 from projlens_defense.projector import Projector
@@ -101,8 +108,7 @@ def benign_subspace(shifts: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
         return torch.zeros(dim, 0)
     rows = [s.reshape(-1, s.shape[-1]).float() for s in shifts]
     m = torch.cat([r / r.norm().clamp_min(1e-12) for r in rows])
-    _, _, vh = torch.linalg.svd(m, full_matrices=False)
-    return vh[: min(rank, vh.shape[0])].T.contiguous()
+    return top_singular(m, rank)[2].contiguous()
 
 
 @dataclass(eq=False)
@@ -180,16 +186,14 @@ def analyze_shift(suspect: Projector, reference: Projector, probes: torch.Tensor
     resid = float((flat_r**2).sum())
     mean = flat_r.mean(0)
     mnorm = float(mean.norm())
-    if mnorm > 0:
-        direction = mean / mnorm
-    else:  # no shared component at all: fall back to the top singular direction
-        direction = torch.linalg.svd(flat_r, full_matrices=False)[2][0]
-    _, sv, vh = torch.linalg.svd(flat_r, full_matrices=False)
-    dirs = vh[:k].T.clone()
+    _, sv, v = top_singular(flat_r, k)  # randomized for LLaVA-scale token matrices
+    dirs = v.clone()
     for j in range(dirs.shape[1]):
         if float((flat_r @ dirs[:, j]).mean()) < 0:
             dirs[:, j] = -dirs[:, j]
-    energy = (sv**2 / (sv**2).sum().clamp_min(1e-30))[:k].tolist()
+    # the shared direction; with no shared component at all, the top singular direction
+    direction = mean / mnorm if mnorm > 0 else dirs[:, 0]
+    energy = (sv**2 / max(resid, 1e-30)).tolist()
     proj = s @ direction
     rms = math.sqrt(resid / max(1, flat_r.shape[0]))
     return ShiftAnalysis(

@@ -246,6 +246,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         L.append(f"- test set: {d['n_test']} of {d['n_test_total']} samples from `{d['test_data']}`"
                  + (f" (**subsampled** to {d['n_test']} to stay under 2 minutes)" if d["n_test"] < d["n_test_total"] else "")
                  + f"; {d['n_triggered']} triggered")
+    L.extend(f"- note: {n}" for n in rep.get("notes", []))
     L.append(f"- wall time: {rep['wall_time_s']:.1f} s\n")
     fm = rep.get("fine_tuned")
     if fm:
@@ -426,9 +427,15 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
         rep["criteria"][dname] = _first_k(c, ft.asr, ft.clean_accuracy)
 
     # 2. activation analysis
+    lens_src = ck
+    if ck.readout is None:  # a bare projector file: read the lens through the reference's LLM
+        lens_src = load_checkpoint(reference)
+        rep["notes"] = ["no LLM weights in the checkpoint: the logit lens reads the reference's LLM"]
+
     def scan_input(p: Projector) -> ScanInput:
-        return ScanInput(projector=p, reference=ref, readout=ck.readout, ov_layers=ck.ov_layers,
-                         final_norm=ck.final_norm, vocab=ck.vocab, path=str(checkpoint), extras={EXTRA_PROBES: probes})
+        return ScanInput(projector=p, reference=ref, readout=lens_src.readout, ov_layers=lens_src.ov_layers,
+                         final_norm=lens_src.final_norm, vocab=ck.vocab or lens_src.vocab, path=str(checkpoint),
+                         extras={EXTRA_PROBES: probes})
 
     det = ActivationDetector(benign_rank=opt.benign_rank, excite=opt.excite)
     binps = [scan_input(b) for b in bproj.values()]
