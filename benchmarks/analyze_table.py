@@ -13,6 +13,11 @@ Sections (each cached as JSON under --out; --force recomputes):
 * ``input``: input-level AUROC triggered vs clean per variant: input-shift (with and without the
   reference) beside STRIP, Spectral Signatures and Activation Clustering.
 
+Checkpoints (globs, see --backdoored / --benign): the backdoored cells and benign controls of
+``benchmarks/attack_table.py --out /tmp/pl_ckpts --rates 0.1 0.01`` plus benign controls with
+varied recipes, e.g. ``projlens-defense attack --variant none --seed 2 --lr 2.5e-3 --epochs 20
+--out /tmp/pl_benign_extra/benign-s2-lr0.0025-ep20`` (seeds 2-7, lr 2.5e-3 / 5e-3 / 1e-2, 10-30 epochs).
+
     OMP_NUM_THREADS=1 python benchmarks/analyze_table.py --out /tmp/analyze_table
 """
 

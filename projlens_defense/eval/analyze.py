@@ -297,6 +297,9 @@ def _markdown(rep: dict[str, Any]) -> str:
              f"{sh['residual_energy']:.3f}. Dominant direction: **{act['direction']}**"
              + (f" (trigger-free excitation: bounded feature perturbation, gain {act['excitation']['gain']:.2f})"
                 if act.get("excitation") else " (mean shift of the clean probes)") + ".\n")
+    if not sh["benign_subspace_rank"]:
+        L.append("No benign fine-tune given (--benign): the dominant direction still contains the downstream-task "
+                 "adaptation every fine-tune of this task makes, so the lens below mostly names task answer words.\n")
     L.append(f"![shift vs norm]({FIGURES['shift']})\n")
     L.append("| regression of shift on input norm | slope | intercept | R² | n |")
     L.append("|---|---|---|---|---|")
@@ -317,12 +320,12 @@ def _markdown(rep: dict[str, Any]) -> str:
     L.append("\n### Logit lens of the dominant direction\n")
     lens = act.get("top_tokens") or []
     if lens:
-        has_rel, has_nov = "relative" in lens[0], "novelty" in lens[0]
-        L.append("| rank | token | z | " + ("z - benign mean |" if has_rel else "") + ("novelty vs benign |" if has_nov else ""))
-        L.append("|---|---|---|" + ("---|" if has_rel else "") + ("---|" if has_nov else ""))
+        cols = [c for c in ("relative", "novelty") if c in lens[0]]
+        names = {"relative": "z - benign mean", "novelty": "novelty vs benign"}
+        L.append("| rank | token | z |" + "".join(f" {names[c]} |" for c in cols))
+        L.append("|---|---|---|" + "---|" * len(cols))
         for i, t in enumerate(lens):
-            L.append(f"| {i + 1} | `{t['token']}` | {t['z']:.2f} | " + (f"{t['relative']:.2f} |" if has_rel else "")
-                     + (f"{t['novelty']:.2f} |" if has_nov else ""))
+            L.append(f"| {i + 1} | `{t['token']}` | {t['z']:.2f} |" + "".join(f" {t[c]:.2f} |" for c in cols))
         L.append(f"\nRanked by {act.get('ranking') or 'z'}; lens reading: {act.get('reading')} "
                  "(attention = the first LLM layers' value-output maps read by lm_head).")
         if trig["target"]:
