@@ -316,7 +316,10 @@ def _markdown(rep: dict[str, Any]) -> str:
                  f"{nm['triggered_proj_mean']:.3f}. "
                  + ("Triggered inputs sit at **larger** norms, as the paper describes."
                     if nm["triggered_token_mean"] > nm["clean_token_mean"] and nm["auroc_mean_norm"] > 0.6 else
-                    "Triggered inputs do **not** sit clearly at larger norms here (the paper reports they do)."))
+                    "Triggered inputs do **not** sit clearly at larger norms here (the paper reports they do).")
+                 + (" But the shift does not grow linearly with the norm (per-image R² "
+                    f"{sh['per_image']['r2']:.2f} on clean probes): the trigger acts through the direction of its "
+                    "features, not their size." if sh["per_image"]["r2"] < 0.3 else ""))
     L.append("\n### Logit lens of the dominant direction\n")
     lens = act.get("top_tokens") or []
     if lens:
