@@ -123,9 +123,11 @@ class TargetDirectionMitigation(Mitigation):
             direction = basis @ (basis.T @ direction)
         direction = direction / direction.norm().clamp_min(1e-12)
         new = project_out(suspect, direction[:, None], reference)
-        report.update({"rank": 1, "restricted_to_update_top_k": basis is not None,
-                       "direction_norm_of_update": round(float((direction @ suspect.delta(reference)[-1]).norm()), 6)
-                       if reference is not None else None})
+        report.update({"rank": 1, "restricted_to_update_top_k": basis is not None})
+        if reference is not None:
+            upd = suspect.delta(reference)[-1]
+            share = float((direction @ upd).pow(2).sum()) / float(upd.pow(2).sum().clamp_min(1e-12))
+            report["energy_removed"] = {suspect.layer_name(suspect.num_layers - 1): round(share, 6)}
         return self.result(suspect, new, reference, report)
 
     def _from_probe(self, suspect: Projector, clean: CleanData) -> tuple[torch.Tensor | None, dict[str, Any]]:
