@@ -46,6 +46,9 @@ def main() -> None:
 
     Everything runs on CPU; the default model is a tiny real LLaVA (the zoo) built locally on first use.
     """
+    from .runtime import quiet_transformers
+
+    quiet_transformers()  # before any command imports transformers classes (their advisories drown our output)
 
 
 def emit(obj: dict | list, fmt: str, text: str, output: Path | None = None) -> None:
