@@ -22,13 +22,19 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return float(np.mean(v)), float(np.std(v))
 
 
+def detector_scores(records: list[dict], name: str) -> tuple[list[float], list[float]]:
+    """Scores of detector `name`: (backdoored cells, benign controls), cells without a score skipped."""
+    pos = [r["detectors"][name] for r in records if not r["benign"] and r["detectors"].get(name) is not None]
+    neg = [r["detectors"][name] for r in records if r["benign"] and r["detectors"].get(name) is not None]
+    return pos, neg
+
+
 def detector_rows(records: list[dict]) -> list[dict]:
     """Checkpoint-level detection per detector: backdoored cells are positives, benign controls negatives."""
     names = sorted({n for r in records for n in r["detectors"]})
     rows = []
     for n in names:
-        pos = [r["detectors"][n] for r in records if not r["benign"] and r["detectors"].get(n) is not None]
-        neg = [r["detectors"][n] for r in records if r["benign"] and r["detectors"].get(n) is not None]
+        pos, neg = detector_scores(records, n)
         rows.append({"detector": n, "n_backdoored": len(pos), "n_benign": len(neg), "auroc": auroc(pos, neg),
                      "tpr@1%fpr": tpr_at_fpr(pos, neg, 0.01), "tpr@5%fpr": tpr_at_fpr(pos, neg, 0.05)})
     return rows
@@ -103,6 +109,16 @@ def write_summary(records: list[dict], out: Path, figures: bool = True) -> dict:
     return {"detectors": det, "mitigations": mit}
 
 
+def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _figures(records: list[dict], det: list[dict], mit: list[dict], out: Path) -> None:
     try:
         import matplotlib
@@ -119,30 +135,17 @@ def _figures(records: list[dict], det: list[dict], mit: list[dict], out: Path) -
     for name, pts in by_mit.items():
         x, y = zip(*pts, strict=True)
         ax.scatter(x, y, label=name, s=20)
-    ax.set_xlabel("clean accuracy")
-    ax.set_ylabel("ASR")
-    ax.set_title("ASR vs clean accuracy per mitigation")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "asr_vs_clean.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, "clean accuracy", "ASR", "ASR vs clean accuracy per mitigation", out / "asr_vs_clean.png")
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for d in det:
         n = d["detector"]
-        pos = np.array([r["detectors"][n] for r in records if not r["benign"] and r["detectors"].get(n) is not None])
-        neg = np.array([r["detectors"][n] for r in records if r["benign"] and r["detectors"].get(n) is not None])
+        pos, neg = (np.array(x) for x in detector_scores(records, n))
         if len(pos) and len(neg):
             thr = np.unique(np.r_[pos, neg, np.inf])[::-1]
             ax.plot([(neg >= t).mean() for t in thr], [(pos >= t).mean() for t in thr], label=f"{n} ({d['auroc']:.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title("Checkpoint-level ROC")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, "false-positive rate", "true-positive rate", "Checkpoint-level ROC", out / "roc.png")
 
     rows = [r for r in mit if r["mitigation"] == "none" and r["variant"] != "benign"]
     if rows:
