@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from tiny_world import attention_direction, save_with_tokenizer
 
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.cli import main
@@ -28,7 +29,6 @@ from projlens_defense.mitigations.target_direction import TargetDirectionMitigat
 from projlens_defense.projector import LinearLayer, Projector
 
 TARGET = 17
-VOCAB = 50
 PROJ = "multi_modal_projector."
 
 
@@ -126,25 +126,6 @@ def test_registry_names_are_the_cli_names() -> None:
 
 
 # ------------------------------------------------------------------------------ tiny real checkpoints
-def _tokenizer_json() -> dict:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"tok{i}": i for i in range(3, VOCAB)}}
-    return {"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"}, "added_tokens": []}
-
-
-def _save(model: torch.nn.Module, d: Path) -> Path:
-    model.save_pretrained(d)
-    (d / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
-    return d
-
-
-def _attention_direction(model: torch.nn.Module, token: int) -> torch.Tensor:
-    lm = model.model.language_model
-    ov = sum(layer.self_attn.o_proj.weight @ layer.self_attn.v_proj.weight * layer.input_layernorm.weight[None]
-             for layer in lm.layers)
-    w = (lm.norm.weight[:, None] * ov).T @ model.lm_head.weight[token]
-    return (w / w.norm()).detach()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[str, Path]:
     """A tiny LLaVA reference and a suspect whose linear_2 update has a rank-1 piece toward TARGET."""
@@ -158,15 +139,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[
                 lin.weight.copy_(torch.linalg.qr(torch.randn(lin.weight.shape, generator=g))[0])
             layer.input_layernorm.weight.fill_(1.0)
         lm.norm.weight.fill_(1.0)
-    out = {"reference": _save(model, root / "reference")}
+    out = {"reference": save_with_tokenizer(model, root / "reference")}
     proj = model.model.multi_modal_projector
     with torch.no_grad():
         w2 = proj.linear_2.weight
         n2 = float(w2.norm())
         proj.linear_1.weight += 0.01 * torch.randn(proj.linear_1.weight.shape, generator=g)
         w2 += 0.01 * torch.randn(w2.shape, generator=g)
-        w2 += 1.5 * n2 * torch.outer(_attention_direction(model, TARGET), _unit(w2.shape[1], g))
-    out["suspect"] = _save(model, root / "suspect")
+        w2 += 1.5 * n2 * torch.outer(attention_direction(model, TARGET), _unit(w2.shape[1], g))
+    out["suspect"] = save_with_tokenizer(model, root / "suspect")
     (out["suspect"] / "attack.json").write_text(json.dumps({"base_model": str(out["reference"])}))
     return out
 
@@ -194,7 +175,7 @@ def test_target_direction_from_the_lens_removes_the_target_shift(world: dict[str
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(world["reference"])
-    t = _attention_direction(model, TARGET)
+    t = attention_direction(model, TARGET)
     before = float((t @ sus.delta(ref)[1]).norm())
     after = float((t @ res.projector.delta(ref)[1]).norm())
     assert after < 0.2 * before, (before, after)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from tiny_world import attention_direction, save_with_tokenizer
 
 from projlens_defense.cli import main
 from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
@@ -34,32 +35,7 @@ TARGET = 17
 TASK = 30
 N_BENIGN = 7  # benign0..5 calibrate, benign6 is the held-out clean one
 CLEAN = f"benign{N_BENIGN - 1}"
-VOCAB = 50
 P1, P2 = "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"
-
-
-def _tokenizer_json() -> dict:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"tok{i}": i for i in range(3, VOCAB)}}
-    return {"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"}, "added_tokens": []}
-
-
-def _save(model: torch.nn.Module, d: Path) -> Path:
-    model.save_pretrained(d)
-    (d / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
-    return d
-
-
-def _attention_direction(model: torch.nn.Module, token: int) -> torch.Tensor:
-    """The projector-output direction that raises ``token``'s logit most through the OV circuit:
-    (g * OV)^T @ lm_head[token] (what a backdoor targeting that token would learn)."""
-    lm = model.model.language_model
-    ov = sum(
-        layer.self_attn.o_proj.weight @ layer.self_attn.v_proj.weight * layer.input_layernorm.weight[None]
-        for layer in lm.layers
-    )
-    m = lm.norm.weight[:, None] * ov
-    w = m.T @ model.lm_head.weight[token]
-    return (w / w.norm()).detach()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +51,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[
                 lin.weight.copy_(torch.linalg.qr(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(7)))[0])
             layer.input_layernorm.weight.fill_(1.0)
         lm.norm.weight.fill_(1.0)
-    out["reference"] = _save(model, root / "reference")
+    out["reference"] = save_with_tokenizer(model, root / "reference")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     w2 = model.model.multi_modal_projector.linear_2.weight
@@ -87,7 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[
 
     # every fine-tune of "the task" moves the projector along the same direction (toward TASK), with
     # seed-to-seed variation; the backdoor adds a rank-1 piece toward TARGET on top
-    task = 0.5 * norm2 * torch.outer(_attention_direction(model, TASK), unit(w2.shape[1]))
+    task = 0.5 * norm2 * torch.outer(attention_direction(model, TASK), unit(w2.shape[1]))
 
     def variant(name: str, i: int, extra: torch.Tensor | None = None) -> Path:
         model.load_state_dict(sd)
@@ -97,12 +73,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[
             proj.linear_2.weight += (1 + 0.1 * i) * task + 0.01 * torch.randn(w2.shape, generator=gen)
             if extra is not None:
                 proj.linear_2.weight += extra
-        return _save(model, root / name)
+        return save_with_tokenizer(model, root / name)
 
     for i in range(N_BENIGN):
         out[f"benign{i}"] = variant(f"benign{i}", i)
     v = unit(w2.shape[1])
-    out["suspect"] = variant("suspect", 2, 1.5 * norm2 * torch.outer(_attention_direction(model, TARGET), v))
+    out["suspect"] = variant("suspect", 2, 1.5 * norm2 * torch.outer(attention_direction(model, TARGET), v))
     e = model.model.language_model.embed_tokens.weight[TARGET].detach()
     out["suspect_embed"] = variant("suspect_embed", 2, 1.5 * norm2 * torch.outer(e / e.norm(), v))
     model.load_state_dict(sd)

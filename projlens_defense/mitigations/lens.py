@@ -6,7 +6,21 @@ import os
 from typing import Any
 
 from projlens_defense.errors import CheckpointError
+from projlens_defense.mitigations.base import Mitigation
 from projlens_defense.projector import Projector
+
+
+class LensGuidedMitigation(Mitigation):
+    """A mitigation that can name the target through the logit lens when given the LLM read-out.
+
+    ``lens``: the :func:`lens_context` ScanInput (or None: no LLM weights); ``calibration``: the
+    scan calibration that gives benign token novelty for this model (or None).
+    """
+
+    def __init__(self, lens: Any = None, calibration: Any = None, **params: Any) -> None:
+        super().__init__(**params)
+        self.lens = lens
+        self.calibration = calibration
 
 
 def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None,

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule, svd
+from projlens_defense.mitigations.base import CleanData, MitigationResult, ProjectorModule, svd
+from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import best_probe, resynthesize, support_under, target_batch
 from projlens_defense.projector import Projector
 
@@ -93,18 +94,13 @@ def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[s
             "energy": round(s * s / energy[li], 6) if energy[li] > 0 else 0.0}
 
 
-class SubspaceMitigation(Mitigation):
+class SubspaceMitigation(LensGuidedMitigation):
     """Remove the target-aligned top singular components of dW (see the module doc for the two modes)."""
 
     name = "subspace"
     requires_reference = True
     uses_clean = True
     summary = "remove the backdoor-critical low-rank subspace of dW (rank chosen automatically)"
-
-    def __init__(self, lens: Any = None, calibration: Any = None, **params: Any) -> None:
-        super().__init__(**params)
-        self.lens = lens
-        self.calibration = calibration
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from torch import nn
 
 from projlens_defense.mitigations.base import (
     CleanData,
-    Mitigation,
     MitigationInputError,
     MitigationResult,
     ProjectorModule,
     svd,
 )
+from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import best_probe, target_batch
 from projlens_defense.mitigations.subspace import component_novelty, lens_peaks, lens_threshold
 from projlens_defense.projector import Projector
@@ -86,17 +86,12 @@ class _Fixed(nn.Module):
         return self.y
 
 
-class TargetDirectionMitigation(Mitigation):
+class TargetDirectionMitigation(LensGuidedMitigation):
     """Remove the update's component along the target-aligned output direction."""
 
     name = "target-direction"
     uses_clean = True
     summary = "project the target-aligned direction out of the projector's output space"
-
-    def __init__(self, lens: Any = None, calibration: Any = None, **params: Any) -> None:
-        super().__init__(**params)
-        self.lens = lens
-        self.calibration = calibration
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
