@@ -63,7 +63,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[
 
     # every fine-tune of "the task" moves the projector along the same direction (toward TASK), with
     # seed-to-seed variation; the backdoor adds a rank-1 piece toward TARGET on top
-    task = 0.5 * norm2 * torch.outer(attention_direction(model, TASK), unit(w2.shape[1]))
+    task_in = unit(w2.shape[1])
+    task = 0.5 * norm2 * torch.outer(attention_direction(model, TASK), task_in)
 
     def variant(name: str, i: int, extra: torch.Tensor | None = None) -> Path:
         model.load_state_dict(sd)
@@ -79,6 +80,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llava_factory) -> dict[
         out[f"benign{i}"] = variant(f"benign{i}", i)
     v = unit(w2.shape[1])
     out["suspect"] = variant("suspect", 2, 1.5 * norm2 * torch.outer(attention_direction(model, TARGET), v))
+    # a backdoor riding on the task's own input direction: its update is rank-1 and points mostly at TASK
+    out["suspect_task"] = variant("suspect_task", 2, 0.3 * norm2 * torch.outer(attention_direction(model, TARGET), task_in))
     e = model.model.language_model.embed_tokens.weight[TARGET].detach()
     out["suspect_embed"] = variant("suspect_embed", 2, 1.5 * norm2 * torch.outer(e / e.norm(), v))
     model.load_state_dict(sd)
@@ -412,3 +415,21 @@ def test_identical_to_reference_is_clean(world: dict[str, Path], calibration_fil
     assert code == 0
     res = json.loads(out)["runs"][0]["results"][0]
     assert res["level"] == "none" and "identical" in res["message"]["text"]
+
+
+def test_task_removed_lens_names_a_target_hidden_under_the_task(world: dict[str, Path]) -> None:
+    """The plain reading of a backdoor that shares the task's update direction names the task's
+    token; removing the benign fine-tunes' shared subspace names the target (the refusal case)."""
+    det = LogitLensDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
+    assert det.task_basis is not None and det.task_basis.shape[1] == det.task_rank == 4
+    inp = _input(world, "suspect_task")
+    assert int(det.reading(inp, None)[0].token_scores().argmax()) == TASK
+    rep = det.score(inp)
+    assert rep.suspected_tokens[0] == f"tok{TARGET}"
+    assert rep.evidence["task_rank_removed"] == 4 and rep.signals["lens.task_novelty"] > 3
+    # the fitted state (basis included) survives the calibration file's JSON round trip
+    again = LogitLensDetector().set_state(json.loads(json.dumps(det.get_state())))
+    assert again.score(_input(world, "suspect_task")).suspected_tokens[0] == f"tok{TARGET}"
+    # without a task subspace the ranking falls back to the plain reading's scores
+    assert LogitLensDetector(task_rank=0).fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)]).score(
+        inp).suspected_tokens[0] == f"tok{TASK}"

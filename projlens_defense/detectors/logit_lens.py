@@ -29,12 +29,14 @@ from typing import Any
 import torch
 
 from projlens_defense.detectors.base import (
+    SVD_RANK,
     Detector,
     DetectorReport,
     MissingInput,
     ScanInput,
     matmul32,
     token_name,
+    top_singular,
 )
 from projlens_defense.errors import CheckpointError
 
@@ -189,7 +191,13 @@ class LogitLensDetector(Detector):
     Signals: ``lens.peak`` (the best token's z-score: how concentrated the reading is) and, once
     fitted on benign fine-tunes, ``lens.novelty`` (the largest per-token deviation from the benign
     token scores, in benign standard deviations) and ``lens.influence`` (the same for each token's
-    singular-value-weighted share of the reading). Suspected tokens are ranked by score.
+    singular-value-weighted share of the reading).
+
+    Fitting also learns the **task subspace**: the top ``task_rank`` output directions that benign
+    fine-tunes of this model share (the downstream task's adaptation). A backdoor hides among
+    them when its target is also a task answer (a refusal); projecting them out of the suspect's
+    update before taking its top directions leaves what benign fine-tunes do not do. Once fitted,
+    the signals and the suspected tokens (ranked by novelty) come from that task-removed reading.
     """
 
     name = "logit-lens"
@@ -197,21 +205,38 @@ class LogitLensDetector(Detector):
     requires_readout = True
     prefix = "lens"
 
+    matrix: str = "delta"
+    """The last-layer matrix whose top singular directions are read: ``delta`` (dW) or ``weight`` (W)."""
+
     def __init__(self, k: int = 3, n_tokens: int = 10, readings: Sequence[str] | None = None,
-                 std_floor: float = 0.5) -> None:
+                 std_floor: float = 0.5, task_rank: int = 4) -> None:
         self.k = k
         self.n_tokens = n_tokens
         self.readings = list(readings) if readings else None
         self.std_floor = std_floor
+        self.task_rank = task_rank
         self.baseline: dict[str, Any] | None = None
-        self._memo: weakref.WeakKeyDictionary[ScanInput, tuple[LensReading, dict[str, Any]]] = (
+        self.task_basis: torch.Tensor | None = None
+        self._fits = 0  # bumped whenever the task basis changes (memo key)
+        self._memo: weakref.WeakKeyDictionary[ScanInput, dict[Any, tuple[LensReading, dict[str, Any]]]] = (
             weakref.WeakKeyDictionary()
         )
 
     # ---------------------------------------------------------------- directions
-    def directions(self, inp: ScanInput) -> tuple[torch.Tensor, list[str], torch.Tensor, dict[str, Any]]:
+    def top_directions(self, inp: ScanInput, basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` left singular vectors and values of the last layer's :attr:`matrix`, with the
+        column space of ``basis`` [hidden, r] (orthonormal) projected out first when given."""
+        if basis is None:
+            u, s, _ = inp.svd(self.matrix, -1, self.k)
+            return u, s
+        m = (inp.deltas()[-1] if self.matrix == "delta" else inp.projector.layers[-1].weight).float()
+        u, s, _ = top_singular(m - basis @ (basis.T @ m), self.k)
+        return u, s
+
+    def directions(self, inp: ScanInput, basis: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, list[str], torch.Tensor, dict[str, Any]]:
         """The directions to read [hidden, n], their names, weights of the leading ones, and evidence."""
-        u, s, _ = inp.svd("delta", -1, self.k)
+        u, s = self.top_directions(inp, basis)
         scale = float(torch.linalg.vector_norm(inp.projector.layers[-1].weight))
         if float(s[0]) <= 1e-6 * max(scale, 1e-12):
             raise MissingInput("the last projector layer equals the reference's: no update for the lens to read")
@@ -219,19 +244,47 @@ class LogitLensDetector(Detector):
         u, s = u[:, :keep], s[:keep]
         return u, [f"u{i + 1}" for i in range(u.shape[1])], s, {"sigma": [round(float(x), 6) for x in s]}
 
-    def reading(self, inp: ScanInput) -> tuple[LensReading, dict[str, Any]]:
-        """The lens reading of ``inp`` (memoised per input object)."""
-        hit = self._memo.get(inp)
+    def _basis_for(self, inp: ScanInput) -> torch.Tensor | None:
+        b = self.task_basis
+        return b if b is not None and b.shape[0] == inp.projector.out_dim else None
+
+    def reading(self, inp: ScanInput, basis: torch.Tensor | None | str = "fitted") -> tuple[LensReading, dict[str, Any]]:
+        """The lens reading of ``inp``: with the fitted task subspace removed (default, when fitted
+        for this width), or with ``basis`` removed (None: the plain reading). Memoised per input."""
+        b = self._basis_for(inp) if isinstance(basis, str) else basis
+        key = None if b is None else ("fitted", self._fits) if isinstance(basis, str) else "once"
+        memo = self._memo.setdefault(inp, {})
+        hit = memo.get(key)
         if hit is None:
-            d, names, w, ev = self.directions(inp)
+            d, names, w, ev = self.directions(inp, b)
+            if b is not None:
+                ev = {**ev, "task_rank_removed": int(b.shape[1])}
             hit = (lens_reading(inp, d, names, self.readings, w), ev)
-            self._memo[inp] = hit
+            if key != "once":  # an explicit basis is read once, never memoised
+                memo[key] = hit
         return hit
+
+    def task_subspace(self, benign: Sequence[ScanInput]) -> torch.Tensor | None:
+        """The top ``task_rank`` output directions of the benign fine-tunes' last-layer matrices
+        (from each one's top singular triplets, so a 4096-wide model needs no stacked matrix)."""
+        if self.task_rank <= 0 or not benign:
+            return None
+        cols = []
+        for b in benign:
+            u, s, _ = b.svd(self.matrix, -1, max(SVD_RANK, self.task_rank))
+            cols.append(u * s[None])
+        u, _, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
+        return u[:, : self.task_rank].contiguous()
 
     # ---------------------------------------------------------------- fit / state
     def fit(self, benign: Sequence[ScanInput]) -> LogitLensDetector:
-        """Learn each token's benign score distribution (mean, std) from benign fine-tunes."""
-        readings = [self.reading(b)[0] for b in benign if self.can_score(b)]
+        """Learn each token's benign score distribution (mean, std) from benign fine-tunes, for the
+        plain reading (``score``/``influence``) and, with ``task_rank`` > 0, the task subspace and
+        the task-removed reading's distribution (``task_score``/``task_influence``; each benign
+        fine-tune read with the subspace of the others, so its reading is out of sample)."""
+        usable = [b for b in benign if self.can_score(b)]
+        self.task_basis = None
+        readings = [self.reading(b, None)[0] for b in usable]
         if len(readings) < 2 or len({r.z.shape[0] for r in readings}) != 1:
             self.baseline = None
             return self
@@ -245,18 +298,35 @@ class LogitLensDetector(Detector):
                          "score": stats([r.token_scores() for r in readings])}
         if all(r.influence is not None for r in readings):
             self.baseline["influence"] = stats([r.influence for r in readings])  # type: ignore[misc]
+        if self.task_rank > 0 and len(usable) >= 3:
+            loo = [self.reading(b, self.task_subspace(usable[:i] + usable[i + 1 :]))[0] for i, b in enumerate(usable)]
+            self.baseline["task_score"] = stats([r.token_scores() for r in loo])
+            if all(r.influence is not None for r in loo):
+                self.baseline["task_influence"] = stats([r.influence for r in loo])  # type: ignore[misc]
+            self.task_basis = self.task_subspace(usable)
+        self._fits += 1
         return self
 
     def get_state(self) -> dict[str, Any]:
         """The fitted state, JSON-serialisable (stored in a calibration file)."""
-        return {"k": self.k, "readings": self.readings, "std_floor": self.std_floor, "baseline": self.baseline}
+        basis = None if self.task_basis is None else [[round(v, 6) for v in row] for row in self.task_basis.tolist()]
+        return {"k": self.k, "readings": self.readings, "std_floor": self.std_floor, "baseline": self.baseline,
+                "task_rank": self.task_rank, "task_basis": basis}
 
     def set_state(self, state: dict[str, Any]) -> LogitLensDetector:
-        """Restore :meth:`get_state` output."""
+        """Restore :meth:`get_state` output (a state without a task basis reads the plain lens)."""
         self.k = int(state.get("k", self.k))
         self.readings = state.get("readings", self.readings)
         self.std_floor = float(state.get("std_floor", self.std_floor))
         self.baseline = state.get("baseline")
+        self.task_rank = int(state.get("task_rank") or 0)
+        basis = state.get("task_basis")
+        self.task_basis = None
+        if basis:
+            b = torch.tensor(basis, dtype=torch.float32)
+            if b.ndim == 2 and bool(torch.isfinite(b).all()):
+                self.task_basis, _ = torch.linalg.qr(b)  # re-orthonormalise after JSON rounding
+        self._fits += 1
         return self
 
     def novelty(self, scores: torch.Tensor | None, kind: str = "score") -> torch.Tensor | None:
@@ -266,7 +336,7 @@ class LogitLensDetector(Detector):
             return None
         mu = torch.tensor(b[kind]["mean"], dtype=torch.float32)
         sd = torch.tensor(b[kind]["std"], dtype=torch.float32)
-        floor = self.std_floor if kind == "score" else self.std_floor * float(sd.median())
+        floor = self.std_floor if kind.endswith("score") else self.std_floor * float(sd.median())
         sd = sd.clamp_min(max(floor, 1e-6))
         return ((scores - mu) / sd).masked_fill(torch.isinf(scores), float("-inf"))
 
@@ -274,21 +344,34 @@ class LogitLensDetector(Detector):
     def score(self, inp: ScanInput) -> DetectorReport:
         if not self.can_score(inp):
             raise MissingInput(f"{self.name}: input lacks a reference or the LLM read-out")
-        reading, ev = self.reading(inp)
-        scores = reading.token_scores()
-        best_col = reading.best_column()
-        nov = self.novelty(scores)
-        infl = self.novelty(reading.influence, "influence")
         p = self.prefix
+        plain, ev = self.reading(inp, None)
+        scores = plain.token_scores()
+        nov = self.novelty(scores)
+        infl = self.novelty(plain.influence, "influence")
         signals = {f"{p}.peak": float(scores.max())}
         if nov is not None:
             signals[f"{p}.novelty"] = float(nov.max())
         if infl is not None:
             signals[f"{p}.influence"] = float(infl.max())
-        order = torch.topk(scores, min(self.n_tokens, int(reading.mask.sum()))).indices.tolist()
+        # suspected tokens: from the task-removed reading, ranked by how far each token lies outside
+        # the benign fine-tunes' readings, once fitted; from the plain reading by score before
+        reading, rank = plain, scores
+        if self._basis_for(inp) is not None:
+            task, ev = self.reading(inp)
+            t_nov = self.novelty(task.token_scores(), "task_score")
+            t_infl = self.novelty(task.influence, "task_influence")
+            if t_nov is not None:
+                signals[f"{p}.task_novelty"] = float(t_nov.max())
+                reading, nov, infl = task, t_nov, t_infl
+                rank = t_nov if t_infl is None else torch.maximum(t_nov, t_infl)
+            if t_infl is not None:
+                signals[f"{p}.task_influence"] = float(t_infl.max())
+        z, best_col = reading.token_scores(), reading.best_column()
+        order = torch.topk(rank, min(self.n_tokens, int(reading.mask.sum()))).indices.tolist()
         top = []
         for t in order:
-            item = {"token": token_name(inp.vocab, t), "id": t, "z": round(float(scores[t]), 3),
+            item = {"token": token_name(inp.vocab, t), "id": t, "z": round(float(z[t]), 3),
                     "via": reading.labels[int(best_col[t])]}
             if nov is not None:
                 item["novelty"] = round(float(nov[t]), 3)

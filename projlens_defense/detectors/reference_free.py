@@ -31,14 +31,17 @@ class ReferenceFreeDetector(LogitLensDetector):
     requires_readout = True
     prefix = "rf"
 
-    def __init__(self, k: int = 8, n_tokens: int = 10, readings: list[str] | None = None,
-                 std_floor: float = 0.5) -> None:
-        super().__init__(k=k, n_tokens=n_tokens, readings=readings, std_floor=std_floor)
+    matrix = "weight"
 
-    def directions(self, inp: ScanInput) -> tuple[torch.Tensor, list[str], torch.Tensor, dict[str, Any]]:
+    def __init__(self, k: int = 8, n_tokens: int = 10, readings: list[str] | None = None,
+                 std_floor: float = 0.5, task_rank: int = 4) -> None:
+        super().__init__(k=k, n_tokens=n_tokens, readings=readings, std_floor=std_floor, task_rank=task_rank)
+
+    def directions(self, inp: ScanInput, basis: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, list[str], torch.Tensor, dict[str, Any]]:
         p = inp.projector
         last = p.layers[-1]
-        u, s, _ = inp.svd("weight", -1, self.k)
+        u, s = self.top_directions(inp, basis)
         cols, names = [u], [f"w{i + 1}" for i in range(u.shape[1])]
         if last.bias is not None and float(last.bias.norm()) > 0:
             cols.append(last.bias.float()[:, None])
@@ -54,4 +57,7 @@ class ReferenceFreeDetector(LogitLensDetector):
         fro2 = float(torch.linalg.vector_norm(last.weight)) ** 2
         st = spectrum_stats(s, fro2)
         ev = {"sigma": [round(float(x), 6) for x in s], "weight_spectrum": st}
-        return torch.cat(cols, dim=1), names, s, ev
+        d = torch.cat(cols, dim=1)
+        if basis is not None:  # the bias and rest output lose their task part too
+            d = torch.cat([d[:, : u.shape[1]], d[:, u.shape[1] :] - basis @ (basis.T @ d[:, u.shape[1] :])], dim=1)
+        return d, names, s, ev
