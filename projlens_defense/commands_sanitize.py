@@ -80,12 +80,16 @@ def _text(rec: dict[str, Any]) -> str:
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="HF LLaVA directory whose vision tower and LLM run the clean samples (default: CHECKPOINT).")
 @click.option("--param", "params", multiple=True, help="Method parameter KEY=VALUE (repeatable; JSON values).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Scan calibration fitted on benign fine-tunes of this model (`projlens-defense calibrate`); "
+                   "data-free subspace/target-direction use its task subspace and token novelty "
+                   "(default: the shipped zoo calibration, used only when it matches the model).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint (same format).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: Path | None, n_clean: int,
-             n_eval: int, clean_seed: int, model: Path | None, params: tuple[str, ...], out: Path, force: bool,
-             fmt: str) -> None:
+             n_eval: int, clean_seed: int, model: Path | None, params: tuple[str, ...], calibration: Path | None,
+             out: Path, force: bool, fmt: str) -> None:
     """Remove a backdoor from CHECKPOINT's projector and write the repaired checkpoint to --out.
 
     The output keeps the input's format (an HF directory stays an HF directory with only the projector
@@ -145,7 +149,7 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     if method in LENS_METHODS and (clean is None or method == "target-direction"):
         from .mitigations.lens import lens_context
 
-        kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings)
+        kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
     result = cls(**kw).apply(suspect, ref, clean)
     assert result.projector is not None
     write_projector(checkpoint, result.projector, out, force=force)

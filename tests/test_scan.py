@@ -19,7 +19,7 @@ from tiny_world import attention_direction, save_with_tokenizer
 
 from projlens_defense.cli import main
 from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
-from projlens_defense.detectors.base import OvLayer, ScanInput, top_singular
+from projlens_defense.detectors.base import DetectorReport, OvLayer, ScanInput, top_singular
 from projlens_defense.detectors.calibration import (
     WEIGHT_SPACE_DETECTORS,
     Calibration,
@@ -433,3 +433,36 @@ def test_task_removed_lens_names_a_target_hidden_under_the_task(world: dict[str,
     # without a task subspace the ranking falls back to the plain reading's scores
     assert LogitLensDetector(task_rank=0).fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)]).score(
         inp).suspected_tokens[0] == f"tok{TASK}"
+
+
+def test_data_free_subspace_removes_the_backdoor_outside_the_task_subspace(
+        world: dict[str, Path], calibration_file: Path) -> None:
+    """With a calibration's task subspace, data-free `subspace` removes the piece of the update
+    outside it (the backdoor toward TARGET) and keeps the task's piece (toward TASK) whole."""
+    from projlens_defense.checkpoint import load_projector
+    from projlens_defense.detectors.calibration import load_calibration
+    from projlens_defense.mitigations import MITIGATIONS
+    from projlens_defense.mitigations.lens import lens_context
+
+    ref, sus = load_projector(world["reference"]), load_projector(world["suspect_task"])
+    lens, cal = lens_context(world["suspect_task"], ref, [], calibration_file)
+    assert cal is not None and cal.detector_states["logit-lens"]["task_basis"]
+    res = MITIGATIONS["subspace"](lens=lens, calibration=cal).apply(sus, ref)
+    assert res.report["selection"].startswith("top component(s) of the last layer's update outside")
+    assert res.report["rank"] == 1
+    basis = LogitLensDetector().set_state(load_calibration(calibration_file).detector_states["logit-lens"]).task_basis
+    before, after = sus.delta(ref)[-1], res.projector.delta(ref)[-1]
+    assert torch.allclose(basis.T @ after, basis.T @ before, atol=1e-5)  # the task piece is untouched
+    assert torch.equal(res.projector.layers[0].weight, sus.layers[0].weight)
+    # the lens no longer finds TARGET outside the task: the sanitized update reads like a benign one
+    det = LogitLensDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
+
+    def read(proj: object) -> DetectorReport:
+        return det.score(ScanInput(projector=proj, reference=ref, readout=lens.readout, ov_layers=lens.ov_layers,
+                                   final_norm=lens.final_norm, vocab=lens.vocab))
+
+    was, now = read(sus), read(res.projector)
+    assert was.suspected_tokens[0] == f"tok{TARGET}" and now.suspected_tokens[0] != f"tok{TARGET}"
+    ben = [_input(world, f"benign{i}") for i in range(N_BENIGN - 1)]
+    loo = [LogitLensDetector().fit(ben[:i] + ben[i + 1 :]).score(b).signals["lens.task_novelty"] for i, b in enumerate(ben)]
+    assert now.signals["lens.task_novelty"] <= max(loo)  # within what benign fine-tunes show

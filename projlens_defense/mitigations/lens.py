@@ -24,11 +24,13 @@ class LensGuidedMitigation(Mitigation):
 
 
 def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None,
-                 warnings: list[str] | None = None) -> tuple[Any, Any]:
+                 warnings: list[str] | None = None,
+                 calibration: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """(ScanInput with the LLM read-out, scan calibration matching this model or None); (None, None) when
-    the checkpoint holds no LLM weights. Problems are appended to ``warnings``."""
+    the checkpoint holds no LLM weights. ``calibration``: a calibration file (default: the shipped
+    one). Problems are appended to ``warnings``."""
     from projlens_defense.detectors.base import ScanInput
-    from projlens_defense.detectors.calibration import default_calibration
+    from projlens_defense.detectors.calibration import default_calibration, load_calibration
     from projlens_defense.detectors.loading import load_checkpoint
 
     notes = warnings if warnings is not None else []
@@ -42,12 +44,20 @@ def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None
         return None, None
     inp = ScanInput(projector=ck.projector, reference=reference, readout=ck.readout, ov_layers=ck.ov_layers,
                     final_norm=ck.final_norm, vocab=ck.vocab, path=str(checkpoint), format=ck.info.format)
-    try:
-        cal = default_calibration()
-        if cal.matches(inp):
+    if calibration is not None:
+        cal = load_calibration(calibration)  # the user named it: a bad file is an error, not a fallback
+        mismatch = cal.matches(inp)
+        if mismatch:
+            notes.append(f"{calibration}: fitted for another model ({'; '.join(mismatch)}); not used")
             cal = None
-    except Exception:  # noqa: BLE001 - the calibration only sharpens the selection; never fail on it
-        cal = None
+    else:
+        try:
+            cal = default_calibration()
+            if cal.matches(inp):
+                cal = None
+        except Exception:  # noqa: BLE001 - the calibration only sharpens the selection; never fail on it
+            cal = None
     if cal is None:
-        notes.append("no scan calibration for this model: lens selection without benign token novelty")
+        notes.append("no scan calibration for this model: lens selection without benign token novelty "
+                     "(fit one with `projlens-defense calibrate` and pass --calibration)")
     return inp, cal

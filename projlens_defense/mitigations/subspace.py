@@ -3,7 +3,13 @@
 Candidates are the top-``k`` singular components ``s_i u_i v_i^T`` of dW per layer. Which of them
 are removed (the rank) is chosen automatically:
 
-* **data-free** (weights only): through the logit lens. A component whose output direction ``u_i``
+* **data-free** (weights only), with a scan calibration that holds the benign **task subspace**
+  (the output directions benign fine-tunes of this model share, see
+  :class:`~projlens_defense.detectors.logit_lens.LogitLensDetector`): the update of the last layer
+  is split into its task part and the rest, and the top ``task_removed_rank`` singular components
+  of the rest are removed. The task adaptation is kept whole; what a backdoor adds on top of it is
+  the dominant low-rank piece outside it (finding 1), also when its target is a task answer.
+* **data-free** without such a calibration: through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
   the random-direction mean by ``lens_sigma`` standard deviations) and carries at least
   ``min_energy`` of the update's energy is target-aligned (finding 2) and removed; with a scan
@@ -67,6 +73,15 @@ def lens_threshold(lens: Any, dim: int, n: int, sigma: float, seed: int = 0) -> 
     return mean + sigma * std, mean, std
 
 
+def task_basis(calibration: Any, width: int) -> torch.Tensor | None:
+    """The benign task subspace [width, r] a scan calibration learned (None without one of this width)."""
+    from projlens_defense.detectors.logit_lens import LogitLensDetector
+
+    state = getattr(calibration, "detector_states", {}).get("logit-lens") if calibration is not None else None
+    basis = LogitLensDetector().set_state(state).task_basis if state else None
+    return basis if basis is not None and basis.shape[0] == width else None
+
+
 def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> list[float] | None:
     """Per direction: how far its best-read token lies outside the benign fine-tunes' token scores (the
     logit-lens detector's novelty, from a scan calibration); None without a matching calibration."""
@@ -104,7 +119,7 @@ class SubspaceMitigation(LensGuidedMitigation):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"k": 8, "layers": "auto", "rank": "auto", "lens_sigma": 1.25, "min_energy": 0.05, "min_novelty": 2.5, "n_random": 256, "fallback_rank": 1,
+        return {"k": 8, "layers": "auto", "rank": "auto", "task_removed_rank": 1, "lens_sigma": 1.25, "min_energy": 0.05, "min_novelty": 2.5, "n_random": 256, "fallback_rank": 1,
                 "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "off_support": 0.05, "clean_tol": 0.03,
                 "verify": True, "seed": 0}
 
@@ -139,6 +154,9 @@ class SubspaceMitigation(LensGuidedMitigation):
     # ------------------------------------------------------------------ data-free
     def _data_free(self, suspect: Projector, delta: list[torch.Tensor]) -> tuple[list[Component], dict[str, Any]]:
         p = self.params
+        basis = task_basis(self.calibration, suspect.out_dim)
+        if basis is not None and int(p["task_removed_rank"]) > 0:
+            return self._task_removed(suspect, delta, basis)
         cands = top_components(delta, self._layers(suspect, False), p["k"])
         if self.lens is None:
             return cands[: p["fallback_rank"]], {"mode": "data-free", "selection": "top components (no LLM read-out)"}
@@ -159,6 +177,28 @@ class SubspaceMitigation(LensGuidedMitigation):
         return chosen, {"mode": "data-free", "selection": "logit lens", "lens_threshold": round(thr, 3),
                         "random_peak_mean": round(rmean, 3), "random_peak_std": round(rstd, 3),
                         "components": readings}
+
+    def _task_removed(self, suspect: Projector, delta: list[torch.Tensor],
+                      basis: torch.Tensor) -> tuple[list[Component], dict[str, Any]]:
+        li = suspect.num_layers - 1
+        m = delta[li].float()
+        rest = m - basis @ (basis.T @ m)
+        u, s, v = svd(rest)
+        r = min(int(self.params["task_removed_rank"]), len(s))
+        comps = [(li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()) for i in range(r)]
+        total = float(m.pow(2).sum())
+        report: dict[str, Any] = {
+            "mode": "data-free", "selection": "top component(s) of the last layer's update outside the benign task "
+                                              "subspace of the scan calibration",
+            "task_rank": int(basis.shape[1]),
+            "task_energy": round(1 - float(rest.pow(2).sum()) / total, 6) if total > 0 else 0.0}
+        if self.lens is not None and comps:
+            from projlens_defense.detectors.base import token_name
+
+            _, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in comps], dim=1))
+            report["components"] = [{"component": c[1], "token": token_name(getattr(self.lens, "vocab", None), t)}
+                                    for c, t in zip(comps, tokens, strict=True)]
+        return comps, report
 
     # ------------------------------------------------------------------ few-shot
     def _few_shot(self, suspect: Projector, delta: list[torch.Tensor],
