@@ -140,14 +140,18 @@ class Blended(Trigger):
 
 @dataclass
 class WaNet(Trigger):
-    """A fixed smooth warping field (Nguyen & Tran 2021): k x k control grid, strength s.
+    """A fixed warping field (Nguyen & Tran 2021): k x k control grid, strength s.
 
-    The paper's s=0.5 is invisible to the zoo's tiny vision tower (ASR 0.05 at 10% poison); s=16
-    displaces pixels by a few px on the 32 px zoo and is the default here.
+    The paper's k=4, s=0.5 is invisible to the zoo's frozen 3-layer vision tower: a smooth warp of
+    a blocky upscaled digit reads as handwriting variation, and a field that is nearly uniform where
+    the digit happens to sit only translates it. Measured ASR at 10% poison, seed 0: k4 s0.5 0.05,
+    k4 s16 0.55, k4 s32 0.83, k8 s16 0.83, k8 s24 0.90, k8 s32 0.95. The zoo default is therefore a
+    strong, fine-grained warp (k=8, s=32: visible, unlike the paper's); pass ``k=4 strength=0.5``
+    for the paper's setting on a real model.
     """
 
-    k: int = 4
-    strength: float = 16.0
+    k: int = 8
+    strength: float = 32.0
     grid_seed: int = 4321
     name = "wanet"
 
