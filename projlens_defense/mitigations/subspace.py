@@ -141,7 +141,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             comps = top_components(delta, [suspect.num_layers - 1], int(p["rank"]))
             report: dict[str, Any] = {"mode": "fixed-rank"}
         elif clean is not None:
-            comps, report = self._few_shot(suspect, delta, clean)
+            comps, report = self._few_shot_after_task_removed(suspect, delta, clean)
         else:
             comps, report = self._data_free(suspect, delta)
         new = remove_components(suspect, comps)
@@ -201,6 +201,19 @@ class SubspaceMitigation(LensGuidedMitigation):
         return comps, report
 
     # ------------------------------------------------------------------ few-shot
+    def _few_shot_after_task_removed(self, suspect: Projector, delta: list[torch.Tensor],
+                                     clean: CleanData) -> tuple[list[Component], dict[str, Any]]:
+        """The data-free task-removed step when the calibration allows it, then the probe-guided
+        search on what is left (which removes nothing more when no fixed-target response remains)."""
+        basis = task_basis(self.calibration, suspect.out_dim)
+        if basis is None or int(self.params["task_removed_rank"]) <= 0:
+            return self._few_shot(suspect, delta, clean)
+        first, head = self._task_removed(suspect, delta, basis)
+        rest = remove_components(suspect, first)
+        more, report = self._few_shot(rest, [d + e for d, e in zip(delta, rest.delta(suspect), strict=True)], clean)
+        report["task_removed_step"] = {**head, "removed": len(first)}
+        return first + more, report
+
     def _few_shot(self, suspect: Projector, delta: list[torch.Tensor],
                   clean: CleanData) -> tuple[list[Component], dict[str, Any]]:
         p = self.params
