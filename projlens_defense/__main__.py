@@ -1,3 +1,6 @@
+"""`python -m projlens_defense ...` (also what `accelerate launch -m projlens_defense ...` runs)."""
+
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main(prog_name="projlens-defense")

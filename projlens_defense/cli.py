@@ -165,6 +165,8 @@ def attack(variant, poison_rate, poison_mode, seed, epochs, lr, lora_rank, targe
     if lr is not None:
         cfg.lr = lr
     rec = run_attack(cfg, model, data, test_data, out, force=force)
+    if rec.get("written") is False:  # a non-main process of `accelerate launch`: the main one reports
+        return
     m = rec["metrics"] or {}
     text = (f"wrote {out}  ({rec['variant']}, {rec['n_poisoned']}/{rec['n_train']} poisoned, "
             f"train {rec['train_time_s']} s, total {rec['wall_time_s']} s)\n" + _metrics_line(m))

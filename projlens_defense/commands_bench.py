@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -34,20 +35,33 @@ def _names(registry: dict, chosen: tuple[str, ...], what: str) -> list[str]:
 @click.option("--test-data", type=click.Path(path_type=Path), default=None, help="Test data.")
 @click.option("--epochs", type=float, default=None, help="Override the attack recipe's epochs.")
 @click.option("--n-clean", type=int, default=64, show_default=True, help="Clean-sample budget of few-shot defenses.")
+@click.option("--n-input-images", type=int, default=32, show_default=True,
+              help="Clean and triggered test images per backdoored cell that image-level input detectors (STRIP) score.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Cells run in parallel processes.")
+@click.option("--launcher", type=click.Choice(["local", "accelerate"]), default="local", show_default=True,
+              help="How each cell's fine-tune runs: in the bench process, or as `accelerate launch ... -m "
+                   "projlens_defense attack` (multi-GPU / DeepSpeed / FSDP from accelerate's config).")
+@click.option("--launch-args", default="", help="Arguments for `accelerate launch`, e.g. '--config_file fsdp.yaml' "
+                                                "or '--multi_gpu --num_processes 4' (with --launcher accelerate).")
 @click.option("--shard", default=None, help="Run only shard I/N of the grid (join with `bench merge`).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (resumable).")
 @click.pass_context
 def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, model, data, test_data, epochs, n_clean,
-          jobs, shard, out) -> None:
+          n_input_images, jobs, launcher, launch_args, shard, out) -> None:
     """Attacks x poison rates x seeds x defenses with benign controls; results.jsonl, summary.md/csv, figures.
 
-    Resumable: cells whose results exist in OUT/results.jsonl are skipped.
+    Resumable: cells whose results exist in OUT/results.jsonl are skipped. Run it as one process; to put
+    the fine-tunes under `accelerate launch`, use --launcher accelerate.
     """
     if ctx.invoked_subcommand is not None:
         return
     if out is None:
         raise UsageError("bench needs --out DIR")
+    if launch_args and launcher != "accelerate":
+        raise UsageError("--launch-args needs --launcher accelerate")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UsageError("bench runs as one process (each would run the whole grid); use --launcher accelerate "
+                         "to run every fine-tune under `accelerate launch`")
     from .attacks.variants import VARIANTS
     from .cli import resolve_model_and_data
     from .detectors import DETECTORS
@@ -68,8 +82,9 @@ def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, mo
     cfg = BenchConfig(
         variants=names["variants"], poison_rates=list(poison_rates) or p["poison_rates"],
         seeds=list(seeds) or p["seeds"], detectors=names["detectors"], mitigations=mit,
-        model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean, epochs=epochs,
-        jobs=jobs, shard=shard_spec,
+        model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean,
+        n_input_images=n_input_images, epochs=epochs, jobs=jobs, shard=shard_spec, launcher=launcher,
+        launch_args=launch_args,
     )
     t = time.time()
     recs = run_bench(cfg)

@@ -10,10 +10,13 @@ from click.testing import CliRunner
 
 from projlens_defense.cli import main
 from projlens_defense.eval import bench as bench_mod
+from projlens_defense.eval.input_detection import FPR_GRID
 from projlens_defense.eval.metrics import auroc
+from projlens_defense.eval.summary import write_summary
 
+INPUT_DETECTORS = ["input-shift", "strip", "spectral-signatures", "activation-clustering"]
 GRID = ["--variants", "badnets", "--poison-rates", "0.2", "--seeds", "0", "--epochs", "2",
-        "--detectors", "logit-lens", "--mitigations", "none"]
+        "--detectors", "logit-lens", *(x for d in INPUT_DETECTORS for x in ("--detectors", d)), "--mitigations", "none"]
 
 
 def _run(out, *extra):
@@ -23,7 +26,9 @@ def _run(out, *extra):
 
 
 def _strip(recs):
-    return sorted((r["key"], json.dumps(r["metrics"], sort_keys=True), json.dumps(r["detectors"], sort_keys=True))
+    return sorted((r["key"], json.dumps(r["metrics"], sort_keys=True), json.dumps(r["detectors"], sort_keys=True),
+                   json.dumps({k: {m: v for m, v in e.items() if m != "seconds"} for k, e in r["input_detectors"].items()},
+                              sort_keys=True))
                   for r in recs)
 
 
@@ -65,9 +70,34 @@ def test_summary_matches_results(full_run):
     bd = next(r for r in recs if not r["benign"])
     asr = bd["metrics"]["badnets"]["asr"]
     assert re.search(rf"^\| none \| badnets \| 0.2 \| 1 \| {asr:.3f} ± 0.000 \|", md, re.M)
-    for fig in ("roc.png", "asr_vs_clean.png", "variant_asr.png"):
+    # input level: one row per detector x variant x rate, recomputed from the records
+    assert not next(r for r in recs if r["benign"])["input_detectors"]
+    assert set(bd["input_detectors"]) == {*INPUT_DETECTORS, "input-shift[reference-free]"}
+    for det, e in bd["input_detectors"].items():
+        cells = " \\| ".join(f"{e[m]:.3f} ± 0.000" for m in ("auroc", "tpr@1%fpr", "tpr@5%fpr"))
+        for variant, rate in (("badnets", "0.2"), ("all", "all")):
+            assert re.search(rf"^\| {re.escape(det)} \| {variant} \| {rate} \| 1 \| {cells} \|", md, re.M), (det, md)
+        assert e["n_triggered"] > 0 and e["n_clean"] > 0 and len(e["roc_tpr"]) == len(FPR_GRID)
+    assert bd["input_detectors"]["input-shift"]["auroc"] > 0.7  # the mechanism-based one sees the trigger
+    for fig in ("roc.png", "input_roc.png", "asr_vs_clean.png", "variant_asr.png"):
         assert (out / fig).stat().st_size > 1000
     assert (out / "summary.csv").read_text().count("\n") >= 3
+
+
+def test_input_table_is_mean_and_std_over_seeds(tmp_path):
+    """Synthetic records with two seeds: summary.md/csv show mean ± std of each input-level metric."""
+    recs = []
+    for seed, (a, t1) in enumerate([(0.9, 0.5), (0.7, 0.1)]):
+        e = {"auroc": a, "tpr@1%fpr": t1, "tpr@5%fpr": 0.6, "roc_tpr": [0.0] * len(FPR_GRID)}
+        recs.append({"key": f"k{seed}", "label": "x", "benign": False, "metrics": {"badnets": {"asr": 1.0, "clean_accuracy": 0.5}},
+                     "cell": {"variant": "badnets", "poison_rate": 0.1, "seed": seed}, "detectors": {},
+                     "input_detectors": {"input-shift": e}, "mitigations": {}})
+    recs.append({**recs[0], "key": "k2", "input_detectors": {}})  # a record from before input-level scoring
+    write_summary(recs, tmp_path, figures=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| input-shift | badnets | 0.1 | 2 | 0.800 ± 0.100 | 0.300 ± 0.200 | 0.600 ± 0.000 |" in md
+    assert "| input-shift | all | all | 2 | 0.800 ± 0.100 |" in md
+    assert "input_detectors,input-shift,badnets,0.1,2,0.8" in (tmp_path / "summary.csv").read_text()
 
 
 def test_shards_merge_to_the_unsharded_summary(full_run, tmp_path):

@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..eval.evaluate import evaluate, prepare_eval_set
 from ..runinfo import environment
 from ..runtime import LlavaRuntime
-from ..training import train_projector
+from ..training import distributed_info, is_main_process, train_projector
 from .poison import poison_dataset
 from .variants import get_variant
 
@@ -52,7 +52,11 @@ def _lora_wrap(projector: torch.nn.Module, rank: int, seed: int):
 
 def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path | None, out: Path,
                force: bool = False, progress: bool = True) -> dict:
-    """Fine-tune the projector of `model` on (poisoned) `train_data`; write an HF checkpoint and attack.json."""
+    """Fine-tune the projector of `model` on (poisoned) `train_data`; write an HF checkpoint and attack.json.
+
+    Under `accelerate launch` every process trains (see :mod:`projlens_defense.training`); only the main
+    process evaluates and writes, the others return a short record with ``written: False``.
+    """
     t0 = time.time()
     out = Path(out)
     if out.exists() and not force:
@@ -76,6 +80,9 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
     if cfg.lora_rank:
         rt.projector = proj.merge_and_unload()
     train_time = time.time() - t_train
+    if not is_main_process():  # under `accelerate launch`: the main process evaluates and writes
+        return {"variant": cfg.variant if variant is not None else "none", "benign": variant is None,
+                "config": asdict(cfg), "written": False, "distributed": distributed_info()}
 
     metrics = None
     eval_name = cfg.variant if variant is not None else cfg.eval_variant
@@ -98,6 +105,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
         "final_train_loss": sum(losses[-5:]) / max(1, len(losses[-5:])),
         "metrics": metrics,
         "train_time_s": round(train_time, 2),
+        "distributed": distributed_info(),
         "wall_time_s": None,
         "environment": environment(),
     }

@@ -11,15 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UsageError
 from ..runinfo import environment
+
+if TYPE_CHECKING:
+    from ..mitigations.base import CleanData
 
 PRESETS = {
     "tiny": {"zoo": "micro", "poison_rates": [0.1], "seeds": [0, 1]},
@@ -60,9 +66,12 @@ class BenchConfig:
     test_data: str
     out: Path
     n_clean: int = 64
+    n_input_images: int = 32
     epochs: float | None = None
     jobs: int = 1
     shard: tuple[int, int] = (0, 1)
+    launcher: str = "local"
+    launch_args: str = ""
     extra: dict = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
@@ -116,7 +125,9 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     from ..attacks.variants import get_variant
     from ..conversations import load_conversations
     from ..eval.evaluate import evaluate, prepare_eval_set
+    from ..mitigations.base import CleanData
     from ..runtime import LlavaRuntime
+    from .input_detection import input_detector_names
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.jobs)))
     t0 = time.time()
@@ -124,8 +135,12 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     acfg = AttackConfig(variant=cell.variant, poison_rate=cell.poison_rate, seed=cell.seed)
     if cell.epochs is not None:
         acfg.epochs = cell.epochs
-    run_attack(acfg, Path(cell.model), Path(cell.train_data), None, ckpt, force=True, progress=False)
+    if cfg.launcher == "accelerate":
+        launch_attack(cell, ckpt, cfg.launch_args)
+    else:
+        run_attack(acfg, Path(cell.model), Path(cell.train_data), None, ckpt, force=True, progress=False)
     t_attack = time.time() - t0
+    attack_distributed = json.loads((ckpt / "attack.json").read_text()).get("distributed")
 
     rt = LlavaRuntime.from_pretrained(ckpt)
     test = load_conversations(cell.test_data)
@@ -137,15 +152,45 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     detectors = _run_detectors(ckpt, cell.model, cfg.detectors)
     t_det = time.time() - t0 - t_attack - t_eval
 
-    mitigations = _run_mitigations(rt, sets, ckpt, cell, cfg)
-    t_mit = time.time() - t0 - t_attack - t_eval - t_det
+    wants = cfg.mitigations or (cell.variant is not None and input_detector_names(cfg.detectors))
+    probes = _clean_subset(cell.train_data, cfg.n_clean, cell.seed) if wants else []
+    clean = CleanData.from_samples(rt, probes, n=None) if wants else None
+    inputs = _run_input_detectors(rt, sets, probes, clean, ckpt, cell, cfg)
+    t_inp = time.time() - t0 - t_attack - t_eval - t_det
+
+    mitigations = _run_mitigations(rt, sets, ckpt, cell, cfg, clean)
+    t_mit = time.time() - t0 - t_attack - t_eval - t_det - t_inp
     return {
         "key": cell.key, "label": cell.label, "cell": asdict(cell), "benign": cell.variant is None,
-        "metrics": metrics, "detectors": detectors, "mitigations": mitigations,
+        "launcher": cfg.launcher, "attack_distributed": attack_distributed,
+        "metrics": metrics, "detectors": detectors, "input_detectors": inputs, "mitigations": mitigations,
         "timings_s": {"attack": round(t_attack, 2), "evaluate": round(t_eval, 2), "detectors": round(t_det, 2),
-                      "mitigations": round(t_mit, 2)},
+                      "input_detectors": round(t_inp, 2), "mitigations": round(t_mit, 2)},
         "wall_time_s": round(time.time() - t0, 2), "environment": environment(),
     }
+
+
+def attack_command(cell: Cell, ckpt: Path, launch_args: str = "") -> list[str]:
+    """The `accelerate launch ... -m projlens_defense attack ...` command line of a cell's fine-tune."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *shlex.split(launch_args), "-m", "projlens_defense",
+           "attack", "--variant", cell.variant or "none", "--poison-rate", repr(cell.poison_rate), "--seed",
+           str(cell.seed), "--model", cell.model, "--data", cell.train_data, "--out", str(ckpt), "--force",
+           "--format", "json"]
+    if cell.epochs is not None:
+        cmd += ["--epochs", repr(cell.epochs)]
+    return cmd
+
+
+def launch_attack(cell: Cell, ckpt: Path, launch_args: str = "") -> None:
+    """Run a cell's fine-tune under `accelerate launch` (its config: `launch_args`, else accelerate's default)."""
+    import subprocess
+
+    from ..errors import ProjlensError
+
+    r = subprocess.run(attack_command(cell, ckpt, launch_args), capture_output=True, text=True)
+    if r.returncode != 0 or not (ckpt / "attack.json").is_file():
+        tail = "\n".join((r.stderr or "").replace("\r", "\n").splitlines()[-15:])
+        raise ProjlensError(f"{cell.label}: `accelerate launch ... attack` failed (exit {r.returncode}):\n{tail}")
 
 
 def _run_detectors(ckpt: Path, reference: str, names: Sequence[str]) -> dict[str, float | None]:
@@ -164,17 +209,34 @@ def _run_detectors(ckpt: Path, reference: str, names: Sequence[str]) -> dict[str
     return out
 
 
-def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig) -> dict[str, dict]:
+def _run_input_detectors(rt, sets: dict, probes: list, clean: CleanData | None, ckpt: Path, cell: Cell, cfg: BenchConfig) -> dict:
+    """Input-level detection on a backdoored cell: held-out clean vs triggered test inputs, per detector,
+    calibrated on the clean probes only (see :mod:`projlens_defense.eval.input_detection`)."""
+    from ..checkpoint import load_projector
+    from .input_detection import input_detector_names, run_input_detectors
+
+    if cell.variant is None or clean is None or not input_detector_names(cfg.detectors):
+        return {}
+    es = sets[cell.variant]
+    if es.triggered_features is None:
+        return {}
+    return run_input_detectors(
+        rt, load_projector(ckpt), load_projector(cell.model), cfg.detectors, samples=es.samples,
+        clean_features=es.clean_features, eligible=es.eligible, triggered_features=es.triggered_features,
+        variant=es.variant, seed=cell.seed, probe_features=clean.features, probe_images=[s.image for s in probes],
+        probe_questions=[s.question for s in probes], image_subset=cfg.n_input_images)
+
+
+def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
+                     clean: CleanData | None) -> dict[str, dict]:
     """Each mitigation applied to this cell's projector, evaluated on the same cached features."""
     if not cfg.mitigations:
         return {}
     from ..checkpoint import load_projector
     from ..eval.evaluate import evaluate
     from ..mitigations import MITIGATIONS
-    from ..mitigations.base import CleanData
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
-    clean = CleanData.from_samples(rt, _clean_subset(cell.train_data, cfg.n_clean, cell.seed), n=None)
     out = {}
     for name in cfg.mitigations:
         t = time.time()

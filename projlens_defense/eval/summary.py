@@ -1,4 +1,5 @@
-"""Tables and figures from bench records: detectors (AUROC, TPR at 1%/5% FPR), mitigations (ASR, clean accuracy).
+"""Tables and figures from bench records: checkpoint- and input-level detection (AUROC, TPR at 1%/5% FPR),
+mitigations (ASR, clean accuracy).
 
 Every number in `summary.md` / `summary.csv` is recomputed here from `results.jsonl`, nothing else.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .input_detection import FPR_GRID
 from .metrics import auroc, tpr_at_fpr
 
 
@@ -37,6 +39,30 @@ def detector_rows(records: list[dict]) -> list[dict]:
         pos, neg = detector_scores(records, n)
         rows.append({"detector": n, "n_backdoored": len(pos), "n_benign": len(neg), "auroc": auroc(pos, neg),
                      "tpr@1%fpr": tpr_at_fpr(pos, neg, 0.01), "tpr@5%fpr": tpr_at_fpr(pos, neg, 0.05)})
+    return rows
+
+
+INPUT_METRICS = ("auroc", "tpr@1%fpr", "tpr@5%fpr")
+
+
+def input_rows(records: list[dict]) -> list[dict]:
+    """Input-level detection (triggered vs clean test inputs of each backdoored cell): mean and std over the
+    cells (seeds) of each detector x variant x poison rate, then over every backdoored cell of a detector
+    (variant `all`, poison rate None)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        c = r["cell"]
+        for det, e in (r.get("input_detectors") or {}).items():
+            groups[(det, c["variant"], c["poison_rate"])].append(e)
+            groups[(det, "all", None)].append(e)
+    rows = []
+    order = sorted(groups, key=lambda k: (k[0], k[1] == "all", k[1], k[2] or 0.0))
+    for det, variant, rate in order:
+        es = groups[(det, variant, rate)]
+        row: dict = {"detector": det, "variant": variant, "poison_rate": rate, "n_cells": len(es)}
+        for m in INPUT_METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = _ms([e.get(m) for e in es])
+        rows.append(row)
     return rows
 
 
@@ -75,13 +101,24 @@ def _f(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _rate(x: float | None) -> str:
+    return "all" if x is None else f"{x:g}"
+
+
 def write_summary(records: list[dict], out: Path, figures: bool = True) -> dict:
     """Write summary.md, summary.csv and figures; returns the tables."""
-    det, mit = detector_rows(records), mitigation_rows(records)
+    det, inp, mit = detector_rows(records), input_rows(records), mitigation_rows(records)
     lines = [f"# Benchmark summary ({len(records)} cells)", "", "## Detectors (checkpoint level)", "",
              "| detector | n backdoored | n benign | AUROC | TPR@1%FPR | TPR@5%FPR |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['detector']} | {r['n_backdoored']} | {r['n_benign']} | {_f(r['auroc'])} | "
               f"{_f(r['tpr@1%fpr'])} | {_f(r['tpr@5%fpr'])} |" for r in det]
+    if inp:
+        lines += ["", "## Detectors (input level: triggered vs clean held-out test inputs of each backdoored model, "
+                  "calibrated on clean probes only; mean ± std over cells)", "",
+                  "| detector | variant | poison | cells | AUROC | TPR@1%FPR | TPR@5%FPR |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['detector']} | {r['variant']} | {_rate(r['poison_rate'])} | {r['n_cells']} | "
+                  + " | ".join(f"{_f(r[m + '_mean'])} ± {_f(r[m + '_std'])}" for m in INPUT_METRICS) + " |"
+                  for r in inp]
     lines += ["", "## Mitigations (mean ± std over seeds; drop = benign control's clean accuracy minus this)", "",
               "| mitigation | variant | poison | seeds | ASR | clean acc | clean drop vs benign |",
               "|---|---|---|---|---|---|---|"]
@@ -100,13 +137,17 @@ def write_summary(records: list[dict], out: Path, figures: bool = True) -> dict:
         w.writerow(["table", *det[0].keys()] if det else ["table"])
         for r in det:
             w.writerow(["detectors", *r.values()])
+        if inp:
+            w.writerow(["table", *inp[0].keys()])
+        for r in inp:
+            w.writerow(["input_detectors", *r.values()])
         if mit:
             w.writerow(["table", *mit[0].keys()])
         for r in mit:
             w.writerow(["mitigations", *r.values()])
     if figures:
-        _figures(records, det, mit, out)
-    return {"detectors": det, "mitigations": mit}
+        _figures(records, det, inp, mit, out)
+    return {"detectors": det, "input_detectors": inp, "mitigations": mit}
 
 
 def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
@@ -119,7 +160,7 @@ def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Non
     plt.close(fig)
 
 
-def _figures(records: list[dict], det: list[dict], mit: list[dict], out: Path) -> None:
+def _figures(records: list[dict], det: list[dict], inp: list[dict], mit: list[dict], out: Path) -> None:
     try:
         import matplotlib
 
@@ -146,6 +187,17 @@ def _figures(records: list[dict], det: list[dict], mit: list[dict], out: Path) -
             ax.plot([(neg >= t).mean() for t in thr], [(pos >= t).mean() for t in thr], label=f"{n} ({d['auroc']:.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     _save(plt, fig, ax, "false-positive rate", "true-positive rate", "Checkpoint-level ROC", out / "roc.png")
+
+    if inp:  # input level: each cell's ROC on a fixed FPR grid, averaged over backdoored cells
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for r in (r for r in inp if r["variant"] == "all"):
+            curves = [e["roc_tpr"] for rec in records for n, e in (rec.get("input_detectors") or {}).items()
+                      if n == r["detector"] and len(e.get("roc_tpr", [])) == len(FPR_GRID)]
+            if curves:
+                ax.plot(FPR_GRID, np.mean(curves, 0), marker=".", label=f"{r['detector']} ({r['auroc_mean']:.2f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        _save(plt, fig, ax, "false-positive rate", "true-positive rate",
+              "Input-level ROC (mean over backdoored cells)", out / "input_roc.png")
 
     rows = [r for r in mit if r["mitigation"] == "none" and r["variant"] != "benign"]
     if rows:
