@@ -129,7 +129,8 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     from ..runtime import LlavaRuntime
     from .input_detection import input_detector_names
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.jobs)))
+    if not os.environ.get("OMP_NUM_THREADS"):  # the user's thread setting wins; else share the cores among jobs
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.jobs)))
     t0 = time.time()
     ckpt = cfg.out / "checkpoints" / cell.key
     acfg = AttackConfig(variant=cell.variant, poison_rate=cell.poison_rate, seed=cell.seed)
