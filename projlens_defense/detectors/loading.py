@@ -155,6 +155,10 @@ def _read_head_only(info: CheckpointInfo, ov_layers: int) -> LmReadout | None:
         return None
     if head.ndim != 2:
         raise CheckpointError(f"{c.file_of(hkey)}: {hkey} must be 2-D, got shape {tuple(head.shape)}")
+    embed_shape = c.meta(ekey).shape  # not read, but must agree (as load_lm_readout checks)
+    if not tied and len(embed_shape) == 2 and embed_shape[1] != head.shape[1]:
+        raise CheckpointError(f"{info.root or c.files[0]}: embedding width {embed_shape[1]} != lm_head width "
+                              f"{head.shape[1]}")
     return LmReadout(embed_tokens=head if tied else None, lm_head=head, embed_key=ekey, lm_head_key=hkey, tied=tied)
 
 
