@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -29,7 +30,7 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 
 
 def _need_dir(path: Path, what: str) -> None:
-    if not path.exists():
+    if not os.path.lexists(path):  # a symlink loop or dangling link exists: the reader says why it cannot read it
         raise UsageError(f"{path}: no such {what}")
 
 

@@ -358,8 +358,18 @@ def _markdown(rep: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- main entry
-def _runtime_dir(checkpoint: Path, reference: Path) -> Path:
-    return checkpoint if (checkpoint / "config.json").is_file() else reference
+def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
+    """The HF LLaVA dir whose vision tower and LLM run the projectors: the checkpoint's own, else the reference.
+
+    Only an ``hf-llava`` checkpoint is a model dir: an original-LLaVA ``mm_projector`` dir also has a
+    ``config.json``, but no LLM.
+    """
+    if ck.info.format == "hf-llava" and ck.info.root is not None:
+        return checkpoint
+    if (reference / "config.json").is_file():
+        return reference
+    raise UsageError(f"{checkpoint}: analyze runs the projector inside a LLaVA model, but neither this "
+                     f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA directory")
 
 
 def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Sequence[Path] = (),
@@ -374,6 +384,7 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
     ck = load_checkpoint(checkpoint)
     ref = load_projector(reference)
     sus = ck.projector
+    run_dir = _runtime_dir(ck, checkpoint, reference)
     bproj = {str(b): load_projector(b) for b in benign}
     for name, b in bproj.items():
         if [lay.weight.shape for lay in b.layers] != [lay.weight.shape for lay in sus.layers]:
@@ -398,7 +409,7 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
         zoo = get_zoo(progress=progress)
         probe_data = probe_data or zoo.train_data
         test_data = test_data or zoo.test_data
-    rt = LlavaRuntime.from_pretrained(_runtime_dir(checkpoint, reference))
+    rt = LlavaRuntime.from_pretrained(run_dir)
     probes_s = load_conversations(probe_data, limit=opt.n_probes)
     probes = rt.vision_features([s.image for s in probes_s])
     test_all = load_conversations(test_data)
