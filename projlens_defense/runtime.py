@@ -8,6 +8,7 @@ variant (fine-tuned, sanitized, guarded) is evaluated on the same features with 
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,9 @@ class LlavaRuntime:
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(path)
             proc = AutoImageProcessor.from_pretrained(path)
+        except pickle.UnpicklingError:  # transformers' torch.load(weights_only=True) met a forbidden global
+            raise CheckpointError(f"{path}: refused to load: a weights pickle references globals that torch's "
+                                  "weights_only loader blocks, it may try to run code") from None
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: cannot load as a LLaVA model ({first})") from None
