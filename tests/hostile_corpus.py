@@ -5,14 +5,22 @@ original-LLaVA ``mm_projector.bin`` / ``.safetensors``; the Qwen2-VL merger; a b
 ``.safetensors`` / ``.pt``), broken and malicious variants of a real tiny save: truncated files,
 hostile safetensors headers, wrong dtypes, shapes that do not chain, NaN/inf, missing keys,
 shard indexes that point nowhere or outside, symlink loops, pickles whose payload would run a
-command, decompression and storage bombs... Each :class:`Case` says which exit code a command
-must end with (2: error, 3: nothing scannable).
+command, decompression and storage bombs... Each :class:`Case` says which exit code
+each command must end with (2: error, 3: nothing scannable; 0 where a command legitimately
+succeeds because the damage lies in a part it never needs, e.g. ``sanitize`` on a checkpoint
+whose only damage is its tokenizer) and which substring its message must contain.
+
+The pristine bases (``pristine_cases``) are part of the contract: every command must process
+them, so a hostile case failing is due to its damage, not to the test setup. ``analyze`` and
+``sanitize`` run with ``--reference`` (a perturbed copy of the base: a real "fine-tuned from"
+pair) and ``analyze`` with a small conversation JSON for its probes and test samples.
 
 Every payload only ever creates a marker file under ``marker_dir(root)``; a command that runs
 a payload therefore leaves a file there.
 
 ``run_case`` runs one command on one case in a child process and returns its exit code, output,
-wall time and peak RSS (``os.wait4``). Used by ``test_hostile_corpus.py`` and ``hostile_matrix.py``.
+wall time and peak RSS (``os.wait4``); ``problems`` lists what is wrong with a run, output checks
+included. Used by ``test_hostile_corpus.py`` and ``hostile_matrix.py``.
 Imports ``conftest`` for the tiny-model builders: run from pytest, or as ``python tests/...``.
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import hashlib
 import io
 import json
 import os
@@ -29,6 +38,7 @@ import random
 import shlex
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -40,16 +50,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from conftest import TEXT_DIM, VISION_DIM, _mlp, _patch_merger, _tiny_llava
+from conftest import TEXT_DIM, VISION_DIM, _mlp, _patch_merger
 from safetensors.torch import load_file, save_file
 
 TIMEOUT_S = 10.0
+PRISTINE_TIMEOUT_S = 60.0  # a pristine base runs the whole command (analyze: a model, its figures)
 MAX_RSS_MB = 2048
 MARKERS = "markers"
 _RNG = random.Random(7)  # corpus bytes are deterministic
 _FAMILIES = ("hf", "hf-sharded", "mm-bin", "mm-safetensors", "qwen2-vl-merger", "bare-safetensors", "bare-pt",
              "any")  # fmt: skip
+EXIT_CODES = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -57,8 +70,13 @@ class Case:
     """One hostile input: ``path`` is what a command is given; ``expected`` its exit code (2 or 3).
 
     ``names``: a string the one-line reason must contain (default: ``path``, which also matches
-    any file inside a checkpoint dir); ``reason``: a substring the reader's message must contain
-    (None: any); ``marker``: the file the payload would create, for malicious pickles.
+    any file inside a checkpoint dir); ``reason``: a substring the message must contain (None:
+    any); ``marker``: the file the payload would create, for malicious pickles, and ``payload``
+    the pickle that holds it. ``exits`` / ``reasons``: per-command exceptions to ``expected`` /
+    ``reason`` (see ``COMMANDS``), e.g. ``sanitize`` exits 0 with a warning when the damage is
+    only in a file it copies unchanged. ``reference`` and ``data``: the pristine reference
+    checkpoint and the conversation JSON that ``analyze`` / ``sanitize`` are given; ``time_limit``:
+    the wall-time bound of one run (10 s; longer only for the pristine bases, which run a model).
     """
 
     name: str
@@ -69,9 +87,21 @@ class Case:
     names: str = ""
     reason: str | None = None
     marker: Path | None = None
+    payload: Path | None = None
+    exits: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    reference: Path | None = None
+    data: Path | None = None
+    time_limit: float = TIMEOUT_S
 
     def must_name(self) -> str:
         return self.names or str(self.path)
+
+    def expected_for(self, command: str) -> int:
+        return self.exits.get(command, self.expected)
+
+    def reason_for(self, command: str) -> str | None:
+        return self.reasons.get(command, self.reason)
 
 
 def marker_dir(root: Path) -> Path:
@@ -194,9 +224,29 @@ def _deflate_members(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ base saves
+def _perturbed(t: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (t + 0.05 * torch.randn(t.shape, generator=g)).contiguous()
+
+
+def _llava_with_tokenizer():
+    """A tiny real LLaVA (vision 16 -> text 24) with the zoo's word-level tokenizer and image processor,
+    so that commands that run the model (``analyze``) can process the pristine save."""
+    from projlens_defense.zoo.model import ModelDims, build_image_processor, build_llava
+    from projlens_defense.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    dims = ModelDims(vision_hidden=VISION_DIM, vision_layers=1, vision_heads=2, patch_size=8, text_hidden=TEXT_DIM,
+                     text_layers=1, text_heads=2)  # fmt: skip
+    model = build_llava(dims, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
+                        tok.eos_token_id, seed=0)  # fmt: skip
+    return model.eval(), tok, build_image_processor()
+
+
 @dataclass
 class _Bases:
-    """Pristine tiny checkpoints, one per format, copied for each case."""
+    """Pristine tiny checkpoints, one per format, copied for each case; plus the references and data
+    the commands that compare or run a model are given."""
 
     root: Path
     hf: Path = field(init=False)
@@ -206,36 +256,53 @@ class _Bases:
     merger: Path = field(init=False)
     bare_st: Path = field(init=False)
     bare_pt: Path = field(init=False)
+    reference: Path = field(init=False)  # hf with a perturbed projector: what the others were "fine-tuned from"
+    merger_reference: Path = field(init=False)
+    data: Path = field(init=False)  # LLaVA conversation JSON (8 samples) for analyze's probes and test set
+
+    def __post_init__(self) -> None:
+        b = self.root
+        self.hf, self.hf_sharded, self.reference = b / "hf", b / "hf-sharded", b / "reference"
+        self.mm_bin, self.mm_st, self.merger = b / "mm-bin", b / "mm_projector.safetensors", b / "merger.safetensors"
+        self.bare_st, self.bare_pt = b / "projector.safetensors", b / "projector.pt"
+        self.merger_reference, self.data = b / "merger-reference.safetensors", b / "data" / "samples.json"
 
     def build(self) -> None:
+        from projlens_defense.conversations import save_conversations
+        from projlens_defense.zoo.tasks import downstream_samples
+
         b = self.root
         b.mkdir(parents=True)
-        model = _tiny_llava(0)
-        self.hf, self.hf_sharded = b / "hf", b / "hf-sharded"
+        model, tok, proc = _llava_with_tokenizer()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.save_pretrained(self.hf)
-            model.save_pretrained(self.hf_sharded, max_shard_size="20KB")
+            for d, kw in ((self.hf, {}), (self.hf_sharded, {"max_shard_size": "20KB"}), (self.reference, {})):
+                model.save_pretrained(d, **kw)
+                tok.save_pretrained(d)
+                proc.save_pretrained(d)
+        _st_edit_tensors(self.reference / "model.safetensors", lambda t: t.update(
+            {k: _perturbed(v, i) for i, (k, v) in enumerate(sorted(t.items())) if "multi_modal_projector." in k}))
+        save_conversations(downstream_samples(8, np.arange(64), seed=0, prefix="s"), self.data)
         mlp = _mlp(VISION_DIM, TEXT_DIM, TEXT_DIM, seed=1)
         sd = {f"model.mm_projector.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
-        self.mm_bin = b / "mm-bin"
         self.mm_bin.mkdir()
         torch.save(sd, self.mm_bin / "mm_projector.bin")
         (self.mm_bin / "config.json").write_text(
             json.dumps({"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": VISION_DIM})
         )
-        self.mm_st = b / "mm_projector.safetensors"
         save_file(sd, self.mm_st, metadata={"format": "pt"})
-        merger = _patch_merger(rms=False, seed=2)
-        self.merger = b / "merger.safetensors"
-        save_file({f"visual.merger.{k}": v.detach().clone().contiguous() for k, v in merger.state_dict().items()},
-                  self.merger, metadata={"format": "pt"})  # fmt: skip
+        merger = {f"visual.merger.{k}": v.detach().clone().contiguous()
+                  for k, v in _patch_merger(rms=False, seed=2).state_dict().items()}  # fmt: skip
+        save_file(merger, self.merger, metadata={"format": "pt"})
+        save_file({k: _perturbed(v, i) for i, (k, v) in enumerate(sorted(merger.items()))}, self.merger_reference,
+                  metadata={"format": "pt"})  # fmt: skip
         bare = {k.replace("0.", "linear_1.").replace("2.", "linear_2."): v.detach().clone()
                 for k, v in _mlp(VISION_DIM, TEXT_DIM, TEXT_DIM, seed=3).state_dict().items()}  # fmt: skip
-        self.bare_st = b / "projector.safetensors"
         save_file(bare, self.bare_st)
-        self.bare_pt = b / "projector.pt"
         torch.save({k: v.clone() for k, v in bare.items()}, self.bare_pt)
+
+    def reference_for(self, family: str) -> Path:
+        return self.merger_reference if family == "qwen2-vl-merger" else self.reference
 
 
 def _projector_shard(d: Path) -> str:
@@ -256,6 +323,11 @@ def _edit_index(d: Path, fn: Callable[[dict], None]) -> None:
 
 
 # --------------------------------------------------------------------------------------- builder
+# Damage only in what `sanitize` reads for its optional logit lens (tokenizer, LLM read-out) and
+# copies unchanged: it repairs the projector, exits 0 and warns naming the damage (the reason).
+_LENS_ONLY: dict[str, dict[str, int]] = {"exits": {"sanitize": 0}}
+
+
 class _Corpus:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -276,6 +348,9 @@ class _Corpus:
 
     def add(self, name: str, path: Path, expected: int, description: str, family: str, **kw) -> None:
         assert expected in (2, 3) and family in _FAMILIES and all(c.name != name for c in self.cases), name
+        assert set(kw.get("exits", {})) <= set(COMMANDS) and set(kw.get("exits", {}).values()) <= set(EXIT_CODES)
+        kw.setdefault("reference", self.bases.reference_for(family))
+        kw.setdefault("data", self.bases.data)
         self.cases.append(Case(name, path, expected, description, family, **kw))
 
     # -------------------------------------------------------------------- safetensors mutations
@@ -439,13 +514,13 @@ class _Corpus:
         for pname in PAYLOADS:
             p, f = make(f"payload-{pname}")
             self.add(f"{family}--payload-{pname}", p, 2, f"torch.save pickle whose {pname} payload touches a marker",
-                     family, reason="refused to load", marker=self._payload(f, f"{family}--payload-{pname}", pname, sd, "torch"))  # fmt: skip
+                     family, reason="refused to load", marker=self._payload(f, f"{family}--payload-{pname}", pname, sd, "torch"), payload=f)  # fmt: skip
         p, f = make("payload-plain-pickle")
         self.add(f"{family}--payload-plain-pickle", p, 2, "plain protocol-2 pickle running os.system",
-                 family, reason="refused to load", marker=self._payload(f, f"{family}--payload-plain-pickle", "os-system", sd, "plain"))  # fmt: skip
+                 family, reason="refused to load", marker=self._payload(f, f"{family}--payload-plain-pickle", "os-system", sd, "plain"), payload=f)  # fmt: skip
         p, f = make("payload-legacy-format")
         self.add(f"{family}--payload-legacy-format", p, 2, "legacy (pre-zip) torch.save format running os.system",
-                 family, reason="refused to load", marker=self._payload(f, f"{family}--payload-legacy-format", "os-system", sd, "legacy"))  # fmt: skip
+                 family, reason="refused to load", marker=self._payload(f, f"{family}--payload-legacy-format", "os-system", sd, "legacy"), payload=f)  # fmt: skip
 
         p, f = make("zero-byte")
         f.write_bytes(b"")
@@ -564,28 +639,39 @@ class _Corpus:
         self.add("hf--config-not-object", c, 2, "config.json is a JSON list", "hf", reason="not a JSON object")
         d, c = self._fresh("hf--tokenizer-invalid-json", b.hf)
         (c / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, ')
-        self.add("hf--tokenizer-invalid-json", c, 2, "tokenizer.json cut mid-object", "hf", reason="invalid JSON")
+        self.add("hf--tokenizer-invalid-json", c, 2, "tokenizer.json cut mid-object", "hf", reason="invalid JSON",
+                 **_LENS_ONLY)
         d, c = self._fresh("hf--tokenizer-bad-vocab", b.hf)
         (c / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": -5, "b": 2**62}}}))
         self.add("hf--tokenizer-bad-vocab", c, 2, "tokenizer.json with ids -5 and 2**62", "hf",
-                 reason="invalid vocabulary entry")  # fmt: skip
+                 reason="invalid vocabulary entry", **_LENS_ONLY)  # fmt: skip
         d, c = self._fresh("hf--tokenizer-added-tokens-int", b.hf)
         (c / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}, "added_tokens": 5}))
         self.add("hf--tokenizer-added-tokens-int", c, 2, 'tokenizer.json with "added_tokens": 5', "hf",
-                 reason="added_tokens must be a list")  # fmt: skip
+                 reason="added_tokens must be a list", **_LENS_ONLY)  # fmt: skip
         d, c = self._fresh("hf--tokenizer-not-object", b.hf)
         (c / "tokenizer.json").write_text("[1, 2, 3]")
-        self.add("hf--tokenizer-not-object", c, 2, "tokenizer.json is a JSON list", "hf", reason="no model.vocab")
+        self.add("hf--tokenizer-not-object", c, 2, "tokenizer.json is a JSON list", "hf", reason="no model.vocab",
+                 **_LENS_ONLY)
         d, c = self._fresh("hf--config-bad-activation", b.hf)
         cfg = json.loads((c / "config.json").read_text())
         (c / "config.json").write_text(json.dumps({**cfg, "projector_hidden_act": "__import__('os').system"}))
         self.add("hf--config-bad-activation", c, 2, "config names an unknown projector activation", "hf",
                  reason="unsupported projector_hidden_act")  # fmt: skip
         d, c = self._fresh("hf--lm-head-width", b.hf)
-        _st_edit_tensors(c / "model.safetensors",
-                         lambda t: t.update({"language_model.lm_head.weight": torch.zeros(50, 7)}))  # fmt: skip
+        _st_edit_tensors(c / "model.safetensors", lambda t: t.update(
+            {"language_model.lm_head.weight": torch.zeros(t["language_model.lm_head.weight"].shape[0], 7)}))
         self.add("hf--lm-head-width", c, 2, "lm_head width 7 differs from the embedding width 24", "hf",
-                 reason="lm_head width")  # fmt: skip
+                 reason="lm_head width", **_LENS_ONLY)  # fmt: skip
+        for pname in ("os-system", "builtins-exec"):
+            name = f"hf--pytorch-model-bin-payload-{pname}"
+            d, c = self._fresh(name, b.hf)
+            sd = load_file(c / "model.safetensors")
+            (c / "model.safetensors").unlink()
+            marker = self._payload(c / "pytorch_model.bin", name, pname, sd, "torch")
+            self.add(name, c, 2, f"HF LLaVA dir whose weights are a pytorch_model.bin with a {pname} payload "
+                     "(what transformers' from_pretrained would load)", "hf", reason="refused to load", marker=marker,
+                     payload=c / "pytorch_model.bin")  # fmt: skip
 
     def _sharded_cases(self) -> None:
         b = self.bases
@@ -597,7 +683,7 @@ class _Corpus:
         d, c = self._fresh("hf-sharded--missing-llm-shard", b.hf_sharded)
         (c / _embed_shard(b.hf_sharded)).unlink()
         self.add("hf-sharded--missing-llm-shard", c, 2, "the shard holding embed_tokens/lm_head is gone",
-                 "hf-sharded", reason="missing shard")  # fmt: skip
+                 "hf-sharded", reason="missing shard", **_LENS_ONLY)  # fmt: skip
         for suffix, name in (("shard-dotdot", "../outside.safetensors"), ("shard-absolute", "/etc/passwd"),
                              ("shard-dotdot-nested", "sub/../../outside.safetensors")):  # fmt: skip
             d, c = self._fresh(f"hf-sharded--{suffix}", b.hf_sharded)
@@ -667,7 +753,8 @@ class _Corpus:
     def _generic_cases(self) -> None:
         d = self.root / "any--empty-dir"
         d.mkdir()
-        self.add("any--empty-dir", d, 3, "an empty directory", "any", reason="no projector weights")
+        self.add("any--empty-dir", d, 3, "an empty directory", "any", reason="no projector weights",
+                 reasons={"scan": "nothing scannable"})  # fmt: skip
         d = self.root / "any--zero-byte-unknown"
         d.mkdir()
         (d / "weights.dat").write_bytes(b"")
@@ -676,7 +763,8 @@ class _Corpus:
         d.mkdir()
         (d / "README.md").write_text("not a model\n")
         (d / "notes.txt").write_bytes(_RNG.randbytes(64))
-        self.add("any--junk-dir", d, 3, "a dir with only non-checkpoint files", "any", reason="no projector weights")
+        self.add("any--junk-dir", d, 3, "a dir with only non-checkpoint files", "any", reason="no projector weights",
+                 reasons={"scan": "nothing scannable"})  # fmt: skip
         d = self.root / "any--symlink-loop-file"
         d.mkdir()
         (d / "loop.safetensors").symlink_to(d / "loop.safetensors")
@@ -691,7 +779,7 @@ class _Corpus:
         marker = self.markers / "any--payload-side-file"
         torch.save({"model": SystemPayload(marker)}, d / "extra.pt")
         self.add("any--payload-side-file", d, 2, "a dir whose only tensor file is a pickle with a payload", "any",
-                 reason="refused to load", marker=marker)  # fmt: skip
+                 reason="refused to load", marker=marker, payload=d / "extra.pt")  # fmt: skip
         d = self.root / "any--header-120k-tensors"
         d.mkdir()
         f = d / "projector.safetensors"
@@ -713,24 +801,33 @@ def build_corpus(root: Path) -> list[Case]:
 
 
 def build_payload_files(root: Path) -> list[Case]:
-    """Only the malicious pickles (both families), in a fresh ``root``; cheap (no model build)."""
+    """Only the malicious pickles, in a fresh ``root``: ``mm_projector.bin`` dirs (each payload as a
+    torch.save zip, a legacy torch.save and a plain pickle) and HF LLaVA dirs whose weights are a
+    ``pytorch_model.bin`` with a payload (what transformers' ``from_pretrained`` would load). Builds
+    the pristine bases too (about a second), so every command gets a valid reference and data."""
     root = Path(root)
     root.mkdir(parents=True)
     corpus = _Corpus(root)
     corpus.markers.mkdir()
-    corpus.bases.root.mkdir()
-    mlp = _mlp(VISION_DIM, TEXT_DIM, TEXT_DIM, seed=1)
-    sd = {f"model.mm_projector.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
-    base = corpus.bases.root / "mm-bin"
-    base.mkdir()
-    torch.save(sd, base / "mm_projector.bin")
+    corpus.bases.build()
+    sd = torch.load(corpus.bases.mm_bin / "mm_projector.bin", weights_only=True)
+    # guard and evaluate load a whole HF LLaVA model with transformers, which never opens mm_projector.bin
+    not_llava = {"guard": "cannot load as a LLaVA model", "evaluate": "cannot load as a LLaVA model"}
     for pname in PAYLOADS:
         for how in ("torch", "legacy", "plain"):
             name = f"payload-{pname}-{how}"
-            d, c = corpus._fresh(name, base)
+            d, c = corpus._fresh(name, corpus.bases.mm_bin)
             marker = corpus._payload(c / "mm_projector.bin", name, pname, sd, how)
-            corpus.add(name, c, 2, f"{how} pickle with a {pname} payload", "mm-bin",
-                       reason="refused to load", marker=marker)  # fmt: skip
+            corpus.add(name, c, 2, f"{how} pickle with a {pname} payload", "mm-bin", reason="refused to load",
+                       marker=marker, payload=c / "mm_projector.bin", reasons=not_llava)  # fmt: skip
+    hf_sd = load_file(corpus.bases.hf / "model.safetensors")
+    for pname in PAYLOADS:
+        name = f"payload-{pname}-hf-pytorch-model-bin"
+        d, c = corpus._fresh(name, corpus.bases.hf)
+        (c / "model.safetensors").unlink()
+        marker = corpus._payload(c / "pytorch_model.bin", name, pname, hf_sd, "torch")
+        corpus.add(name, c, 2, f"HF LLaVA dir whose pytorch_model.bin has a {pname} payload", "hf",
+                   reason="refused to load", marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
     return corpus.cases
 
 
@@ -753,31 +850,47 @@ for path in sys.argv[1:]:
 sys.exit(worst)
 """
 
-# name -> CLI arguments ({ckpt}: the case path, {out}: a fresh output path); "reader" is the
-# checkpoint reader alone (detect_format, load_projector, load_lm_readout, load_tokenizer_vocab)
-# with the CLI's exception -> exit code mapping. A CLI command missing from `main.commands` is
-# skipped; add a new one here with one line.
+# name -> CLI arguments. {ckpt}: the case path, {out}: a fresh output path (with the input's suffix
+# when the input is a file: sanitize keeps the file type), {ref}: the pristine reference of the
+# case's family, {data}: a small LLaVA conversation JSON, {images}: its folder of PNGs. "reader" is
+# the checkpoint reader alone (detect_format, load_projector, load_lm_readout, load_tokenizer_vocab)
+# with the CLI's exception -> exit code mapping.
 COMMANDS: dict[str, list[str]] = {
     "reader": [],
     "scan": ["scan", "{ckpt}"],
-    "sanitize": ["sanitize", "{ckpt}", "--out", "{out}"],
-    "analyze": ["analyze", "{ckpt}", "--out", "{out}"],
+    "analyze": ["analyze", "{ckpt}", "--reference", "{ref}", "--out", "{out}", "--data", "{data}", "--probes", "{data}",
+                "--n-probes", "4", "--max-test", "4", "--k", "0,1"],
+    "sanitize": ["sanitize", "{ckpt}", "--reference", "{ref}", "--out", "{out}"],
+}
+# The other commands that take a checkpoint path; run on the malicious pickles only (they end in
+# the same reader, or in transformers' from_pretrained, which must not run a payload either).
+PAYLOAD_COMMANDS: dict[str, list[str]] = {
+    "calibrate": ["calibrate", "{ckpt}", "--reference", "{ref}", "--out", "{out}.json"],
+    "guard": ["guard", "{ckpt}", "--images", "{images}", "--reference", "{ref}", "--probes", "{data}", "--n-probes", "4"],
+    "evaluate": ["evaluate", "{ckpt}", "--data", "{data}"],
 }
 
 
-def available_commands() -> dict[str, bool]:
-    """Which of COMMANDS exist now (``reader`` always does)."""
-    from projlens_defense.cli import main
+def output_path(workdir: Path, command: str, case: Case) -> Path:
+    """Where ``command`` writes its output for ``case`` (keeps the input's suffix for a file input)."""
+    suffix = case.path.suffix if case.path.suffix and not case.path.is_dir() else ""
+    return workdir / f"out-{command}-{case.name}{suffix}"
 
-    return {name: name == "reader" or name in main.commands for name in COMMANDS}
+
+def command_args(command: str, case: Case, out: Path) -> list[str]:
+    """The CLI arguments of ``command`` on ``case`` (not for ``reader``)."""
+    template = COMMANDS.get(command) or PAYLOAD_COMMANDS[command]
+    data = case.data or Path("/nonexistent/data.json")
+    values = {"ckpt": case.path, "out": out, "ref": case.reference or "/nonexistent/reference", "data": data,
+              "images": data.parent / "images"}  # fmt: skip
+    return [a.format(**values) for a in template]
 
 
 def command_argv(command: str, case: Case, out: Path) -> list[str]:
     """The child's argv for ``command`` on ``case``."""
     if command == "reader":
         return [sys.executable, "-c", READER_SNIPPET, str(case.path)]
-    args = [a.format(ckpt=case.path, out=out) for a in COMMANDS[command]]
-    return [sys.executable, "-m", "projlens_defense", *args]
+    return [sys.executable, "-m", "projlens_defense", *command_args(command, case, out)]
 
 
 @dataclass
@@ -790,6 +903,7 @@ class RunResult:
     wall_s: float
     peak_rss_mb: float
     timed_out: bool
+    out: Path | None = None
 
     @property
     def output(self) -> str:
@@ -845,40 +959,179 @@ def run_child(argv: list[str], cwd: Path, timeout: float = TIMEOUT_S) -> tuple[i
     return rc, out, err, wall, rss_mb, timed_out
 
 
-def run_case(command: str, case: Case, workdir: Path, timeout: float = TIMEOUT_S) -> RunResult:
+def run_case(command: str, case: Case, workdir: Path, timeout: float | None = None) -> RunResult:
     """Run ``command`` on ``case`` in a child process whose cwd is ``workdir`` (created if needed)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / f"out-{command}-{case.name}"
-    rc, so, se, wall, rss, to = run_child(command_argv(command, case, out), workdir, timeout)
-    return RunResult(command, case.name, rc, so, se, wall, rss, to)
+    out = output_path(workdir, command, case)
+    rc, so, se, wall, rss, to = run_child(command_argv(command, case, out), workdir, timeout or case.time_limit)
+    return RunResult(command, case.name, rc, so, se, wall, rss, to, out)
 
 
-def problems(res: RunResult, case: Case, markers: Path) -> list[str]:
-    """Everything wrong with one run, as readable strings (empty: the run handled the case)."""
+def invoke(command: str, case: Case, workdir: Path) -> RunResult:
+    """Run ``command`` on ``case`` in this process (click's CliRunner; the reader directly).
+
+    An exception escaping the CLI is reported in ``stderr`` as ``Traceback``-marked text, so the
+    same ``problems`` check applies; RSS is not measured (NaN is ignored by ``problems(in_process)``).
+    """
+    out = output_path(workdir, command, case)
+    t0 = time.monotonic()
+    if command == "reader":
+        try:
+            code, msg = read_in_process(case.path)
+        except Exception as e:  # noqa: BLE001 - the point: nothing but ProjlensError may escape
+            code, msg = -1, f"Traceback: {type(e).__name__} escaped: {e}"
+        so, se = (msg + "\n", "") if code == 0 else ("", msg + "\n")
+    else:
+        from click.testing import CliRunner
+
+        from projlens_defense.cli import main
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = CliRunner().invoke(main, command_args(command, case, out))
+        code, so, se = res.exit_code, res.stdout, res.stderr
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            se += f"\nTraceback: {type(res.exception).__name__} escaped: {res.exception}\n"
+        # what a child process would print on stderr (its default filters hide these categories)
+        se += "".join(f"{w.category.__name__}: {w.message}\n" for w in caught if not issubclass(w.category, _HIDDEN))
+    return RunResult(command, case.name, code, so, se, time.monotonic() - t0, float("nan"), False, out)
+
+
+_HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def allowed_codes(case: Case, command: str) -> set[int]:
+    """0 and 1 both mean "processed" (1: a scan verdict of suspicious); errors must match exactly."""
+    code = case.expected_for(command)
+    return {0, 1} if code in (0, 1) else {code}
+
+
+def problems(res: RunResult, case: Case, markers: Path, in_process: bool = False) -> list[str]:
+    """Everything wrong with one run, as readable strings (empty: the run handled the case).
+
+    Exit code and message (one stderr line naming the file and containing the expected reason;
+    for a success, the reason on some line and nothing on stderr), no traceback, no marker file,
+    time and memory, and the output: nothing left behind after a failure; after a successful
+    ``sanitize`` a complete output that loads (``check_sanitized``), after ``analyze`` its report.
+    """
     bad = []
+    cmd = res.command
     if res.timed_out:
-        bad.append(f"timed out after {TIMEOUT_S:g} s")
-    if res.returncode != case.expected:
-        bad.append(f"exit code {res.returncode}, expected {case.expected}")
+        bad.append(f"timed out after {case.time_limit:g} s")
+    if res.returncode not in allowed_codes(case, cmd):
+        bad.append(f"exit code {res.returncode}, expected {case.expected_for(cmd)}: {res.output.strip()[-200:]!r}")
     if "Traceback" in res.output:
-        bad.append("traceback in the output")
+        bad.append(f"traceback in the output: {res.output.strip()[-300:]!r}")
     if "internal error" in res.output:
         bad.append("an exception escaped the reader (reported as an internal error)")
-    if not any(case.must_name() in ln for ln in res.output.splitlines()):
-        bad.append(f"no line of the output names {case.must_name()}")
+    failed = res.returncode not in (0, 1)
+    if failed and not any(case.must_name() in ln for ln in res.output.splitlines()):
+        bad.append(f"no line of the output names {case.must_name()}: {res.output.strip()[-200:]!r}")
+    reason = case.reason_for(cmd)
+    if reason and not any(reason in ln and case.must_name() in ln for ln in res.output.splitlines()):
+        bad.append(f"no line names {case.must_name()} with the reason {reason!r}: {res.output.strip()[-200:]!r}")
     err_lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    if len(err_lines) > 1:
+    if not failed and err_lines:
+        bad.append(f"success, but stderr is not empty: {err_lines[:3]}")
+    elif len(err_lines) > 1:
         bad.append(f"{len(err_lines)} lines on stderr, not a one-line reason: {err_lines[:3]}")
     leaked = sorted(p.name for p in markers.iterdir()) if markers.is_dir() else []
     if leaked:
         bad.append(f"payload ran: marker file(s) {leaked}")
-    if not res.peak_rss_mb <= MAX_RSS_MB:  # NaN (not measured) fails too
+    if not in_process and not res.peak_rss_mb <= MAX_RSS_MB:  # NaN (not measured) fails too
         bad.append(f"peak RSS {res.peak_rss_mb:.0f} MB > {MAX_RSS_MB} MB")
-    if res.wall_s > TIMEOUT_S:
+    if res.wall_s > case.time_limit:
         bad.append(f"took {res.wall_s:.1f} s")
+    if res.out is not None and cmd in ("sanitize", "analyze"):
+        bad += check_output(cmd, case, res.out, res.returncode)
     return bad
 
 
+# ------------------------------------------------------------------------------- output checks
+def _leftovers(out: Path) -> list[str]:
+    """Hidden temporary siblings the atomic writer may leave (``.NAME.tmp-*``, ``.NAME.old-*``)."""
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*")) if out.parent.is_dir() else []
+
+
+def check_output(command: str, case: Case, out: Path, code: int) -> list[str]:
+    """What is wrong with what ``command`` left at ``out`` after exiting with ``code``."""
+    bad = [f"temporary files left beside the output: {left}" for left in [_leftovers(out)] if left]
+    if code not in (0, 1):
+        if os.path.lexists(out):
+            bad.append(f"failed, but left an output behind at {out}")
+        return bad
+    if command == "analyze":
+        if not (out / "report.md").is_file() or not (out / "report.json").is_file():
+            bad.append(f"analyze succeeded but {out} has no report.md / report.json")
+        return bad
+    return bad + check_sanitized(case.path, out)
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """Regular files under dir ``path`` (symlinks to files count, as the writer dereferences them)."""
+    found = {}
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            f = Path(dirpath) / n
+            if f.is_file():
+                found[str(f.relative_to(path))] = f
+    return found
+
+
+def check_sanitized(src: Path, out: Path) -> list[str]:
+    """A successful sanitize: ``out`` is a complete copy of ``src`` in the same layout (same file
+    names; every file that holds no projector tensor byte-identical) whose projector loads, with
+    the source's keys and shapes and finite values."""
+    from projlens_defense.checkpoint import detect_format, load_projector
+    from projlens_defense.errors import ProjlensError
+
+    if not out.exists():
+        return [f"sanitize succeeded but wrote nothing at {out}"]
+    if out.is_dir() != src.is_dir():
+        return [f"{out}: output is a {'dir' if out.is_dir() else 'file'}, the source is not"]
+    try:
+        info = detect_format(src)
+        before = load_projector(info).state_dict()
+        after = load_projector(out).state_dict()
+    except ProjlensError as e:
+        return [f"the sanitized output does not load: {e}"]
+    bad = []
+    if {k: tuple(v.shape) for k, v in before.items()} != {k: tuple(v.shape) for k, v in after.items()}:
+        bad.append("the sanitized projector's keys or shapes differ from the source's")
+    if not all(bool(torch.isfinite(v).all()) for v in after.values()):
+        bad.append("the sanitized projector has NaN/inf values")
+    if src.is_dir():
+        a, b = _files(src), _files(out)
+        if set(a) != set(b):
+            bad.append(f"output files differ from the source's: missing {sorted(set(a) - set(b))[:4]}, "
+                       f"extra {sorted(set(b) - set(a))[:4]}")  # fmt: skip
+        rewritten = {str(f.relative_to(src)) for f in info.files}
+        changed = [n for n in sorted(set(a) & set(b) - rewritten) if a[n].read_bytes() != b[n].read_bytes()]
+        if changed:
+            bad.append(f"files without projector tensors changed: {changed[:4]}")
+    return bad
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """What every entry under ``root`` is (sha256 of a file, a link's target, "fifo", "dir"), without
+    following links or opening anything but regular files; the marker dir is left out."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if Path(dirpath, d) != marker_dir(root)]
+        for n in dirs + names:
+            p = Path(dirpath) / n
+            st = os.lstat(p)
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "link:" + os.readlink(p)
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir" if stat.S_ISDIR(st.st_mode) else f"mode {st.st_mode:o}"
+    return out
+
+
+# ----------------------------------------------------------------------------- in process, pristine
 def read_in_process(path: Path) -> tuple[int, str]:
     """The ``reader`` command in this process: (exit code, one-line message or "ok")."""
     from projlens_defense import checkpoint as ck
@@ -894,31 +1147,20 @@ def read_in_process(path: Path) -> tuple[int, str]:
     return 0, f"{path}: ok, the reader accepted it"
 
 
-def pristine(root: Path) -> Path:
-    """The unmodified tiny HF LLaVA checkpoint the corpus was built from."""
-    return root / "_base" / "hf"
+def pristine_cases(root: Path) -> list[Case]:
+    """The unmodified bases the corpus was built from, as cases every command must process (exit 0,
+    or 1 for a suspicious scan verdict), so that a hostile case's error is due to its damage.
 
-
-def probe(command: str, root: Path) -> str | None:
-    """None if ``command`` handles the pristine checkpoint (exit 0 or 1), else why it cannot.
-
-    A command that cannot even process a valid checkpoint here (e.g. scan without its shipped
-    calibration) proves nothing on hostile ones.
+    Documented exceptions: ``scan`` without ``--reference`` cannot score a projector that comes
+    without its LLM (reference-free mode reads the LLM's lm_head), and ``analyze`` runs the
+    projector inside a LLaVA model, which a Qwen2-VL merger is not.
     """
-    if command == "reader":
-        code, msg = read_in_process(pristine(root))
-        return None if code == 0 else msg
-    from click.testing import CliRunner
-
-    from projlens_defense.cli import main
-
-    out = root.parent / f"probe-out-{command}"
-    res = CliRunner().invoke(main, [a.format(ckpt=pristine(root), out=out) for a in COMMANDS[command]])
-    if out.is_dir():
-        shutil.rmtree(out)
-    else:
-        out.unlink(missing_ok=True)
-    if res.exit_code in (0, 1):
-        return None
-    last = (res.output.strip().splitlines() or ["no output"])[-1]
-    return f"`{command}` cannot process a valid checkpoint here (exit {res.exit_code}: {last[:200]})"
+    b = _Bases(Path(root) / "_base")
+    no_llm = {"exits": {"scan": 2}, "reasons": {"scan": "reference-free"}}
+    bases = [("hf", b.hf, "hf", {}), ("hf-sharded", b.hf_sharded, "hf-sharded", {}),
+             ("mm-bin", b.mm_bin, "mm-bin", no_llm), ("mm-safetensors", b.mm_st, "mm-safetensors", no_llm),
+             ("qwen2-vl-merger", b.merger, "qwen2-vl-merger",
+              {"exits": {"scan": 2, "analyze": 4}, "reasons": {**no_llm["reasons"], "analyze": "LLaVA"}}),
+             ("bare-safetensors", b.bare_st, "bare-safetensors", no_llm), ("bare-pt", b.bare_pt, "bare-pt", no_llm)]  # fmt: skip
+    return [Case(f"pristine-{name}", path, 0, f"the unmodified {fam} base", fam, reference=b.reference_for(fam),
+                 data=b.data, time_limit=PRISTINE_TIMEOUT_S, **kw) for name, path, fam, kw in bases]  # fmt: skip
