@@ -106,6 +106,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Fit a calibration on the ``calib`` benign set, scan everything, print the detection tables."""
     import torch
 
+    from projlens_defense.attacks.finetune import AttackConfig
     from projlens_defense.detectors import DETECTORS
     from projlens_defense.detectors.calibration import WEIGHT_SPACE_DETECTORS, fit_calibration
     from projlens_defense.detectors.loading import load_checkpoint
@@ -113,6 +114,7 @@ def measure(args: argparse.Namespace) -> dict:
     from projlens_defense.eval.metrics import auroc, tpr_at_fpr
 
     torch.set_num_threads(args.threads)
+    base = AttackConfig(variant=None)
     zoo, out = Path(args.zoo_dir), Path(args.out)
     ref = zoo / "reference"
     groups = _groups(out)
@@ -126,8 +128,8 @@ def measure(args: argparse.Namespace) -> dict:
     for inp, (s, _) in zip(inputs, calib, strict=True):
         inp.path = s.name
     cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, margin=args.margin, rule=args.rule,
-                          note=f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr 5e-3 x "
-                               "{0.5,1,2}, 30 epochs x {0.5,1,2}; fitted by benchmarks/scan_detection.py")
+                          note=f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr {base.lr:g} x "
+                               f"{{0.5,1,2}}, {base.epochs:g} epochs x {{0.5,1,2}}; fitted by benchmarks/scan_detection.py")
     if args.save_calibration:
         cal.save(args.save_calibration)
         print(f"wrote {args.save_calibration}")

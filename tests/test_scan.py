@@ -190,7 +190,8 @@ def test_ov_layer_grouped_query_attention_matches_per_head_math() -> None:
 
 # --------------------------------------------------------------------------- calibration
 def test_calibration_threshold_is_max_leave_one_out_plus_margin() -> None:
-    cal = Calibration(null={"reference": {"lens.novelty": [1.0, 2.0, 3.0, 2.0]}}, margin=0.5)
+    cal = Calibration(null={"reference": {"lens.novelty": [1.0, 2.0, 3.0, 2.0]}}, margin=0.5,
+                      combine={"reference": ["lens.novelty"]})
     used = ["lens.novelty"]
     loo = cal.benign_scores("reference", used)
     assert len(loo) == 4 and cal.threshold("reference", used) == pytest.approx(max(loo) + 0.5)

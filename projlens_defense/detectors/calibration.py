@@ -45,10 +45,13 @@ MODE_DETECTORS: dict[str, list[str]] = {
     "reference-free": ["reference-free"],
 }
 DEFAULT_COMBINE: dict[str, list[str]] = {
-    "reference": ["lens.novelty", "lens.influence"],
-    "reference-free": ["rf.novelty", "rf.influence"],
+    "reference": ["lens.task_influence", "lens.influence"],
+    "reference-free": ["rf.task_influence"],
 }
-"""Signals the decision uses by default, chosen by benchmarks/scan_detection.py on the zoo."""
+"""Signals the decision uses by default, chosen by benchmarks/scan_detection.py on the zoo (24
+backdoored vs 8 held-out benign fine-tunes: single-signal AUROC lens.task_influence 1.000,
+lens.influence 0.995, lens.novelty 0.969, rf.task_influence 1.000, rf.influence 0.938; the
+task_* signals need a calibration fitted on >= 3 benign fine-tunes, else the fallback applies)."""
 FALLBACK_COMBINE: dict[str, list[str]] = {
     "reference": ["lens.peak"],
     "reference-free": ["rf.peak"],

@@ -197,7 +197,8 @@ class LogitLensDetector(Detector):
     fine-tunes of this model share (the downstream task's adaptation). A backdoor hides among
     them when its target is also a task answer (a refusal); projecting them out of the suspect's
     update before taking its top directions leaves what benign fine-tunes do not do. Once fitted,
-    the signals and the suspected tokens (ranked by novelty) come from that task-removed reading.
+    the task_* signals and the suspected tokens (ranked by score novelty + influence novelty) come from
+    the task-removed reading of its top ``task_k`` directions.
     """
 
     name = "logit-lens"
@@ -209,8 +210,9 @@ class LogitLensDetector(Detector):
     """The last-layer matrix whose top singular directions are read: ``delta`` (dW) or ``weight`` (W)."""
 
     def __init__(self, k: int = 3, n_tokens: int = 10, readings: Sequence[str] | None = None,
-                 std_floor: float = 0.5, task_rank: int = 4) -> None:
+                 std_floor: float = 0.5, task_rank: int = 4, task_k: int = 5) -> None:
         self.k = k
+        self.task_k = task_k
         self.n_tokens = n_tokens
         self.readings = list(readings) if readings else None
         self.std_floor = std_floor
@@ -224,13 +226,14 @@ class LogitLensDetector(Detector):
 
     # ---------------------------------------------------------------- directions
     def top_directions(self, inp: ScanInput, basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` left singular vectors and values of the last layer's :attr:`matrix`, with the
-        column space of ``basis`` [hidden, r] (orthonormal) projected out first when given."""
+        """Top-``k`` left singular vectors and values of the last layer's :attr:`matrix`; with
+        ``basis`` [hidden, r] (orthonormal), its column space is projected out first and the top
+        ``task_k`` are returned."""
         if basis is None:
             u, s, _ = inp.svd(self.matrix, -1, self.k)
             return u, s
         m = (inp.deltas()[-1] if self.matrix == "delta" else inp.projector.layers[-1].weight).float()
-        u, s, _ = top_singular(m - basis @ (basis.T @ m), self.k)
+        u, s, _ = top_singular(m - basis @ (basis.T @ m), self.task_k)
         return u, s
 
     def directions(self, inp: ScanInput, basis: torch.Tensor | None = None,
@@ -311,7 +314,7 @@ class LogitLensDetector(Detector):
         """The fitted state, JSON-serialisable (stored in a calibration file)."""
         basis = None if self.task_basis is None else [[round(v, 6) for v in row] for row in self.task_basis.tolist()]
         return {"k": self.k, "readings": self.readings, "std_floor": self.std_floor, "baseline": self.baseline,
-                "task_rank": self.task_rank, "task_basis": basis}
+                "task_rank": self.task_rank, "task_k": self.task_k, "task_basis": basis}
 
     def set_state(self, state: dict[str, Any]) -> LogitLensDetector:
         """Restore :meth:`get_state` output (a state without a task basis reads the plain lens)."""
@@ -320,6 +323,7 @@ class LogitLensDetector(Detector):
         self.std_floor = float(state.get("std_floor", self.std_floor))
         self.baseline = state.get("baseline")
         self.task_rank = int(state.get("task_rank") or 0)
+        self.task_k = int(state.get("task_k") or self.task_k)
         basis = state.get("task_basis")
         self.task_basis = None
         if basis:
@@ -364,7 +368,7 @@ class LogitLensDetector(Detector):
             if t_nov is not None:
                 signals[f"{p}.task_novelty"] = float(t_nov.max())
                 reading, nov, infl = task, t_nov, t_infl
-                rank = t_nov if t_infl is None else torch.maximum(t_nov, t_infl)
+                rank = t_nov if t_infl is None else t_nov + t_infl
             if t_infl is not None:
                 signals[f"{p}.task_influence"] = float(t_infl.max())
         z, best_col = reading.token_scores(), reading.best_column()

@@ -34,8 +34,9 @@ class ReferenceFreeDetector(LogitLensDetector):
     matrix = "weight"
 
     def __init__(self, k: int = 8, n_tokens: int = 10, readings: list[str] | None = None,
-                 std_floor: float = 0.5, task_rank: int = 4) -> None:
-        super().__init__(k=k, n_tokens=n_tokens, readings=readings, std_floor=std_floor, task_rank=task_rank)
+                 std_floor: float = 0.5, task_rank: int = 4, task_k: int = 5) -> None:
+        super().__init__(k=k, n_tokens=n_tokens, readings=readings, std_floor=std_floor, task_rank=task_rank,
+                         task_k=task_k)
 
     def directions(self, inp: ScanInput, basis: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, list[str], torch.Tensor, dict[str, Any]]:
