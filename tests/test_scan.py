@@ -422,7 +422,7 @@ def test_task_removed_lens_names_a_target_hidden_under_the_task(world: dict[str,
     """The plain reading of a backdoor that shares the task's update direction names the task's
     token; removing the benign fine-tunes' shared subspace names the target (the refusal case)."""
     det = LogitLensDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
-    assert det.task_basis is not None and det.task_basis.shape[1] == det.task_rank == 4
+    assert det.task_basis is not None and det.task_rank == 4 and det.task_basis.shape[1] == 8  # kept for mitigations
     inp = _input(world, "suspect_task")
     assert int(det.reading(inp, None)[0].token_scores().argmax()) == TASK
     rep = det.score(inp)
@@ -452,6 +452,7 @@ def test_data_free_subspace_removes_the_backdoor_outside_the_task_subspace(
     assert res.report["selection"].startswith("top component(s) of the last layer's update outside")
     assert res.report["rank"] == 1
     basis = LogitLensDetector().set_state(load_calibration(calibration_file).detector_states["logit-lens"]).task_basis
+    basis = basis[:, : MITIGATIONS["subspace"].defaults()["task_rank"]]
     before, after = sus.delta(ref)[-1], res.projector.delta(ref)[-1]
     assert torch.allclose(basis.T @ after, basis.T @ before, atol=1e-5)  # the task piece is untouched
     assert torch.equal(res.projector.layers[0].weight, sus.layers[0].weight)

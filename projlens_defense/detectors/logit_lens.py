@@ -43,6 +43,8 @@ from projlens_defense.errors import CheckpointError
 __all__ = ["LensReading", "LogitLensDetector", "lens_reading"]
 
 READINGS = ("attention", "embed", "lm_head")
+TASK_BASIS_STORED = 8
+"""Task directions a fitted lens keeps (best first); it removes its first ``task_rank`` of them."""
 _CHUNK = 8192
 
 
@@ -249,7 +251,7 @@ class LogitLensDetector(Detector):
 
     def _basis_for(self, inp: ScanInput) -> torch.Tensor | None:
         b = self.task_basis
-        return b if b is not None and b.shape[0] == inp.projector.out_dim else None
+        return b[:, : self.task_rank] if b is not None and b.shape[0] == inp.projector.out_dim else None
 
     def reading(self, inp: ScanInput, basis: torch.Tensor | None | str = "fitted") -> tuple[LensReading, dict[str, Any]]:
         """The lens reading of ``inp``: with the fitted task subspace removed (default, when fitted
@@ -267,17 +269,19 @@ class LogitLensDetector(Detector):
                 memo[key] = hit
         return hit
 
-    def task_subspace(self, benign: Sequence[ScanInput]) -> torch.Tensor | None:
-        """The top ``task_rank`` output directions of the benign fine-tunes' last-layer matrices
-        (from each one's top singular triplets, so a 4096-wide model needs no stacked matrix)."""
-        if self.task_rank <= 0 or not benign:
+    def task_subspace(self, benign: Sequence[ScanInput], rank: int | None = None) -> torch.Tensor | None:
+        """The top ``rank`` (default ``task_rank``) output directions of the benign fine-tunes'
+        last-layer matrices, best first (from each one's top singular triplets, so a 4096-wide
+        model needs no stacked matrix)."""
+        rank = self.task_rank if rank is None else rank
+        if rank <= 0 or not benign:
             return None
         cols = []
         for b in benign:
-            u, s, _ = b.svd(self.matrix, -1, max(SVD_RANK, self.task_rank))
+            u, s, _ = b.svd(self.matrix, -1, max(SVD_RANK, rank))
             cols.append(u * s[None])
         u, _, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
-        return u[:, : self.task_rank].contiguous()
+        return u[:, :rank].contiguous()
 
     # ---------------------------------------------------------------- fit / state
     def fit(self, benign: Sequence[ScanInput]) -> LogitLensDetector:
@@ -306,7 +310,8 @@ class LogitLensDetector(Detector):
             self.baseline["task_score"] = stats([r.token_scores() for r in loo])
             if all(r.influence is not None for r in loo):
                 self.baseline["task_influence"] = stats([r.influence for r in loo])  # type: ignore[misc]
-            self.task_basis = self.task_subspace(usable)
+            # stored with more directions than the lens removes: mitigations may remove a larger task part
+            self.task_basis = self.task_subspace(usable, max(self.task_rank, TASK_BASIS_STORED))
         self._fits += 1
         return self
 

@@ -6,8 +6,9 @@ are removed (the rank) is chosen automatically:
 * **data-free** (weights only), with a scan calibration that holds the benign **task subspace**
   (the output directions benign fine-tunes of this model share, see
   :class:`~projlens_defense.detectors.logit_lens.LogitLensDetector`): the update of the last layer
-  is split into its task part and the rest, and the top ``task_removed_rank`` singular components
-  of the rest are removed. The task adaptation is kept whole; what a backdoor adds on top of it is
+  is split into its part inside the top ``task_rank`` task directions and the rest, and the top
+  ``task_removed_rank`` singular components of the rest are removed (``task_rank`` 6 and 1
+  component were chosen on the zoo's 10% checkpoints: rank 4 left 5-9% ASR on perceptual-hijack). The task adaptation is kept whole; what a backdoor adds on top of it is
   the dominant low-rank piece outside it (finding 1), also when its target is a task answer.
 * **data-free** without such a calibration: through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
@@ -73,13 +74,14 @@ def lens_threshold(lens: Any, dim: int, n: int, sigma: float, seed: int = 0) -> 
     return mean + sigma * std, mean, std
 
 
-def task_basis(calibration: Any, width: int) -> torch.Tensor | None:
-    """The benign task subspace [width, r] a scan calibration learned (None without one of this width)."""
+def task_basis(calibration: Any, width: int, rank: int) -> torch.Tensor | None:
+    """The top ``rank`` directions [width, <= rank] of the benign task subspace a scan calibration
+    learned (None without one of this width)."""
     from projlens_defense.detectors.logit_lens import LogitLensDetector
 
     state = getattr(calibration, "detector_states", {}).get("logit-lens") if calibration is not None else None
     basis = LogitLensDetector().set_state(state).task_basis if state else None
-    return basis if basis is not None and basis.shape[0] == width else None
+    return basis[:, :rank] if basis is not None and basis.shape[0] == width and rank > 0 else None
 
 
 def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> list[float] | None:
@@ -119,7 +121,7 @@ class SubspaceMitigation(LensGuidedMitigation):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"k": 8, "layers": "auto", "rank": "auto", "task_removed_rank": 1, "lens_sigma": 1.25, "min_energy": 0.05, "min_novelty": 2.5, "n_random": 256, "fallback_rank": 1,
+        return {"k": 8, "layers": "auto", "rank": "auto", "task_rank": 6, "task_removed_rank": 1, "lens_sigma": 1.25, "min_energy": 0.05, "min_novelty": 2.5, "n_random": 256, "fallback_rank": 1,
                 "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "off_support": 0.05, "clean_tol": 0.03,
                 "verify": True, "seed": 0}
 
@@ -154,7 +156,7 @@ class SubspaceMitigation(LensGuidedMitigation):
     # ------------------------------------------------------------------ data-free
     def _data_free(self, suspect: Projector, delta: list[torch.Tensor]) -> tuple[list[Component], dict[str, Any]]:
         p = self.params
-        basis = task_basis(self.calibration, suspect.out_dim)
+        basis = task_basis(self.calibration, suspect.out_dim, int(p["task_rank"]))
         if basis is not None and int(p["task_removed_rank"]) > 0:
             return self._task_removed(suspect, delta, basis)
         cands = top_components(delta, self._layers(suspect, False), p["k"])
@@ -205,7 +207,7 @@ class SubspaceMitigation(LensGuidedMitigation):
                                      clean: CleanData) -> tuple[list[Component], dict[str, Any]]:
         """The data-free task-removed step when the calibration allows it, then the probe-guided
         search on what is left (which removes nothing more when no fixed-target response remains)."""
-        basis = task_basis(self.calibration, suspect.out_dim)
+        basis = task_basis(self.calibration, suspect.out_dim, int(self.params["task_rank"]))
         if basis is None or int(self.params["task_removed_rank"]) <= 0:
             return self._few_shot(suspect, delta, clean)
         first, head = self._task_removed(suspect, delta, basis)
