@@ -22,6 +22,22 @@ def _names(registry: dict, chosen: tuple[str, ...], what: str) -> list[str]:
     return list(chosen)
 
 
+def _mitigation_params(preset: dict, items: tuple[str, ...], methods: list[str]) -> dict[str, dict]:
+    """The preset's per-method parameters, overridden by ``NAME.KEY=VALUE`` items; each set is checked."""
+    from .commands_sanitize import _parse_params
+    from .mitigations import MITIGATIONS
+
+    out = {m: dict(v) for m, v in preset.items() if m in methods}
+    for key, value in _parse_params(items).items():
+        name, _, param = key.partition(".")
+        if name not in methods or not param:
+            raise UsageError(f"--mitigation-param expects NAME.KEY=VALUE with NAME one of {methods}, got {key!r}")
+        out.setdefault(name, {})[param] = value
+    for name, params in out.items():
+        MITIGATIONS[name](**params)  # unknown parameters: a usage error now, not in the middle of the grid
+    return out
+
+
 @click.group(invoke_without_command=True)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
               help="tiny: micro zoo, rate 0.1, seeds 0 1. full: default zoo, rates 0.1 0.01, seeds 0 1 2.")
@@ -37,6 +53,9 @@ def _names(registry: dict, chosen: tuple[str, ...], what: str) -> list[str]:
 @click.option("--n-clean", type=int, default=64, show_default=True, help="Clean-sample budget of few-shot defenses.")
 @click.option("--n-input-images", type=int, default=32, show_default=True,
               help="Clean and triggered test images per backdoored cell that image-level input detectors (STRIP) score.")
+@click.option("--mitigation-param", "mitigation_params", multiple=True,
+              help="Mitigation parameter NAME.KEY=VALUE (repeatable; JSON values), e.g. unlearn.rounds=12; "
+                   "overrides the preset's (tiny: unlearn.rounds=4).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Cells run in parallel processes.")
 @click.option("--launcher", type=click.Choice(["local", "accelerate"]), default="local", show_default=True,
               help="How each cell's fine-tune runs: in the bench process, or as `accelerate launch ... -m "
@@ -47,7 +66,7 @@ def _names(registry: dict, chosen: tuple[str, ...], what: str) -> list[str]:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (resumable).")
 @click.pass_context
 def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, model, data, test_data, epochs, n_clean,
-          n_input_images, jobs, launcher, launch_args, shard, out) -> None:
+          n_input_images, mitigation_params, jobs, launcher, launch_args, shard, out) -> None:
     """Attacks x poison rates x seeds x defenses with benign controls; results.jsonl, summary.md/csv, figures.
 
     Resumable: cells whose results exist in OUT/results.jsonl are skipped. Run it as one process; to put
@@ -79,12 +98,13 @@ def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, mo
             MITIGATIONS = {}
         mit = _names(MITIGATIONS, mitigations, "mitigation(s)")
     model, data, test_data = resolve_model_and_data(model, data, p["zoo"], 0, test_data)
+    mparams = _mitigation_params(p.get("mitigation_params", {}), mitigation_params, mit)
     cfg = BenchConfig(
         variants=names["variants"], poison_rates=list(poison_rates) or p["poison_rates"],
         seeds=list(seeds) or p["seeds"], detectors=names["detectors"], mitigations=mit,
         model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean,
         n_input_images=n_input_images, epochs=epochs, jobs=jobs, shard=shard_spec, launcher=launcher,
-        launch_args=launch_args,
+        launch_args=launch_args, mitigation_params=mparams,
     )
     t = time.time()
     recs = run_bench(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -118,3 +119,25 @@ def test_bench_usage_errors():
     assert r.exit_code == 4 and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["bench", "--shard", "3/2", "--out", "x"])
     assert r.exit_code == 4
+    for bad in ("unlearn.nope=1", "nope.rounds=1", "unlearn"):
+        r = CliRunner().invoke(main, ["bench", "--mitigation-param", bad, "--out", "x"])
+        assert r.exit_code == 4 and "Traceback" not in r.output and "unlearn" in r.output
+
+
+def test_mitigation_params_reach_the_method_and_the_summary(tmp_path: Path) -> None:
+    """A preset's / --mitigation-param's parameters are what the mitigation runs with, and the summary says so."""
+    from projlens_defense.commands_bench import _mitigation_params
+    from projlens_defense.eval.bench import PRESETS
+    from projlens_defense.eval.summary import write_summary
+
+    got = _mitigation_params(PRESETS["tiny"]["mitigation_params"], ("unlearn.train_steps=5", "clp.u=2.5"),
+                             ["unlearn", "clp"])
+    assert got == {"unlearn": {"rounds": 4, "train_steps": 5}, "clp": {"u": 2.5}}
+    assert _mitigation_params(PRESETS["tiny"]["mitigation_params"], (), ["clp"]) == {}  # unlearn not run
+    m = {"clean_accuracy": 0.9, "asr": 0.0, "false_activation": 0.0, "n_clean": 10, "n_triggered": 10}
+    rec = {"key": "k", "label": "badnets", "cell": {"variant": "badnets", "poison_rate": 0.1, "seed": 0},
+           "benign": False, "metrics": {"badnets": {**m, "asr": 0.9}}, "detectors": {},
+           "mitigations": {"unlearn": {"badnets": m, "seconds": 1.0, "params": {"rounds": 4}}}}
+    write_summary([rec], tmp_path, figures=False)
+    text = (tmp_path / "summary.md").read_text()
+    assert 'unlearn: {"rounds": 4}' in text and "| unlearn | badnets | 0.1 | 1 | 0.000" in text

@@ -7,6 +7,7 @@ Every number in `summary.md` / `summary.csv` is recomputed here from `results.js
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -66,6 +67,10 @@ def input_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+MITIGATION_EXTRAS = ("seconds", "params")
+"""Keys of a cell's per-mitigation entry that are not a variant's metrics."""
+
+
 def mitigation_rows(records: list[dict]) -> list[dict]:
     """Per mitigation (and `none`), variant and poison rate: ASR and clean accuracy over seeds, and the
     clean-accuracy change against the unmitigated benign control of the same seed."""
@@ -75,7 +80,7 @@ def mitigation_rows(records: list[dict]) -> list[dict]:
     for r in records:
         c = r["cell"]
         variant = c["variant"] or "benign"
-        results = {"none": r["metrics"], **{k: {kk: vv for kk, vv in v.items() if kk != "seconds"}
+        results = {"none": r["metrics"], **{k: {kk: vv for kk, vv in v.items() if kk not in MITIGATION_EXTRAS}
                                              for k, v in r["mitigations"].items()}}
         for mit, per_variant in results.items():
             ms = list(per_variant.values())
@@ -125,6 +130,10 @@ def write_summary(records: list[dict], out: Path, figures: bool = True) -> dict:
     lines += [f"| {r['mitigation']} | {r['variant']} | {r['poison_rate']:g} | {r['n_seeds']} | "
               f"{_f(r['asr_mean'])} ± {_f(r['asr_std'])} | {_f(r['clean_acc_mean'])} ± {_f(r['clean_acc_std'])} | "
               f"{_f(r['clean_drop_vs_benign'])} |" for r in mit]
+    params = sorted({f"{m}: {json.dumps(v['params'], sort_keys=True)}" for r in records
+                     for m, v in (r.get("mitigations") or {}).items() if isinstance(v, dict) and v.get("params")})
+    if params:
+        lines += ["", "Mitigation parameters other than the defaults: " + "; ".join(params) + "."]
     timings = defaultdict(list)
     for r in records:
         for k, v in r.get("timings_s", {}).items():
