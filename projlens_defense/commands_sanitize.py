@@ -47,6 +47,8 @@ def _text(rec: dict[str, Any]) -> str:
         pr = r["probe"]
         lines.append(f"probe: target {pr.get('target')!r} on {pr.get('support', 0):.0%} of the clean samples "
                      f"(modal answer under the synthesized trigger: {pr.get('modal_probe_answer')!r})")
+    if "selection" in r:
+        lines.append(f"selection: {r['selection']}")
     if "rank" in r:
         lines.append(f"removed: rank {r['rank']}, energy of the update removed {r.get('energy_removed')}")
     for c in r.get("removed", []) if isinstance(r.get("removed"), list) else []:
