@@ -148,7 +148,7 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
         if len(samples) < n_clean:
             warnings.append(f"--clean-data has only {len(samples)} samples")
     kw: dict[str, Any] = _parse_params(params)
-    if method in LENS_METHODS and (clean is None or method == "target-direction"):
+    if method in LENS_METHODS:
         from .mitigations.lens import lens_context
 
         kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings, calibration)

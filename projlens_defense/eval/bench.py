@@ -237,14 +237,19 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
         return {}
     from ..checkpoint import load_projector
     from ..eval.evaluate import evaluate
-    from ..mitigations import MITIGATIONS
+    from ..mitigations import LENS_METHODS, MITIGATIONS
+    from ..mitigations.lens import lens_context
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
+    lens: dict = {}
+    if set(cfg.mitigations) & set(LENS_METHODS):  # as `sanitize` runs them: logit lens + matching scan calibration
+        lens["lens"], lens["calibration"] = lens_context(ckpt, reference)
     out = {}
     for name in cfg.mitigations:
         t = time.time()
         params = cfg.mitigation_params.get(name, {})
-        module = MITIGATIONS[name](**params).apply(suspect, reference, clean).as_module()
+        kw = {**params, **(lens if name in LENS_METHODS else {})}
+        module = MITIGATIONS[name](**kw).apply(suspect, reference, clean).as_module()
         out[name] = {v: evaluate(rt, es, projector=module).to_dict() for v, es in sets.items()}
         out[name]["seconds"] = round(time.time() - t, 2)
         if params:

@@ -214,6 +214,7 @@ class SubspaceMitigation(LensGuidedMitigation):
         rest = remove_components(suspect, first)
         more, report = self._few_shot(rest, [d + e for d, e in zip(delta, rest.delta(suspect), strict=True)], clean)
         report["task_removed_step"] = {**head, "removed": len(first)}
+        report["selection"] = f"{head['selection']}; then on what is left: {report.get('selection')}"
         return first + more, report
 
     def _few_shot(self, suspect: Projector, delta: list[torch.Tensor],
