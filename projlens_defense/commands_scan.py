@@ -109,6 +109,8 @@ def _layer_lines(r) -> list[str]:
             ev = d["evidence"]
             top = ", ".join(f"{t['token']} (z {t['z']:.1f})" for t in ev.get("top_tokens", [])[:5])
             what = "update dW" if d["name"] == "logit-lens" else "weights (no reference)"
+            if ev.get("task_rank_removed"):
+                what += f" outside the benign task subspace (rank {ev['task_rank_removed']})"
             lines.append(f"    lens on {what} via {'/'.join(ev.get('readings', []))}: {top}")
             for key in ("most_novel_token", "most_influenced_token"):
                 if key in ev:
