@@ -424,7 +424,7 @@ def test_task_removed_lens_names_a_target_hidden_under_the_task(world: dict[str,
     det = LogitLensDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
     assert det.task_basis is not None and det.task_rank == 4 and det.task_basis.shape[1] == 8  # kept for mitigations
     inp = _input(world, "suspect_task")
-    assert int(det.reading(inp, None)[0].token_scores().argmax()) == TASK
+    assert int(det.reading(inp, task=False)[0].token_scores().argmax()) == TASK
     rep = det.score(inp)
     assert rep.suspected_tokens[0] == f"tok{TARGET}"
     assert rep.evidence["task_rank_removed"] == 4 and rep.signals["lens.task_novelty"] > 3

@@ -253,21 +253,21 @@ class LogitLensDetector(Detector):
         b = self.task_basis
         return b[:, : self.task_rank] if b is not None and b.shape[0] == inp.projector.out_dim else None
 
-    def reading(self, inp: ScanInput, basis: torch.Tensor | None | str = "fitted") -> tuple[LensReading, dict[str, Any]]:
-        """The lens reading of ``inp``: with the fitted task subspace removed (default, when fitted
-        for this width), or with ``basis`` removed (None: the plain reading). Memoised per input."""
-        b = self._basis_for(inp) if isinstance(basis, str) else basis
-        key = None if b is None else ("fitted", self._fits) if isinstance(basis, str) else "once"
+    def reading(self, inp: ScanInput, task: bool = True) -> tuple[LensReading, dict[str, Any]]:
+        """The lens reading of ``inp``, with the fitted task subspace removed when ``task`` and one is
+        fitted for this width (else the plain reading). Memoised per input and fitted basis."""
+        b = self._basis_for(inp) if task else None
+        key = None if b is None else self._fits
         memo = self._memo.setdefault(inp, {})
-        hit = memo.get(key)
-        if hit is None:
-            d, names, w, ev = self.directions(inp, b)
-            if b is not None:
-                ev = {**ev, "task_rank_removed": int(b.shape[1])}
-            hit = (lens_reading(inp, d, names, self.readings, w), ev)
-            if key != "once":  # an explicit basis is read once, never memoised
-                memo[key] = hit
-        return hit
+        if key not in memo:
+            memo[key] = self._read(inp, b)
+        return memo[key]
+
+    def _read(self, inp: ScanInput, basis: torch.Tensor | None) -> tuple[LensReading, dict[str, Any]]:
+        d, names, w, ev = self.directions(inp, basis)
+        if basis is not None:
+            ev = {**ev, "task_rank_removed": int(basis.shape[1])}
+        return lens_reading(inp, d, names, self.readings, w), ev
 
     def task_subspace(self, benign: Sequence[ScanInput], rank: int | None = None) -> torch.Tensor | None:
         """The top ``rank`` (default ``task_rank``) output directions of the benign fine-tunes'
@@ -291,7 +291,7 @@ class LogitLensDetector(Detector):
         fine-tune read with the subspace of the others, so its reading is out of sample)."""
         usable = [b for b in benign if self.can_score(b)]
         self.task_basis = None
-        readings = [self.reading(b, None)[0] for b in usable]
+        readings = [self.reading(b, task=False)[0] for b in usable]
         if len(readings) < 2 or len({r.z.shape[0] for r in readings}) != 1:
             self.baseline = None
             return self
@@ -306,7 +306,7 @@ class LogitLensDetector(Detector):
         if all(r.influence is not None for r in readings):
             self.baseline["influence"] = stats([r.influence for r in readings])  # type: ignore[misc]
         if self.task_rank > 0 and len(usable) >= 3:
-            loo = [self.reading(b, self.task_subspace(usable[:i] + usable[i + 1 :]))[0] for i, b in enumerate(usable)]
+            loo = [self._read(b, self.task_subspace(usable[:i] + usable[i + 1 :]))[0] for i, b in enumerate(usable)]
             self.baseline["task_score"] = stats([r.token_scores() for r in loo])
             if all(r.influence is not None for r in loo):
                 self.baseline["task_influence"] = stats([r.influence for r in loo])  # type: ignore[misc]
@@ -354,7 +354,7 @@ class LogitLensDetector(Detector):
         if not self.can_score(inp):
             raise MissingInput(f"{self.name}: input lacks a reference or the LLM read-out")
         p = self.prefix
-        plain, ev = self.reading(inp, None)
+        plain, ev = self.reading(inp, task=False)
         scores = plain.token_scores()
         nov = self.novelty(scores)
         infl = self.novelty(plain.influence, "influence")
