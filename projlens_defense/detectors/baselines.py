@@ -36,41 +36,47 @@ from projlens_defense.detectors.input_level import (
 __all__ = ["ActivationClusteringDetector", "SpectralSignatureDetector", "StripDetector"]
 
 
-def _pooled_outputs(inp: ScanInput, features: torch.Tensor, pool: str) -> np.ndarray:
-    with torch.no_grad():
-        out = inp.projector.forward(features.float())
-    if out.ndim == 2:
-        out = out[:, None]
-    if pool == "mean":
-        return out.mean(1).double().numpy()
-    if pool == "flat":
-        return out.reshape(out.shape[0], -1).double().numpy()
-    raise ValueError(f"unknown pooling {pool!r} (mean, flat)")
+class _BatchOutputDetector(InputDetector):
+    """A batch-level baseline on the batch's own projector outputs: nothing to calibrate on clean probes."""
+
+    batch_level = True
+    needs = (EXTRA_INPUTS,)
+    pool: str = "mean"
+
+    def calibrate(self, inp: ScanInput) -> _BatchOutputDetector:
+        return self
+
+    def outputs(self, inp: ScanInput, features: torch.Tensor | None) -> np.ndarray:
+        """The batch's projector outputs, pooled per input (``pool``: mean over tokens or flat)."""
+        if features is None:
+            raise MissingInput(f"{self.name}: needs vision features of the inputs")
+        with torch.no_grad():
+            out = inp.projector.forward(features.float())
+        if out.ndim == 2:
+            out = out[:, None]
+        if self.pool == "mean":
+            return out.mean(1).double().numpy()
+        if self.pool == "flat":
+            return out.reshape(out.shape[0], -1).double().numpy()
+        raise ValueError(f"unknown pooling {self.pool!r} (mean, flat)")
 
 
-class SpectralSignatureDetector(InputDetector):
+class SpectralSignatureDetector(_BatchOutputDetector):
     """Squared projection on the top singular vector of the centred batch of projector outputs.
 
     ``threshold`` is batch-relative: the ``remove_frac`` highest-scoring inputs of a batch are flagged.
     """
 
     name = "spectral-signatures"
-    batch_level = True
-    needs = (EXTRA_INPUTS,)
 
     def __init__(self, pool: str = "mean", remove_frac: float = 0.15) -> None:
         super().__init__()
         self.pool = pool
         self.remove_frac = remove_frac
 
-    def calibrate(self, inp: ScanInput) -> SpectralSignatureDetector:
-        return self
-
     def score_inputs(self, inp: ScanInput, features: torch.Tensor | None, images: Sequence[np.ndarray] | None = None,
                      questions: Sequence[str] | None = None) -> np.ndarray:
-        if features is None:
-            raise MissingInput(f"{self.name}: needs vision features of the inputs")
-        r = _pooled_outputs(inp, features, self.pool)
+        r = self.outputs(inp, features)
         r = r - r.mean(0)
         _, _, vt = np.linalg.svd(r, full_matrices=False)
         scores = (r @ vt[0]) ** 2
@@ -78,7 +84,7 @@ class SpectralSignatureDetector(InputDetector):
         return scores
 
 
-class ActivationClusteringDetector(InputDetector):
+class ActivationClusteringDetector(_BatchOutputDetector):
     """2-means on the batch's top ``n_components`` principal components of projector outputs.
 
     Score: distance to the larger cluster's centre minus distance to the smaller one's (higher =
@@ -87,8 +93,6 @@ class ActivationClusteringDetector(InputDetector):
     """
 
     name = "activation-clustering"
-    batch_level = True
-    needs = (EXTRA_INPUTS,)
 
     def __init__(self, pool: str = "mean", n_components: int = 10, max_size: float = 0.35, seed: int = 0) -> None:
         super().__init__()
@@ -98,17 +102,12 @@ class ActivationClusteringDetector(InputDetector):
         self.seed = seed
         self._flag_mask: np.ndarray | None = None
 
-    def calibrate(self, inp: ScanInput) -> ActivationClusteringDetector:
-        return self
-
     def score_inputs(self, inp: ScanInput, features: torch.Tensor | None, images: Sequence[np.ndarray] | None = None,
                      questions: Sequence[str] | None = None) -> np.ndarray:
         from sklearn.cluster import KMeans
         from sklearn.decomposition import PCA
 
-        if features is None:
-            raise MissingInput(f"{self.name}: needs vision features of the inputs")
-        r = _pooled_outputs(inp, features, self.pool)
+        r = self.outputs(inp, features)
         n_comp = max(1, min(self.n_components, r.shape[0] - 1, r.shape[1]))
         z = PCA(n_components=n_comp, random_state=self.seed).fit_transform(r)
         km = KMeans(n_clusters=2, n_init=10, random_state=self.seed).fit(z)
