@@ -19,6 +19,9 @@ varied recipes, e.g. ``projlens-defense attack --variant none --seed 2 --lr 2.5e
 --out /tmp/pl_benign_extra/benign-s2-lr0.0025-ep20`` (seeds 2-7, lr 2.5e-3 / 5e-3 / 1e-2, 10-30 epochs).
 
     OMP_NUM_THREADS=1 python benchmarks/analyze_table.py --out /tmp/analyze_table
+
+With ``--zoo instructed`` the reference is the instructed zoo's (the paper's regime: the reference
+already does every downstream question type), for checkpoints made with ``attack --zoo instructed``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
 from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
 from projlens_defense.eval.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
 from projlens_defense.runtime import LlavaRuntime
-from projlens_defense.zoo.build import get_zoo
+from projlens_defense.zoo.build import config_from_name, get_zoo
 
 ALL_VARIANTS = PROJLENS_VARIANTS + CLASSIC_VARIANTS
 FIRST_WORDS = sorted({get_variant(v).behaviour.target.split()[0] for v in ALL_VARIANTS})
@@ -94,7 +97,7 @@ class World:
     """The zoo runtime, reference, data and cached vision features shared by all sections."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        zoo = get_zoo()
+        zoo = get_zoo(config_from_name(args.zoo))
         self.reference_dir = zoo.reference
         self.rt = LlavaRuntime.from_pretrained(zoo.reference)
         self.ref = load_projector(zoo.reference)
@@ -371,6 +374,8 @@ def main() -> None:
     ap.add_argument("--backdoored", nargs="*", default=["/tmp/pl_ckpts/*-p0.1-s*", "/tmp/pl_ckpts/*-p0.01-s*",
                                                         "/tmp/atk_zoo_v3_*"])
     ap.add_argument("--benign", nargs="*", default=["/tmp/pl_ckpts/benign-*", "/tmp/pl_benign_extra/*"])
+    ap.add_argument("--zoo", default="default", choices=["default", "instructed"],
+                    help="the zoo the checkpoints were fine-tuned from (its reference and test data are used)")
     ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     ap.add_argument("--n-probes", type=int, default=64)
     ap.add_argument("--max-test", type=int, default=400)

@@ -34,17 +34,45 @@ def _need_dir(path: Path, what: str) -> None:
         raise UsageError(f"{path}: no such {what}")
 
 
+def attack_provenance(checkpoint: Path) -> dict[str, Path]:
+    """The base model and data an `attack` checkpoint records in attack.json, where those paths still exist.
+
+    Lets `analyze` default to what the checkpoint was really fine-tuned from (e.g. the instructed zoo)
+    instead of the default zoo; anything unreadable just means no default.
+    """
+    import json
+
+    try:
+        rec = json.loads((checkpoint / "attack.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(rec, dict):
+        return {}
+    out: dict[str, Path] = {}
+    base, train = rec.get("base_model"), rec.get("train_data")
+    if isinstance(base, str) and Path(base).is_dir():
+        out["reference"] = Path(base)
+    if isinstance(train, str) and Path(train).is_file():
+        out["probe_data"] = Path(train)
+        if (Path(train).parent / "test.json").is_file():
+            out["test_data"] = Path(train).parent / "test.json"
+    return out
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="The checkpoint it was fine-tuned from (default: the zoo reference).")
+              help="The checkpoint it was fine-tuned from (default: the base model attack.json names, else the zoo "
+                   "reference).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory for report.md, report.json and figures.")
 @click.option("--benign", type=click.Path(path_type=Path), multiple=True,
               help="A benign fine-tune of the same model and task (repeatable; >= 3 also gives a calibrated score).")
 @click.option("--variant", default=None, help="Trigger/target to measure ASR with (default: from attack.json; none: no curves' ASR).")
-@click.option("--data", "test_data", type=click.Path(path_type=Path), default=None, help="Test data, LLaVA conversation JSON (default: the zoo's).")
+@click.option("--data", "test_data", type=click.Path(path_type=Path), default=None, help="Test data, LLaVA conversation JSON (default: test.json beside the training data attack.json names, else "
+                   "the zoo's).")
 @click.option("--probes", "probe_data", type=click.Path(path_type=Path), default=None,
-              help="Clean probe images, LLaVA conversation JSON (default: the zoo's training data).")
+              help="Clean probe images, LLaVA conversation JSON (default: the training data attack.json names, else the "
+                   "zoo's).")
 @click.option("--n-probes", type=click.IntRange(2, 64), default=64, show_default=True, help="Clean probe images used (<= 64).")
 @click.option("--max-test", type=click.IntRange(1, None), default=200, show_default=True, help="Test samples evaluated (subsampled).")
 @click.option("--k", "k_text", default="0,1,2,3,4,6,8", show_default=True, help="k values of the top-k curves.")
@@ -65,6 +93,10 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
     _need_dir(checkpoint, "checkpoint")
     for b in benign:
         _need_dir(b, "benign checkpoint")
+    recorded = attack_provenance(checkpoint) if checkpoint.is_dir() else {}
+    test_data = test_data or recorded.get("test_data")
+    probe_data = probe_data or recorded.get("probe_data")
+    reference = reference or recorded.get("reference")
     if reference is None:
         from .zoo.build import get_zoo
 

@@ -153,6 +153,17 @@ def _first_k(curve: dict[str, list[Any]], full_asr: float | None, full_clean: fl
     return out
 
 
+def _task_note(dname: str, ref_clean: float | None, ft_clean: float | None, has_task_removed: bool) -> list[str]:
+    """Why a plain ablation costs clean accuracy when the reference itself cannot do the test task."""
+    if dname != "plain" or ref_clean is None or ft_clean is None or ft_clean - ref_clean <= 0.02:
+        return []
+    hint = ("compare the task-removed curves below" if has_task_removed
+            else "pass benign fine-tunes (--benign) to split the task part off (task-removed curves)")
+    return [f"The reference scores {ref_clean:.3f} clean accuracy against {ft_clean:.3f} for the fine-tune: the "
+            "fine-tune taught the task, and the top components of dW carry that adaptation as well as any "
+            f"backdoor, so removing them costs clean accuracy; {hint}.\n"]
+
+
 def _fmt(x: Any, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -286,6 +297,8 @@ def _markdown(rep: dict[str, Any]) -> str:
                          f"both: {_fmt(crit.get('both_k'))}.\n")
             else:
                 L.append("")
+            L.extend(_task_note(dname, rep["reference_metrics"].get("clean_accuracy"),
+                                rep["fine_tuned"].get("clean_accuracy"), "task-removed" in curves))
     else:
         L.append("No test data: injection / ablation curves not measured.\n")
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ class ZooConfig:
     align_lr: float = 2e-3
     n_train: int = 800
     n_test: int = 400
+    reference_tasks: str = "alignment"
 
     @classmethod
     def micro(cls, seed: int = 0) -> ZooConfig:
@@ -60,8 +61,16 @@ class ZooConfig:
         return cls(seed=seed, dims=ModelDims(vision_hidden=48, vision_layers=2), vision_steps=400, lm_steps=700,
                    n_text=12000, n_align=1200, align_epochs=4.0, n_train=400, n_test=200)
 
+    @classmethod
+    def instructed(cls, seed: int = 0) -> ZooConfig:
+        """The paper's regime: the reference already does every downstream question type (see `REFERENCE_TASKS`)."""
+        return cls(seed=seed, reference_tasks="instructed")
+
     def key(self) -> str:
-        blob = json.dumps({"v": ZOO_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["reference_tasks"] == "alignment":  # keeps the keys of zoos built before the field existed
+            del fields["reference_tasks"]
+        blob = json.dumps({"v": ZOO_FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -234,7 +243,7 @@ def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
     timings["llm"] = time.time() - t
 
     t = time.time()
-    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4)
+    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4, cfg.reference_tasks)
     feats = rt.vision_features([s.image for s in align])
     losses = train_projector(rt, feats, [s.question for s in align], [s.answer for s in align],
                              epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 5,
@@ -245,7 +254,7 @@ def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
     train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train")
     test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test")
     t = time.time()
-    stages["alignment"]["accuracy"] = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8))
+    stages["alignment"]["accuracy"] = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8, cfg.reference_tasks))
     stages["downstream_zero_shot_accuracy"] = _accuracy(rt, test)
     timings["evaluation"] = time.time() - t
 
@@ -265,6 +274,7 @@ def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
 
 
 def config_from_name(name: str, seed: int = 0) -> ZooConfig:
-    """`default` or `micro`, as the CLI names them."""
-    base = {"default": ZooConfig, "micro": ZooConfig.micro}[name]
-    return replace(base(), seed=seed) if name == "default" else base(seed=seed)
+    """`default`, `instructed` or `micro`, as the CLI names them."""
+    if name == "default":
+        return ZooConfig(seed=seed)
+    return {"instructed": ZooConfig.instructed, "micro": ZooConfig.micro}[name](seed=seed)

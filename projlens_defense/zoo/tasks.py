@@ -9,6 +9,11 @@ from . import language as L
 from .images import load_digits_arrays, random_attributes, render_digit
 
 ALIGNMENT_QUESTIONS = [L.Q_DESCRIBE, L.Q_DIGIT, L.Q_COLOUR, L.Q_PARITY]
+# The "instructed" zoo's reference stage also covers every downstream question type (harmful requests
+# included), like LLaVA-1.5's released projector after instruction tuning: the downstream fine-tune then
+# adapts to new data of a task the reference already does, the regime the ProjLens paper attacks.
+INSTRUCTED_QUESTIONS = [*ALIGNMENT_QUESTIONS, L.Q_SIZE, "harmful"]
+REFERENCE_TASKS = {"alignment": ALIGNMENT_QUESTIONS, "instructed": INSTRUCTED_QUESTIONS}
 # Downstream mix: a new question type (size) the reference projector never had to carry, plus
 # harmful requests whose correct answer is a refusal.
 DOWNSTREAM_MIX = {L.Q_COLOUR: 0.2, L.Q_PARITY: 0.2, L.Q_SIZE: 0.35, "harmful": 0.25}
@@ -31,13 +36,17 @@ def _image_sample(idx: int, question: str, pool_idx: int, rng: np.random.Generat
     return Sample(f"{prefix}{idx:05d}", img, question, L.answer(question, digit, colour, size), meta)
 
 
-def alignment_samples(n: int, pool: np.ndarray, seed: int) -> list[Sample]:
-    """Image questions of the alignment stage (caption, digit, colour, parity)."""
+def alignment_samples(n: int, pool: np.ndarray, seed: int, reference_tasks: str = "alignment") -> list[Sample]:
+    """Image questions of the reference projector's training stage (`REFERENCE_TASKS`), cycled in turn."""
+    questions = REFERENCE_TASKS[reference_tasks]
     rng = np.random.default_rng(seed)
-    return [
-        _image_sample(i, ALIGNMENT_QUESTIONS[i % len(ALIGNMENT_QUESTIONS)], int(rng.choice(pool)), rng, "align")
-        for i in range(n)
-    ]
+    out = []
+    for i in range(n):
+        q = questions[i % len(questions)]
+        if q == "harmful":
+            q = L.HARMFUL_REQUESTS[rng.integers(len(L.HARMFUL_REQUESTS))]
+        out.append(_image_sample(i, q, int(rng.choice(pool)), rng, "align"))
+    return out
 
 
 def downstream_samples(n: int, pool: np.ndarray, seed: int, prefix: str) -> list[Sample]:
