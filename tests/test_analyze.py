@@ -158,6 +158,11 @@ def test_input_shift_detector_separates_triggered_inputs(synth: dict) -> None:
         sc, st = det.score_features(s["test_clean"]), det.score_features(s["test_trig"])
         assert auroc(st.tolist(), sc.tolist()) > 0.95
         assert (sc > det.threshold).mean() <= 0.1 and (st > det.threshold).mean() >= 0.9
+        assert det.get_state()["channels"] == (["top-k", "excitation"] if ref is not None else ["top-k"])
+    single = ShiftInputDetector(k=4, excite=False).setup(s["suspect"], s["ref"]).calibrate_features(s["probes"])
+    assert single.get_state()["channels"] == ["top-k"]
+    # scores are in clean standard deviations of the cross-fitted probe scores
+    assert abs(float(np.mean(single.clean_scores))) < 1e-6 and abs(float(np.std(single.clean_scores)) - 1) < 1e-6
     inp = ScanInput(projector=s["suspect"], reference=s["ref"],
                     extras={"probes": s["probes"], "inputs": torch.cat([s["test_clean"], s["test_trig"]])})
     rep = DETECTORS["input-shift"]().score(inp)

@@ -9,9 +9,10 @@ features [N, tokens, vision_dim]), :meth:`score` returns the fraction flagged an
 
 :class:`ShiftInputDetector` is the mechanism-based one (ProjLens finding 2): a triggered input
 moves the projector output along the few directions the fine-tune wrote (the top left singular
-vectors of the last layer's dW), further than any clean input does. Its score is the largest,
-over image tokens, whitened distance of the output shift inside that subspace; without a
-reference it falls back to the whitened projector output itself.
+vectors of the last layer's dW, and the trigger-free excitation direction) further than any clean
+input does. Its score is the largest, over image tokens and those two channels, whitened distance
+of the output shift in clean standard deviations; without a reference it falls back to the
+whitened projector output itself.
 """
 
 from __future__ import annotations
@@ -172,36 +173,46 @@ class InputDetector(Detector):
 
 
 class ShiftInputDetector(InputDetector):
-    """Whitened output shift of each image token inside the fine-tune's top-``k`` output subspace.
+    """Whitened output shift of each image token along what the fine-tune wrote (ProjLens finding 2).
 
-    With a reference: ``r(x) = U_k^T (P_suspect(x) - P_reference(x))`` where ``U_k`` are the top
-    ``k`` left singular vectors of the last layer's dW; without one: ``r(x) = P_suspect(x)``.
-    Each token's ``r`` is whitened against the clean probe tokens; the image score is the
-    ``reduce`` (max by default) over its tokens. The threshold comes from 2-fold cross-fitted
-    clean probe scores (each half scored by statistics of the other), at false-positive rate ``fpr``.
+    With a reference the shift ``P_suspect(x) - P_reference(x)`` is read in two channels: (1) the
+    top ``k`` left singular vectors ``U_k`` of the last layer's dW, (2) the trigger-free *excitation*
+    direction (:func:`~projlens_defense.detectors.activation.excite`: where a small universal feature
+    perturbation pushes the outputs hardest, the suspected target direction of the activation
+    analysis). A patch trigger can move a few tokens along (2) while hiding in the noise of the
+    ``k``-dimensional (1), and a global style trigger the other way round. Without a reference the
+    one channel is the projector output itself. Each channel's token vectors are whitened against
+    the clean probe tokens and reduced over tokens (``reduce``, max by default); the image score is
+    the largest channel score in clean standard deviations (mean and spread of 2-fold cross-fitted
+    clean probe scores, each half scored by statistics of the other), and the threshold lets
+    ``fpr`` of those cross-fitted clean scores through.
     """
 
     name = "input-shift"
 
     def __init__(self, k: int = 8, reduce: str = "max", top: int = 4, shrink: float = 0.1, fpr: float = 0.01,
-                 folds: int = 2) -> None:
+                 folds: int = 2, excite: bool = True) -> None:
         super().__init__(fpr=fpr)
         self.k = k
         self.reduce = reduce
         self.top = top
         self.shrink = shrink
         self.folds = folds
+        self.excite = excite
         self.basis: torch.Tensor | None = None
+        self.direction: torch.Tensor | None = None
         self.mode: str | None = None
         self._suspect: Projector | None = None
         self._reference: Projector | None = None
-        self.whitener: Whitener | None = None
+        self.whiteners: list[Whitener] = []
+        self.standard: list[tuple[float, float]] = []
         self.clean_scores: np.ndarray | None = None
 
     # ------------------------------------------------------------------ representation
     def setup(self, suspect: Projector, reference: Projector | None = None) -> ShiftInputDetector:
         """Choose the representation: shift in dW's top-``k`` subspace (reference) or raw output."""
         self._suspect, self._reference = suspect, reference
+        self.direction = None
         if reference is not None:
             dw = suspect.delta(reference)[-1]
             u, _, _ = top_singular(dw, self.k)
@@ -211,42 +222,61 @@ class ShiftInputDetector(InputDetector):
         return self
 
     @torch.no_grad()
-    def represent(self, features: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token representation [N, T, k or out_dim] of vision features (``outputs``: the suspect's, if known)."""
+    def represent(self, features: torch.Tensor, outputs: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-token representation of each channel, [N, T, width], of vision features (``outputs``: the suspect's)."""
         if self._suspect is None:
             raise RuntimeError("ShiftInputDetector.setup() first")
         x = features.float()
         if x.ndim == 2:
             x = x[:, None]
         out = self._suspect.forward(x) if outputs is None else outputs.float().reshape(*x.shape[:2], -1)
-        if self.mode == "shift":
-            assert self._reference is not None and self.basis is not None
-            return (out - self._reference.forward(x)) @ self.basis
-        return out
+        if self.mode != "shift":
+            return [out]
+        assert self._reference is not None and self.basis is not None
+        shift = out - self._reference.forward(x)
+        reps = [shift @ self.basis]
+        if self.direction is not None:
+            reps.append((shift @ self.direction)[..., None])
+        return reps
 
-    def token_distances(self, rep: torch.Tensor) -> torch.Tensor:
-        if self.whitener is None:
+    def _channel_scores(self, reps: list[torch.Tensor]) -> np.ndarray:
+        if not self.whiteners:
             raise RuntimeError(f"{self.name}: calibrate() first")
-        return self.whitener.distance(rep)
+        z = [(_reduce(w.distance(r), self.reduce, self.top).numpy() - mu) / sd
+             for w, r, (mu, sd) in zip(self.whiteners, reps, self.standard, strict=True)]
+        return np.max(np.stack(z), axis=0)
 
     # ------------------------------------------------------------------ calibration
     def calibrate_features(self, probes: torch.Tensor) -> ShiftInputDetector:
-        """Whitening statistics and threshold from clean probe features [N, T, dim] (after setup)."""
-        rep = self.represent(probes)
-        n = rep.shape[0]
+        """Whitening statistics, standardisation and threshold from clean probe features [N, T, dim] (after setup)."""
+        if self.mode == "shift" and self.excite:
+            from projlens_defense.detectors.activation import excite
+
+            assert self._suspect is not None and self._reference is not None
+            x = probes.float() if probes.ndim == 3 else probes.float()[:, None]
+            self.direction = excite(self._suspect, self._reference, x).direction
+        reps = self.represent(probes)
+        n = reps[0].shape[0]
         folds = max(1, min(self.folds, n // 2))
-        oos = np.zeros(n)
-        if folds > 1:
-            idx = np.arange(n)
-            for f in range(folds):
-                held = idx % folds == f
-                w = Whitener(self.shrink).fit(rep[torch.from_numpy(~held)])
-                oos[held] = _reduce(w.distance(rep[torch.from_numpy(held)]), self.reduce, self.top).numpy()
-        self.whitener = Whitener(self.shrink).fit(rep)
-        if folds == 1:
-            oos = _reduce(self.whitener.distance(rep), self.reduce, self.top).numpy()
-        self.clean_scores = oos
-        self.threshold = clean_threshold(oos, self.fpr)
+        self.whiteners, self.standard = [], []
+        z = []
+        for rep in reps:
+            oos = np.zeros(n)
+            if folds > 1:
+                idx = np.arange(n)
+                for f in range(folds):
+                    held = idx % folds == f
+                    w = Whitener(self.shrink).fit(rep[torch.from_numpy(~held)])
+                    oos[held] = _reduce(w.distance(rep[torch.from_numpy(held)]), self.reduce, self.top).numpy()
+            whitener = Whitener(self.shrink).fit(rep)
+            if folds == 1:
+                oos = _reduce(whitener.distance(rep), self.reduce, self.top).numpy()
+            mu, sd = float(oos.mean()), float(oos.std()) or 1.0
+            self.whiteners.append(whitener)
+            self.standard.append((mu, sd))
+            z.append((oos - mu) / sd)
+        self.clean_scores = np.max(np.stack(z), axis=0)
+        self.threshold = clean_threshold(self.clean_scores, self.fpr)
         return self
 
     def calibrate(self, inp: ScanInput) -> ShiftInputDetector:
@@ -257,8 +287,7 @@ class ShiftInputDetector(InputDetector):
     @torch.no_grad()
     def score_features(self, features: torch.Tensor, outputs: torch.Tensor | None = None) -> np.ndarray:
         """Image scores of vision features [M, T, dim] (``outputs``: the suspect's outputs, if already computed)."""
-        d = self.token_distances(self.represent(features, outputs))
-        return _reduce(d, self.reduce, self.top).numpy()
+        return self._channel_scores(self.represent(features, outputs))
 
     def score_inputs(self, inp: ScanInput, features: torch.Tensor | None, images: Sequence[np.ndarray] | None = None,
                      questions: Sequence[str] | None = None) -> np.ndarray:
@@ -268,4 +297,5 @@ class ShiftInputDetector(InputDetector):
 
     def get_state(self) -> dict[str, Any]:
         return {"k": self.k, "reduce": self.reduce, "mode": self.mode, "threshold": self.threshold,
+                "channels": ["top-k"] + (["excitation"] if self.direction is not None else []),
                 "fpr": self.fpr, "n_probes": None if self.clean_scores is None else len(self.clean_scores)}
