@@ -268,6 +268,9 @@ def test_analyze_report_files_and_numbers(analyze_zoo, tmp_path: Path) -> None:
     assert max(plain["inject_asr"]) >= 0.8 * ft["asr"]  # the top components re-create the backdoor
     assert min(plain["ablate_asr"][1:]) <= 0.5 * ft["asr"]  # and removing them removes most of it
     assert "task-removed" in rep["curves"]
+    # the report says when the reference cannot do the test task (the top components then carry the task too)
+    taught = ft["clean_accuracy"] - rep["reference_metrics"]["clean_accuracy"] > 0.02
+    assert ("the fine-tune taught the task" in md) == taught
     # the Markdown shows the same numbers as the JSON
     for i, k in enumerate(plain["k"]):
         row = f"| {k} | {plain['inject_asr'][i]:.3f} | {plain['inject_clean'][i]:.3f} | {plain['ablate_asr'][i]:.3f} | {plain['ablate_clean'][i]:.3f} |"
@@ -295,6 +298,13 @@ def test_analyze_without_trigger_knowledge(analyze_zoo, tmp_path: Path) -> None:
     assert rep["curves"]["plain"]["inject_asr"] == [None, None] and len(rep["curves"]["plain"]["ablate_clean"]) == 2
     assert "norms" not in rep and "input_level" not in rep and rep["activation"]["direction"] == "clean-mean"
     assert (out / "shift_vs_norm.png").is_file() and (out / "topk_curves.png").is_file()
+    # no --reference / --data / --probes: what attack.json records (here the micro zoo, not the default zoo)
+    code, text = _run(["analyze", str(ck / "benign"), "--out", str(tmp_path / "rep2"), "--max-test", "20", "--k", "0",
+                       "--n-probes", "8", "--no-excite", "--format", "json"])
+    assert code == 0, text
+    rep2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
+    assert Path(rep2["reference"]) == zoo.reference
+    assert Path(rep2["data"]["test_data"]) == zoo.test_data and Path(rep2["data"]["probe_data"]) == zoo.train_data
     # usage errors: one line, exit 4, no traceback
     ref = ["--reference", str(zoo.reference)]
     assert _run(["analyze", str(tmp_path / "nope"), "--out", str(out)] + ref)[0] == 4
