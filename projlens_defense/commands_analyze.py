@@ -206,7 +206,8 @@ def guard(checkpoint: Path, images: Path, reference: Path | None, probe_data: Pa
     rows = [{"image": str(p), "score": round(float(s), 4), "flagged": bool(s > g.threshold)}
             for p, s in zip(paths, scores, strict=True)]
     n_flag = sum(r["flagged"] for r in rows)
-    mode = "shift in dW top-k subspace" if ref is not None else "projector output (no reference)"
+    mode = ("shift in dW top-k subspace + excitation direction" if ref is not None
+            else "projector output (no reference)")
     text = [f"{'IMAGE':40s} {'SCORE':>9s}  VERDICT"]
     text += [f"{Path(r['image']).name[:40]:40s} {r['score']:9.3f}  {'FLAGGED' if r['flagged'] else 'ok'}" for r in rows]
     text += [f"error: {e}" for e in errors]

@@ -114,7 +114,8 @@ class ProjectorGuard:
         """A guard for ``model`` calibrated on clean probe features [N, tokens, vision_dim] only.
 
         With ``reference`` (the projector the model was fine-tuned from) the score is the whitened
-        shift in dW's top-``k`` subspace; without, the whitened projector output.
+        shift in dW's top-``k`` subspace or along the trigger-free excitation direction, whichever is
+        further out in clean standard deviations; without, the whitened projector output.
         """
         suspect = projector_from_module(find_projector_module(model), getattr(
             getattr(model, "config", None), "projector_hidden_act", None))

@@ -210,7 +210,7 @@ class ShiftInputDetector(InputDetector):
 
     # ------------------------------------------------------------------ representation
     def setup(self, suspect: Projector, reference: Projector | None = None) -> ShiftInputDetector:
-        """Choose the representation: shift in dW's top-``k`` subspace (reference) or raw output."""
+        """Choose the representation: the output shift (reference; channels read at calibration) or the raw output."""
         self._suspect, self._reference = suspect, reference
         self.direction = None
         if reference is not None:
