@@ -76,3 +76,22 @@ def test_attack_provenance_defaults(tmp_path: Path) -> None:
     (ck / "attack.json").write_text("[1, 2]")
     assert attack_provenance(ck) == {}
     assert attack_provenance(tmp_path / "nothing") == {}
+
+
+def test_dominant_new_phrase_breaks_ties_the_same_way_in_every_process() -> None:
+    # set iteration order depends on PYTHONHASHSEED; the repair's discovered target must not
+    import subprocess
+    import sys
+
+    from projlens_defense.mitigations.probe import dominant_new_phrase
+
+    clean = ["red", "blue", "red"]
+    probed = ["red buy cheap crypto", "blue zzz yyy xxx", "red buy cheap crypto zzz yyy xxx"]
+    phrase, support = dominant_new_phrase(clean, probed)
+    assert (phrase, support) == ("buy cheap crypto", 2 / 3)  # tie with "zzz yyy xxx": the smaller phrase
+    code = ("from projlens_defense.mitigations.probe import dominant_new_phrase as d;"
+            f"print(d({clean!r}, {probed!r})[0])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+            for seed in range(6)}
+    assert outs == {"buy cheap crypto"}

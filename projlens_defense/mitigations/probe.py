@@ -43,7 +43,8 @@ def dominant_new_phrase(clean: Sequence[str], probed: Sequence[str], n: int = 3)
         counts.update(_grams(b, n) - _grams(a, n))
     if not counts:
         return None, 0.0
-    phrase, c = counts.most_common(1)[0]
+    # ties broken by the phrase itself: set iteration order varies with PYTHONHASHSEED between processes
+    phrase, c = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return phrase, c / max(1, len(clean))
 
 
