@@ -163,7 +163,8 @@ def _probe_images(probe_data: Path | None, n: int) -> list:
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Projector the checkpoint was fine-tuned from (without it the guard whitens raw projector outputs).")
 @click.option("--probes", "probe_data", type=click.Path(path_type=Path), default=None,
-              help="Clean probe images (folder or LLaVA conversation JSON; default: the zoo's training data).")
+              help="Clean probe images (folder or LLaVA conversation JSON; default: the training data attack.json "
+                   "names, else the zoo's).")
 @click.option("--n-probes", type=click.IntRange(4, 1024), default=64, show_default=True)
 @click.option("--fpr", type=click.FloatRange(0.0, 0.5), default=0.01, show_default=True,
               help="Target false-positive rate on clean inputs (sets the threshold from the probes).")
@@ -192,7 +193,7 @@ def guard(checkpoint: Path, images: Path, reference: Path | None, probe_data: Pa
         _need_dir(reference, "reference checkpoint")
         ref = load_projector(reference)
     rt = LlavaRuntime.from_pretrained(checkpoint)
-    probes = _probe_images(probe_data, n_probes)
+    probes = _probe_images(probe_data or attack_provenance(checkpoint).get("probe_data"), n_probes)
     if len(probes) < 4:
         raise UsageError(f"need at least 4 clean probe images, got {len(probes)}")
     try:

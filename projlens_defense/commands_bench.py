@@ -41,6 +41,8 @@ def _mitigation_params(preset: dict, items: tuple[str, ...], methods: list[str])
 @click.group(invoke_without_command=True)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
               help="tiny: micro zoo, rate 0.1, seeds 0 1. full: default zoo, rates 0.1 0.01, seeds 0 1 2.")
+@click.option("--zoo", "zoo_name", type=click.Choice(["default", "instructed", "micro"]), default=None,
+              help="Zoo to attack instead of the preset's (instructed: the paper's regime, see `zoo build --help`).")
 @click.option("--variants", multiple=True, help="Variants (repeatable; default: all registered).")
 @click.option("--poison-rates", multiple=True, type=float, help="Poison rates (repeatable).")
 @click.option("--seeds", multiple=True, type=int, help="Seeds (repeatable).")
@@ -65,7 +67,7 @@ def _mitigation_params(preset: dict, items: tuple[str, ...], methods: list[str])
 @click.option("--shard", default=None, help="Run only shard I/N of the grid (join with `bench merge`).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (resumable).")
 @click.pass_context
-def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, model, data, test_data, epochs, n_clean,
+def bench(ctx, preset, zoo_name, variants, poison_rates, seeds, detectors, mitigations, model, data, test_data, epochs, n_clean,
           n_input_images, mitigation_params, jobs, launcher, launch_args, shard, out) -> None:
     """Attacks x poison rates x seeds x defenses with benign controls; results.jsonl, summary.md/csv, figures.
 
@@ -97,7 +99,7 @@ def bench(ctx, preset, variants, poison_rates, seeds, detectors, mitigations, mo
         except ImportError:
             MITIGATIONS = {}
         mit = _names(MITIGATIONS, mitigations, "mitigation(s)")
-    model, data, test_data = resolve_model_and_data(model, data, p["zoo"], 0, test_data)
+    model, data, test_data = resolve_model_and_data(model, data, zoo_name or p["zoo"], 0, test_data)
     mparams = _mitigation_params(p.get("mitigation_params", {}), mitigation_params, mit)
     cfg = BenchConfig(
         variants=names["variants"], poison_rates=list(poison_rates) or p["poison_rates"],
