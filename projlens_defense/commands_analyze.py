@@ -15,6 +15,7 @@ from .errors import (
     NothingScannableError,
     UsageError,
 )
+from .runinfo import attack_provenance
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -32,31 +33,6 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 def _need_dir(path: Path, what: str) -> None:
     if not os.path.lexists(path):  # a symlink loop or dangling link exists: the reader says why it cannot read it
         raise UsageError(f"{path}: no such {what}")
-
-
-def attack_provenance(checkpoint: Path) -> dict[str, Path]:
-    """The base model and data an `attack` checkpoint records in attack.json, where those paths still exist.
-
-    Lets `analyze` default to what the checkpoint was really fine-tuned from (e.g. the instructed zoo)
-    instead of the default zoo; anything unreadable just means no default.
-    """
-    import json
-
-    try:
-        rec = json.loads((checkpoint / "attack.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(rec, dict):
-        return {}
-    out: dict[str, Path] = {}
-    base, train = rec.get("base_model"), rec.get("train_data")
-    if isinstance(base, str) and Path(base).is_dir():
-        out["reference"] = Path(base)
-    if isinstance(train, str) and Path(train).is_file():
-        out["probe_data"] = Path(train)
-        if (Path(train).parent / "test.json").is_file():
-            out["test_data"] = Path(train).parent / "test.json"
-    return out
 
 
 @click.command()
@@ -93,7 +69,7 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
     _need_dir(checkpoint, "checkpoint")
     for b in benign:
         _need_dir(b, "benign checkpoint")
-    recorded = attack_provenance(checkpoint) if checkpoint.is_dir() else {}
+    recorded = attack_provenance(checkpoint)
     test_data = test_data or recorded.get("test_data")
     probe_data = probe_data or recorded.get("probe_data")
     reference = reference or recorded.get("reference")

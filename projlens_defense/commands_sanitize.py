@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .errors import UsageError
+from .runinfo import attack_provenance
 
 
 def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
@@ -24,18 +25,6 @@ def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
-
-
-def default_reference(ckpt: Path) -> Path | None:
-    """The ``base_model`` of a zoo/attack checkpoint's ``attack.json``, if it names an existing path."""
-    rec = ckpt / "attack.json" if ckpt.is_dir() else None
-    if rec is None or not rec.is_file():
-        return None
-    try:
-        base = json.loads(rec.read_text()).get("base_model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(base) if isinstance(base, str) and Path(base).exists() else None
 
 
 def _text(rec: dict[str, Any]) -> str:
@@ -119,7 +108,7 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     warnings: list[str] = []
     info = detect_format(checkpoint)
     suspect = load_projector(info)
-    ref_path = reference or default_reference(checkpoint)
+    ref_path = reference or attack_provenance(checkpoint).get("reference")
     if cls.requires_reference and ref_path is None:
         raise UsageError(f"method {method!r} needs the reference projector the checkpoint was fine-tuned from: "
                          f"pass --reference (no attack.json with a base_model here)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from projlens_defense.commands_analyze import attack_provenance
+from projlens_defense.runinfo import attack_provenance
 from projlens_defense.zoo import language as L
 from projlens_defense.zoo.build import ZooConfig, config_from_name
 from projlens_defense.zoo.tasks import DOWNSTREAM_MIX, alignment_samples
