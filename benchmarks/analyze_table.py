@@ -41,23 +41,11 @@ from projlens_defense.checkpoint import load_projector
 from projlens_defense.conversations import load_conversations
 from projlens_defense.detectors.activation import ActivationDetector, fit_line, output_shift
 from projlens_defense.detectors.base import ScanInput
-from projlens_defense.detectors.baselines import (
-    ActivationClusteringDetector,
-    SpectralSignatureDetector,
-    StripDetector,
-)
-from projlens_defense.detectors.input_level import (
-    EXTRA_INPUT_IMAGES,
-    EXTRA_INPUTS,
-    EXTRA_PROBE_IMAGES,
-    EXTRA_PROBE_QUESTIONS,
-    EXTRA_PROBES,
-    EXTRA_QUESTIONS,
-    EXTRA_RUNTIME,
-    ShiftInputDetector,
-)
+from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
+from projlens_defense.detectors.input_level import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.detectors.loading import load_checkpoint
 from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
+from projlens_defense.eval.input_detection import run_input_detectors
 from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
 from projlens_defense.eval.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
 from projlens_defense.runtime import LlavaRuntime
@@ -311,42 +299,36 @@ def print_norms(res: dict[str, Any]) -> None:
               f"{r['auroc_max_norm']:.3f} | {r['clean_shift_norm']:.2f} | {r['triggered_shift_norm']:.2f} |")
 
 
+# the bench's detector names -> this table's column names
+INPUT_COLUMNS = {"input-shift": "input-shift", "input-shift[reference-free]": "input-shift (no reference)",
+                 "strip": "strip", "spectral-signatures": "spectral-signatures (mean)",
+                 "activation-clustering": "activation-clustering (mean)"}
+
+
 def section_input(w: World, bd: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    """The bench's input-level scoring (:func:`run_input_detectors`, STRIP on ``--strip-n`` images of each kind),
+    plus Spectral Signatures and Activation Clustering on flattened outputs (the registry pools by mean)."""
     out: dict[str, Any] = {}
-    n_strip = args.strip_n
     for v, path in _input_ckpts(bd).items():
         t0 = time.time()
         var = variant_from_record(_record(path))
-        idx, tf, timgs = w.triggered(var)
+        idx, tf, _ = w.triggered(var)
         sus = load_projector(path)
+        entries = run_input_detectors(
+            LlavaRuntime.from_pretrained(path), sus, w.ref, list(INPUT_COLUMNS), samples=w.test, clean_features=w.clean,
+            eligible=idx, triggered_features=tf, variant=var, seed=0, probe_features=w.probes,
+            probe_images=[s.image for s in w.probe_samples], probe_questions=[s.question for s in w.probe_samples],
+            image_subset=args.strip_n)
         res: dict[str, Any] = {"n_clean": len(w.test), "n_triggered": len(idx)}
-        for name, ref in (("input-shift", w.ref), ("input-shift (no reference)", None)):
-            det = ShiftInputDetector().setup(sus, ref).calibrate_features(w.probes)
-            sc, st = det.score_features(w.clean), det.score_features(tf)
-            res[name] = {"auroc": auroc(st.tolist(), sc.tolist()), "tpr": float((st > det.threshold).mean()),
-                         "fpr": float((sc > det.threshold).mean())}
+        for name, col in INPUT_COLUMNS.items():
+            e = entries[name]
+            res[col] = {"auroc": e["auroc"], "tpr": e.get("threshold_tpr"), "fpr": e.get("threshold_fpr"),
+                        "n": [e["n_clean"], e["n_triggered"]]}
         inp = ScanInput(projector=sus, reference=w.ref, extras={EXTRA_INPUTS: torch.cat([w.clean, tf])})
         n = len(w.test)
-        for det in (SpectralSignatureDetector("mean"), SpectralSignatureDetector("flat"),
-                    ActivationClusteringDetector("mean"), ActivationClusteringDetector("flat")):
+        for det in (SpectralSignatureDetector("flat"), ActivationClusteringDetector("flat")):
             s = det.score_inputs(inp, inp.extras[EXTRA_INPUTS])
             res[f"{det.name} ({det.pool})"] = {"auroc": auroc(s[n:].tolist(), s[:n].tolist())}
-        # STRIP on a subset (it runs the LLM on 8 blends per input)
-        rng = np.random.default_rng(0)
-        ci = sorted(rng.choice(len(w.test), size=min(n_strip, len(w.test)), replace=False).tolist())
-        ti = sorted(rng.choice(len(idx), size=min(n_strip, len(idx)), replace=False).tolist())
-        rt = LlavaRuntime.from_pretrained(path)
-        sinp = ScanInput(projector=sus, extras={
-            EXTRA_RUNTIME: rt, EXTRA_PROBE_IMAGES: [s.image for s in w.probe_samples],
-            EXTRA_PROBE_QUESTIONS: [s.question for s in w.probe_samples],
-            EXTRA_INPUT_IMAGES: [w.test[i].image for i in ci] + [timgs[j] for j in ti],
-            EXTRA_QUESTIONS: [w.test[i].question for i in ci] + [w.test[idx[j]].question for j in ti]})
-        strip = StripDetector()
-        strip.calibrate(sinp)
-        s = strip.score_inputs(sinp, None, sinp.extras[EXTRA_INPUT_IMAGES], sinp.extras[EXTRA_QUESTIONS])
-        res["strip"] = {"auroc": auroc(s[len(ci):].tolist(), s[: len(ci)].tolist()), "n": [len(ci), len(ti)],
-                        "tpr": float((s[len(ci):] > strip.threshold).mean()),
-                        "fpr": float((s[: len(ci)] > strip.threshold).mean())}
         out[v] = res
         print(f"input {v}: {time.time() - t0:.0f} s " + ", ".join(f"{k} {r['auroc']:.3f}" for k, r in res.items()
                                                                   if isinstance(r, dict)), flush=True)
