@@ -253,8 +253,7 @@ class ShiftInputDetector(InputDetector):
             from projlens_defense.detectors.activation import excite
 
             assert self._suspect is not None and self._reference is not None
-            x = probes.float() if probes.ndim == 3 else probes.float()[:, None]
-            self.direction = excite(self._suspect, self._reference, x).direction
+            self.direction = excite(self._suspect, self._reference, probes).direction
         reps = self.represent(probes)
         n = reps[0].shape[0]
         folds = max(1, min(self.folds, n // 2))
