@@ -10,11 +10,13 @@ LLaVA conversation JSON for the attacks and the benign controls to fine-tune on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,25 @@ from .model import ModelDims, build_image_processor, build_llava
 from .tasks import alignment_samples, downstream_samples, split_digit_indices, text_corpus
 from .tokenizer import build_tokenizer
 
-ZOO_FORMAT_VERSION = 2
+ZOO_FORMAT_VERSION = 3
+"""3: built single-threaded (thread count no longer changes the bytes); the key records torch and the CPU ISA."""
+
+
+def build_platform() -> dict[str, str]:
+    """What still changes a single-threaded build's bytes: the torch release and the CPU kernels it dispatches to."""
+    return {"torch": torch.__version__.split("+")[0], "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one intra-op thread: float reductions then sum in one order whatever the core count or
+    OMP_NUM_THREADS, so a seed gives the same bytes on any machine with the same :func:`build_platform`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -67,10 +87,8 @@ class ZooConfig:
         return cls(seed=seed, reference_tasks="instructed")
 
     def key(self) -> str:
-        fields = asdict(self)
-        if fields["reference_tasks"] == "alignment":  # keeps the keys of zoos built before the field existed
-            del fields["reference_tasks"]
-        blob = json.dumps({"v": ZOO_FORMAT_VERSION, **fields}, sort_keys=True)
+        """Hash of the config, the zoo format and :func:`build_platform` (what determines the bytes)."""
+        blob = json.dumps({"v": ZOO_FORMAT_VERSION, "platform": build_platform(), **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -222,10 +240,15 @@ def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> float:
 
 
 def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
-    """Train all stages and write the reference model, the downstream data and `zoo.json` into `out`."""
+    """Train all stages and write the reference model, the downstream data and `zoo.json` into `out`
+    (single-threaded, so the bytes depend only on the config and :func:`build_platform`)."""
+    with single_threaded():
+        return _build_zoo(cfg, out, progress)
+
+
+def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
     quiet_transformers()
     t0 = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -265,7 +288,7 @@ def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
     save_conversations(train, out / "data" / "train.json")
     save_conversations(test, out / "data" / "test.json")
     manifest = {
-        "config": asdict(cfg), "key": cfg.key(), "stages": stages,
+        "config": asdict(cfg), "key": cfg.key(), "platform": build_platform(), "stages": stages,
         "timings_s": {k: round(v, 2) for k, v in timings.items()}, "wall_time_s": round(time.time() - t0, 2),
         "environment": environment(),
     }
