@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import UsageError
+from .errors import NothingRemovedError, UsageError
 from .runinfo import attack_provenance
 
 
@@ -73,8 +73,8 @@ def _text(rec: dict[str, Any]) -> str:
 @click.option("--param", "params", multiple=True, help="Method parameter KEY=VALUE (repeatable; JSON values).")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Scan calibration fitted on benign fine-tunes of this model (`projlens-defense calibrate`); "
-                   "data-free subspace/target-direction use its task subspace and token novelty "
-                   "(default: the shipped zoo calibration, used only when it matches the model).")
+                   "data-free subspace/target-direction use its task subspace and benign null "
+                   "(default: the cached self-generated calibration of the reference).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint (same format).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
@@ -85,7 +85,8 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
 
     The output keeps the input's format (an HF directory stays an HF directory with only the projector
     tensors changed; mm_projector.bin stays a torch pickle); it is written atomically, an existing
-    output is refused without --force, and the input is never modified. Methods: subspace (default),
+    output is refused without --force, and the input is never modified. When the method removes nothing
+    it says why and exits 6 without writing (never an unchanged copy). Methods: subspace (default),
     target-direction, unlearn, restore, finetune, fine-prune, clp, orthogonal; norm-guard is a run-time
     wrapper (Python API only).
     """
@@ -143,6 +144,10 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
         kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
     result = cls(**kw).apply(suspect, ref, clean)
     assert result.projector is not None
+    if _unchanged(suspect, result.projector):
+        why = result.report.get("selection") or "the method selected nothing"
+        raise NothingRemovedError(f"{method}: nothing removed ({why}); no output written"
+                                  + "".join(f" [{w}]" for w in warnings))
     write_projector(checkpoint, result.projector, out, force=force)
 
     rec: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "format": info.format, "method": method,
@@ -159,6 +164,18 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     elif clean_data is not None:
         warnings.append("no held-out clean samples left for the clean-accuracy check (raise the data size)")
     emit(rec, fmt, _text(rec))
+
+
+def _unchanged(before: Any, after: Any) -> bool:
+    """True when ``after`` has exactly ``before``'s weights and biases (a repair that removed nothing)."""
+    import torch
+
+    for a, b in zip(before.layers, after.layers, strict=True):
+        if not torch.equal(a.weight, b.weight):
+            return False
+        if (a.bias is None) != (b.bias is None) or (a.bias is not None and not torch.equal(a.bias, b.bias)):
+            return False
+    return True
 
 
 def _module(projector: Any) -> Any:

@@ -37,12 +37,17 @@ def _tool_version() -> str:
 
 
 def _uri(path: str) -> str:
+    """A valid SARIF ``uri`` (RFC 3986 URI reference): file URI if absolute, else percent-encoded."""
+    from urllib.parse import quote
+
     p = Path(path)
-    return p.resolve().as_uri() if p.is_absolute() else p.as_posix()
+    return p.resolve().as_uri() if p.is_absolute() else quote(p.as_posix())
 
 
 def sarif_report(results: list, tool_version: str | None = None) -> dict[str, Any]:
     """A SARIF 2.1.0 log: one result per checkpoint (suspicious = error, scan error = warning, clean = pass)."""
+    from .detectors.base import _finite
+
     rules = [
         {
             "id": RULE_BACKDOOR,
@@ -64,17 +69,21 @@ def sarif_report(results: list, tool_version: str | None = None) -> dict[str, An
     out = []
     for r in results:
         loc = [{"physicalLocation": {"artifactLocation": {"uri": _uri(r.path)}}}]
-        props = {"verdict": r.verdict, "score": r.score, "threshold": r.threshold, "format": r.format,
-                 "mode": r.mode, "suspected_target_tokens": r.suspected_target_tokens}
+        props = _finite({"verdict": r.verdict, "score": r.score, "threshold": r.threshold, "format": r.format,
+                         "mode": r.mode, "suspected_target_tokens": r.suspected_target_tokens})  # NaN is not JSON
         if r.verdict == "error":
             out.append({"ruleId": RULE_ERROR, "level": "warning", "kind": "fail",
                         "message": {"text": f"could not scan: {'; '.join(r.errors)}"}, "locations": loc,
                         "properties": props})
+        elif r.verdict == "inconclusive":
+            out.append({"ruleId": RULE_BACKDOOR, "level": "none", "kind": "review",
+                        "message": {"text": f"inconclusive: {r.reason}"}, "locations": loc, "properties": props})
         elif r.verdict == "suspicious":
             toks = ", ".join(r.suspected_target_tokens[:5]) or "none named"
             out.append({"ruleId": RULE_BACKDOOR, "level": "error", "kind": "fail",
                         "message": {"text": f"projector backdoor suspected: score {_num(r.score)} > threshold "
-                                            f"{_num(r.threshold)}; suspected target tokens: {toks}"},
+                                            f"{_num(r.threshold)} (p {_p(r.p_value)}, set for FPR {r.fpr}); "
+                                            f"suspected target tokens: {toks}"},
                         "locations": loc, "properties": props})
         else:
             out.append({"ruleId": RULE_BACKDOOR, "level": "none", "kind": "pass",
@@ -95,6 +104,10 @@ def sarif_report(results: list, tool_version: str | None = None) -> dict[str, An
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2g}"
 
 
 def _layer_lines(r) -> list[str]:
@@ -136,15 +149,20 @@ def text_report(results: list, skipped: list[str]) -> str:
                          + f"; read {r.bytes_read / 1e6:.1f} MB in {r.seconds:.2f} s")
         if r.signals_used:
             used = ", ".join(f"{s} {r.signals[s]:.2f} (z {r.zscores.get(s, float('nan')):.1f})" for s in r.signals_used)
-            lines.append(f"  decision on: {used}")
+            lines.append(f"  decision on: {used}; p-value {_p(r.p_value)}, threshold set for a false-positive "
+                         f"rate of {r.fpr}")
+        if r.calibration:
+            lines.append(f"  calibration: {r.calibration}")
+        if r.reason:
+            lines.append(f"  inconclusive: {r.reason}")
         lines += _layer_lines(r)
         lines += [f"  error: {e}" for e in r.errors]
         lines += [f"  warning: {w}" for w in r.warnings]
     if skipped:
         lines.append(f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that hold no checkpoint")
-    n_s = sum(r.verdict == "suspicious" for r in results)
-    n_e = sum(r.verdict == "error" for r in results)
-    lines.append(f"{len(results)} checkpoint(s): {n_s} suspicious, {len(results) - n_s - n_e} clean, {n_e} error(s)")
+    n = {v: sum(r.verdict == v for r in results) for v in ("suspicious", "clean", "inconclusive", "error")}
+    lines.append(f"{len(results)} checkpoint(s): {n['suspicious']} suspicious, {n['clean']} clean, "
+                 f"{n['inconclusive']} inconclusive, {n['error']} error(s)")
     return "\n".join(lines)
 
 
@@ -161,7 +179,8 @@ def _existing(paths: tuple[Path, ...], what: str = "path") -> None:
 @click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
               help="The checkpoint the suspect was fine-tuned from (enables the stronger update-based mode).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Calibration JSON from `projlens-defense calibrate` (default: the shipped zoo calibration).")
+              help="Calibration JSON from `projlens-defense calibrate` (default: the cached self-generated "
+                   "calibration of the checkpoint's model, found by its reference's digest).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here instead of stdout.")
@@ -172,14 +191,17 @@ def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | No
     """Scan checkpoints (or folders of checkpoints) for a backdoored projector.
 
     Reads only the projector, the LLM embeddings / lm_head and the first LLM layers' value/output
-    maps; never executes anything from a file. Exit codes: 0 all clean, 1 something suspicious,
-    2 an error, 3 nothing scannable, 4 usage error.
+    maps; never executes anything from a file. The verdict is taken at a threshold set for a stated
+    false-positive rate against benign fine-tunes of the same model (the calibration). Without a
+    calibration for the model, or without --reference, a scan that finds nothing says INCONCLUSIVE,
+    not clean. Exit codes: 0 all clean, 1 something suspicious, 2 an error, 3 nothing scannable,
+    4 usage error, 5 inconclusive (nothing suspicious, but not everything could be declared clean).
     """
-    from .detectors.calibration import default_calibration, load_calibration
+    from .detectors.calibration import load_calibration
     from .detectors.scan import Scanner, exit_code
 
     _existing(paths)
-    cal = load_calibration(calibration) if calibration else default_calibration()
+    cal = load_calibration(calibration) if calibration else None
     scanner = Scanner(cal, reference=reference, ov_layers=lens_layers)
     results, skipped = scanner.scan_paths(paths)
     if fmt == "json":
@@ -199,18 +221,36 @@ def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | No
 @click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
               help="The reference checkpoint the benign fine-tunes started from (without it only the "
                    "reference-free mode is calibrated).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Calibration JSON to write.")
-@click.option("--margin", type=float, default=1.0, show_default=True,
-              help="Added to the largest benign score (in benign standard deviations) to form the threshold.")
+@click.option("--generate", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Make this many benign projector fine-tunes of --reference on --data yourself (cached and "
+                   "resumable; recipes: lr x1/0.5/2, epochs x1/0.5/2, 80%% subsamples) and calibrate on them.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Clean training data (LLaVA conversation JSON) for --generate.")
+@click.option("--lr", type=float, default=None, help="Base learning rate of the generated fine-tunes (default 5e-3).")
+@click.option("--epochs", type=float, default=None, help="Base epochs of the generated fine-tunes (default 20).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated recipes.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Fine-tunes run in parallel (each on cores / jobs threads).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration JSON to write (with --generate it is also stored in the cache, where scan, "
+                   "sanitize and analyze find it).")
+@click.option("--fpr", type=click.FloatRange(1e-6, 0.5), default=0.01, show_default=True,
+              help="False-positive rate the threshold is set for (Student-t prediction bound on the benign null).")
 @click.option("--rule", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="How the z-scores of the combined signals merge into one score.")
 @click.option("--lens-layers", type=click.IntRange(0, 64), default=2, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
-def calibrate(more: tuple[Path, ...], benign: tuple[Path, ...], reference: Path | None, out: Path, margin: float,
-              rule: str, lens_layers: int, force: bool) -> int:
-    """Fit decision thresholds from benign fine-tunes (the null distribution) and write them as JSON.
+def calibrate(more: tuple[Path, ...], benign: tuple[Path, ...], reference: Path | None, generate: int,
+              data: Path | None, lr: float | None, epochs: float | None, seed: int, jobs: int, out: Path | None,
+              fpr: float, rule: str, lens_layers: int, force: bool) -> int:
+    """Fit decision thresholds from benign fine-tunes (the null distribution of this model).
 
-    Example: projlens-defense calibrate --benign runs/benign-* --reference base/ --out calibration.json
+    Either give benign fine-tunes you have, or let the tool make them:
+
+      projlens-defense calibrate --reference base/ --data clean.json --generate 8
+
+    A generated calibration is stored in the user cache under the reference projector's digest, and
+    `scan`, `sanitize` and `analyze` use it for checkpoints fine-tuned from that reference.
     """
     from .detectors import DETECTORS
     from .detectors.calibration import WEIGHT_SPACE_DETECTORS, Calibration, fit_calibration
@@ -219,24 +259,43 @@ def calibrate(more: tuple[Path, ...], benign: tuple[Path, ...], reference: Path 
     from .errors import NothingScannableError
 
     paths = list(benign) + list(more)
-    if not paths:
-        raise UsageError("give benign fine-tunes with --benign CKPT... (at least 3)")
-    if out.exists() and not force:
+    if out is not None and out.exists() and not force:
         raise UsageError(f"{out}: output exists (use --force to replace it)")
-    helper = Scanner(Calibration(null={}), reference=reference, ov_layers=lens_layers)
-    inputs = []
-    for p in paths:
-        for c in find_checkpoints(p)[0]:
-            try:
-                ck = load_checkpoint(c, readout=True, ov_layers=lens_layers)
-            except NothingScannableError:
-                continue
-            inputs.append(helper.build_input(ck, []))
-    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, margin=margin, rule=rule,
-                          note=f"{len(inputs)} benign fine-tunes" + (f" of {reference}" if reference else ""))
-    _write(json.dumps(cal.to_dict(), indent=1), out)
-    for mode, thr in cal.to_dict()["thresholds"].items():
-        click.echo(f"{mode}: threshold {thr:.3f} on {', '.join(cal.combine[mode])} "
-                   f"({len(inputs)} benign, rule {rule}, margin {margin})")
-    click.echo(f"wrote {out}")
+    if generate:
+        from .self_calibration import DEFAULT_EPOCHS, DEFAULT_LR, self_calibrate
+
+        if paths:
+            raise UsageError("give either benign fine-tunes or --generate N, not both")
+        if reference is None or data is None:
+            raise UsageError("--generate needs --reference (the model to fine-tune) and --data (clean training data)")
+        cal, stored = self_calibrate(reference, data, generate, lr=lr or DEFAULT_LR, epochs=epochs or DEFAULT_EPOCHS,
+                                     seed=seed, jobs=jobs, fpr=fpr, lens_layers=lens_layers)
+        n = generate
+    else:
+        if not paths:
+            raise UsageError("give benign fine-tunes with --benign CKPT... (at least 3), or --generate N")
+        if out is None:
+            raise UsageError("--out is required unless --generate stores the calibration in the cache")
+        helper = Scanner(Calibration(null={}), reference=reference, ov_layers=lens_layers)
+        inputs = []
+        for p in paths:
+            for c in find_checkpoints(p)[0]:
+                try:
+                    ck = load_checkpoint(c, readout=True, ov_layers=lens_layers)
+                except NothingScannableError:
+                    continue
+                inputs.append(helper.build_input(ck, []))
+        cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, fpr=fpr, rule=rule,
+                              note=f"{len(inputs)} benign fine-tunes" + (f" of {reference}" if reference else ""))
+        stored, n = None, len(inputs)
+    d = cal.to_dict()
+    if out is not None:
+        _write(json.dumps(d, indent=1), out)
+    for mode, thr in d["thresholds"].items():
+        click.echo(f"{mode}: threshold z {thr:.3f} on {', '.join(cal.combine[mode])} (set for FPR {cal.fpr}; "
+                   f"{n} benign, {d['benign_flagged_loo'][mode]} of them above it leave-one-out)")
+    if stored is not None:
+        click.echo(f"stored {stored}")
+    if out is not None:
+        click.echo(f"wrote {out}")
     return 0

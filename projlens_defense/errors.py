@@ -7,6 +7,11 @@ EXIT_SUSPICIOUS = 1
 EXIT_ERROR = 2
 EXIT_NOTHING_SCANNABLE = 3
 EXIT_USAGE = 4
+EXIT_INCONCLUSIVE = 5
+"""scan: nothing suspicious, but at least one checkpoint could not be declared clean (no calibration for its
+model, or the reference-free mode, whose weight-only signals cannot back a clean verdict)."""
+EXIT_NOTHING_REMOVED = 6
+"""sanitize: the method found nothing to remove; no output was written."""
 
 
 class ProjlensError(Exception):
@@ -25,6 +30,12 @@ class NothingScannableError(ProjlensError):
     """The path holds nothing that looks like a projector checkpoint."""
 
     exit_code = EXIT_NOTHING_SCANNABLE
+
+
+class NothingRemovedError(ProjlensError):
+    """A repair found nothing to remove (or could not tell what to remove): no unchanged copy is written."""
+
+    exit_code = EXIT_NOTHING_REMOVED
 
 
 class UsageError(ProjlensError):

@@ -21,11 +21,17 @@ import torch
 from projlens_defense.checkpoint.container import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME
 from projlens_defense.detectors import DETECTORS
 from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, _finite
-from projlens_defense.detectors.calibration import MODE_DETECTORS, Calibration
+from projlens_defense.detectors.calibration import (
+    MODE_DETECTORS,
+    Calibration,
+    calibration_for,
+    reference_digest,
+)
 from projlens_defense.detectors.loading import LoadedCheckpoint, load_checkpoint
 from projlens_defense.errors import (
     EXIT_CLEAN,
     EXIT_ERROR,
+    EXIT_INCONCLUSIVE,
     EXIT_NOTHING_SCANNABLE,
     EXIT_SUSPICIOUS,
     CheckpointError,
@@ -43,8 +49,11 @@ _TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 class ScanResult:
     """The outcome for one checkpoint (the JSON object ``scan --format json`` prints per checkpoint).
 
-    ``verdict``: ``clean``, ``suspicious`` or ``error``; ``score`` / ``threshold``: the calibrated
-    combined score and the decision threshold; ``suspected_target_tokens``: ranked; ``format``:
+    ``verdict``: ``clean``, ``suspicious``, ``inconclusive`` (``reason`` says why: no calibration for
+    this model, or a reference-free scan that cannot back a clean verdict) or ``error``; ``score`` /
+    ``threshold``: the calibrated combined z-score and the threshold set for the false-positive rate
+    ``fpr``; ``p_value``: the chance a benign fine-tune of this model scores as high;
+    ``suspected_target_tokens``: ranked; ``format``:
     the checkpoint format; ``errors``: why it could not be judged; ``warnings``: caveats (e.g. a
     calibration fitted for another model); ``mode``: ``reference`` or ``reference-free``;
     ``signals`` / ``zscores``: every raw signal and its z-score against the benign fine-tunes;
@@ -55,6 +64,9 @@ class ScanResult:
     verdict: str
     score: float | None = None
     threshold: float | None = None
+    p_value: float | None = None
+    fpr: float | None = None
+    reason: str | None = None
     suspected_target_tokens: list[str] = field(default_factory=list)
     format: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -74,13 +86,16 @@ class ScanResult:
 
 
 def exit_code(results: Sequence[ScanResult]) -> int:
-    """modelscan's convention: 1 if anything is suspicious, else 2 on any error, 3 if empty, else 0."""
+    """modelscan's convention: 1 if anything is suspicious, else 2 on any error, 3 if empty, else 5 if
+    anything is inconclusive, else 0 (all clean)."""
     if not results:
         return EXIT_NOTHING_SCANNABLE
     if any(r.verdict == "suspicious" for r in results):
         return EXIT_SUSPICIOUS
     if any(r.verdict == "error" for r in results):
         return EXIT_ERROR
+    if any(r.verdict == "inconclusive" for r in results):
+        return EXIT_INCONCLUSIVE
     return EXIT_CLEAN
 
 
@@ -129,14 +144,22 @@ def _first_line(e: BaseException) -> str:
     return text[0][:500] if text else type(e).__name__
 
 
+NO_CALIBRATION = ("no calibration for this model{what}: fit one with `projlens-defense calibrate --reference REF "
+                  "--data CLEAN.json --generate 8`, or pass --calibration FILE")
+REFERENCE_FREE_CLEAN = ("below the threshold, but without the reference the weight-only signals cannot back a "
+                        "clean verdict: scan with --reference for one")
+
+
 class Scanner:
     """Scans checkpoints against an optional reference, deciding with a calibration.
 
-    ``detectors`` restricts which registered detectors run (default: those of the mode);
-    ``ov_layers`` is how many leading LLM layers the attention lens reads.
+    ``calibration``: the benign null to decide with; None looks up, per checkpoint, the cached
+    self-generated calibration of its model (:func:`calibration_for`). ``detectors`` restricts which
+    registered detectors run (default: those of the mode); ``ov_layers`` is how many leading LLM
+    layers the attention lens reads.
     """
 
-    def __init__(self, calibration: Calibration, reference: str | os.PathLike[str] | None = None,
+    def __init__(self, calibration: Calibration | None = None, reference: str | os.PathLike[str] | None = None,
                  detectors: Sequence[str] | None = None, ov_layers: int = 2) -> None:
         self.calibration = calibration
         self.ov_layers = ov_layers
@@ -151,11 +174,11 @@ class Scanner:
             raise ProjlensError(f"unknown detector(s) {unknown}; known: {', '.join(DETECTORS)}")
         self.detector_names = names
 
-    def _detectors(self) -> list[Detector]:
+    def _detectors(self, cal: Calibration | None) -> list[Detector]:
         out = []
         for name in self.detector_names:
             det = DETECTORS[name]()
-            state = self.calibration.detector_states.get(name)
+            state = cal.detector_states.get(name) if cal is not None else None
             if state and hasattr(det, "set_state"):
                 det.set_state(state)
             out.append(det)
@@ -185,8 +208,7 @@ class Scanner:
     def scan(self, path: str | os.PathLike[str]) -> ScanResult:
         """Scan one checkpoint; problems become an ``error`` result (NothingScannableError propagates)."""
         t0 = time.perf_counter()
-        res = ScanResult(path=str(path), verdict="error", mode=self.mode, reference=self.reference_path,
-                         calibration=self.calibration.source or None)
+        res = ScanResult(path=str(path), verdict="error", mode=self.mode, reference=self.reference_path)
         ck = None
         try:
             ck = load_checkpoint(path, readout=True, ov_layers=self.ov_layers)
@@ -206,6 +228,10 @@ class Scanner:
         res.seconds = round(time.perf_counter() - t0, 4)
         return res
 
+    def calibration_of(self, inp: ScanInput) -> Calibration | None:
+        """The calibration to judge ``inp`` with: the one given, else the cached one of its model."""
+        return self.calibration if self.calibration is not None else calibration_for(inp)
+
     def _judge(self, inp: ScanInput, res: ScanResult) -> None:
         if inp.reference is not None and all(
             float(torch.linalg.vector_norm(d)) == 0.0 for d in inp.deltas()
@@ -213,8 +239,15 @@ class Scanner:
             res.verdict = "clean"
             res.warnings.append("the projector is identical to the reference: nothing was fine-tuned")
             return
+        cal = self.calibration_of(inp)
+        mismatch = cal.matches(inp) if cal is not None else []
+        if mismatch:
+            res.warnings.append(f"calibration {cal.source or ''} was fitted for another model ("  # type: ignore[union-attr]
+                                + "; ".join(mismatch) + "): not used")
+            cal = None
+        res.calibration = None if cal is None else (cal.source or "given")
         reports: list[DetectorReport] = []
-        for det in self._detectors():
+        for det in self._detectors(cal):
             if not det.can_score(inp):
                 why = "no reference" if det.requires_reference and inp.reference is None else "no LLM read-out"
                 res.warnings.append(f"{det.name}: skipped ({why})")
@@ -229,27 +262,34 @@ class Scanner:
         lens = "logit-lens" if self.mode == "reference" else "reference-free"
         tok = next((r for r in reports if r.name == lens), None) or next((r for r in reports if r.suspected_tokens), None)
         res.suspected_target_tokens = list(tok.suspected_tokens) if tok else []
-        cal = self.calibration
-        mismatch = cal.matches(inp)
-        if mismatch:
-            res.warnings.append("calibration fitted for another model (" + "; ".join(mismatch)
-                                + "): thresholds may not transfer, run `projlens-defense calibrate`")
+        if cal is None:
+            digest = reference_digest(inp)
+            res.verdict = "inconclusive"
+            res.reason = NO_CALIBRATION.format(what=f" (reference projector {digest})" if digest else "")
+            return
         if self.mode not in cal.null:
-            res.errors.append(f"the calibration has no {self.mode!r} mode; recalibrate with benign fine-tunes")
+            res.verdict = "inconclusive"
+            res.reason = f"the calibration has no {self.mode!r} mode; recalibrate with benign fine-tunes"
             return
         try:
             score, used, z = cal.score(self.mode, res.signals)
         except MissingInput as e:
-            res.errors.append(f"cannot decide: {e}")
+            res.verdict = "inconclusive"
+            res.reason = f"cannot decide: {e}"
             return
-        if not set(used) & set(cal.combine.get(self.mode, [])):
-            res.warnings.append(f"decided on the fallback signal(s) {used}: the calibrated "
-                                f"{cal.combine.get(self.mode)} could not be computed for this model")
         res.score = round(score, 4)
         res.threshold = round(cal.threshold(self.mode, used), 4)
+        res.p_value = float(f"{cal.p_value(self.mode, z, used):.4g}")
+        res.fpr = cal.fpr
         res.signals_used = used
         res.zscores = {k: round(v, 4) for k, v in z.items()}
-        res.verdict = "suspicious" if math.isfinite(score) and score > res.threshold else "clean"
+        if math.isfinite(score) and score > cal.threshold(self.mode, used):
+            res.verdict = "suspicious"
+        elif self.mode == "reference-free":
+            res.verdict = "inconclusive"
+            res.reason = REFERENCE_FREE_CLEAN
+        else:
+            res.verdict = "clean"
 
     def scan_paths(self, paths: Sequence[str | os.PathLike[str]]) -> tuple[list[ScanResult], list[str]]:
         """Scan every checkpoint under ``paths``; returns (results, skipped entries).

@@ -27,10 +27,10 @@ def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None
                  warnings: list[str] | None = None,
                  calibration: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """(ScanInput with the LLM read-out, scan calibration matching this model or None); (None, None) when
-    the checkpoint holds no LLM weights. ``calibration``: a calibration file (default: the shipped
-    one). Problems are appended to ``warnings``."""
+    the checkpoint holds no LLM weights. ``calibration``: a calibration file (default: the cached
+    self-generated calibration of this model's reference). Problems are appended to ``warnings``."""
     from projlens_defense.detectors.base import ScanInput
-    from projlens_defense.detectors.calibration import default_calibration, load_calibration
+    from projlens_defense.detectors.calibration import calibration_for, load_calibration
     from projlens_defense.detectors.loading import load_checkpoint
 
     notes = warnings if warnings is not None else []
@@ -52,12 +52,13 @@ def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None
             cal = None
     else:
         try:
-            cal = default_calibration()
-            if cal.matches(inp):
+            cal = calibration_for(inp) if reference is not None else None
+            if cal is not None and cal.matches(inp):
                 cal = None
-        except Exception:  # noqa: BLE001 - the calibration only sharpens the selection; never fail on it
+        except CheckpointError as e:  # a damaged cached calibration: say so, decide without it
+            notes.append(f"cached calibration unusable ({str(e).splitlines()[0]})")
             cal = None
     if cal is None:
-        notes.append("no scan calibration for this model: lens selection without benign token novelty "
-                     "(fit one with `projlens-defense calibrate` and pass --calibration)")
+        notes.append("no calibration for this model: lens selection without the benign task subspace "
+                     "(make one with `projlens-defense calibrate --reference REF --data CLEAN.json --generate 8`)")
     return inp, cal

@@ -25,14 +25,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cache import cache_dir
 from ..conversations import Sample, save_conversations
 from ..runinfo import environment
-from ..runtime import LlavaRuntime, quiet_transformers
+from ..runtime import (
+    DEFAULT_TEMPLATE,
+    IMAGE_SLOT,
+    LlavaRuntime,
+    quiet_transformers,
+    resolve_template,
+    template_from_chat_template,
+)
 from ..training import train_projector
-from . import language as L
-from .images import CORRUPTIONS, corrupt, load_digits_arrays, random_attributes, render_digit
+from .domain import HARMFUL, Domain, get_domain
+from .images import CORRUPTIONS, corrupt
 from .model import ModelDims, build_image_processor, build_llava
-from .tasks import alignment_samples, downstream_samples, split_digit_indices, text_corpus
+from .tasks import alignment_samples, downstream_samples, text_corpus
 from .tokenizer import build_tokenizer
 
 ZOO_FORMAT_VERSION = 3
@@ -74,6 +82,8 @@ class ZooConfig:
     n_train: int = 800
     n_test: int = 400
     reference_tasks: str = "alignment"
+    domain: str = "digits"
+    """The images, words, tasks and targets (see :mod:`.domain`): ``digits`` or ``shapes``."""
 
     @classmethod
     def micro(cls, seed: int = 0) -> ZooConfig:
@@ -86,9 +96,23 @@ class ZooConfig:
         """The paper's regime: the reference already does every downstream question type (see `REFERENCE_TASKS`)."""
         return cls(seed=seed, reference_tasks="instructed")
 
+    @classmethod
+    def foreign(cls, seed: int = 0) -> ZooConfig:
+        """A zoo nothing in the toolkit was tuned on: the ``shapes`` domain (its own images, vocabulary, special
+        tokens, chat template, tasks and target texts) at other widths: vision 64 with 8 px patches (16 image
+        tokens), projector 64 -> 160 -> 160, LLM 160 wide with 5 heads, CLIP's pixel normalisation."""
+        return cls(seed=seed, domain="shapes",
+                   dims=ModelDims(vision_hidden=64, vision_layers=3, vision_heads=4, patch_size=8, text_hidden=160,
+                                  text_layers=2, text_heads=5),
+                   vision_steps=900, lm_steps=800, lm_batch=48, n_text=16000, n_align=2400, align_epochs=5.0,
+                   align_lr=3e-3, n_train=800, n_test=400)
+
     def key(self) -> str:
         """Hash of the config, the zoo format and :func:`build_platform` (what determines the bytes)."""
-        blob = json.dumps({"v": ZOO_FORMAT_VERSION, "platform": build_platform(), **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["domain"] == "digits":  # the digits zoos' keys predate the field
+            del fields["domain"]
+        blob = json.dumps({"v": ZOO_FORMAT_VERSION, "platform": build_platform(), **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -115,33 +139,34 @@ class Zoo:
         return json.loads((self.root / "zoo.json").read_text())
 
 
-def cache_dir() -> Path:
-    """`$PROJLENS_CACHE` if set, else the user cache dir."""
-    env = os.environ.get("PROJLENS_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
+def get_zoo(config: ZooConfig | None = None, progress: bool = True, rebuild: bool = False,
+            calibrate: bool = True, jobs: int = 2) -> Zoo:
+    """The zoo for `config`, built on first use and cached (keyed by config, seed and build platform).
 
-    return Path(user_cache_dir("projlens-defense"))
-
-
-def get_zoo(config: ZooConfig | None = None, progress: bool = True, rebuild: bool = False) -> Zoo:
-    """The zoo for `config`, built on first use and cached (keyed by config and seed)."""
+    With ``calibrate`` a fresh build ends by calibrating its own reference (``calibrate --generate 8`` on
+    its downstream training data, cached under the reference digest), so scans of its fine-tunes always
+    find a matching calibration.
+    """
     config = config or ZooConfig()
     root = cache_dir() / "zoo" / config.key()
-    if (root / "zoo.json").is_file() and not rebuild:
-        return Zoo(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build_zoo(config, tmp, progress=progress)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
+    if not (root / "zoo.json").is_file() or rebuild:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-    return Zoo(root)
+        try:
+            build_zoo(config, tmp, progress=progress)
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    zoo = Zoo(root)
+    if calibrate:
+        from ..self_calibration import calibration_path, self_calibrate
+
+        if not calibration_path(zoo.reference).is_file():
+            self_calibrate(zoo.reference, zoo.train_data, jobs=jobs, progress=progress)
+    return zoo
 
 
 def _patches(pv: torch.Tensor, p: int) -> torch.Tensor:
@@ -150,24 +175,22 @@ def _patches(pv: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progress: bool) -> dict:
-    glyphs, labels = load_digits_arrays()
+def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, pool: np.ndarray, progress: bool) -> dict:
     rng = np.random.default_rng(cfg.seed + 1)
     n = 4000 if cfg.vision_steps > 200 else 1500
-    idx = rng.choice(pool, size=n)
-    attrs = [random_attributes(rng) for _ in range(n)]
-    pairs = [corrupt(render_digit(glyphs[i], c, s, rng), rng) for i, (c, s) in zip(idx, attrs, strict=True)]
+    items = rng.choice(pool, size=n)
+    attrs = [domain.draw_attributes(int(i), rng) for i in items]
+    pairs = [corrupt(domain.render(int(i), a, rng), rng) for i, a in zip(items, attrs, strict=True)]
     imgs = [im for im, _ in pairs]
     y_corrupt = torch.tensor([k for _, k in pairs])
     pv_all = rt.pixel_values(imgs)
-    y_digit = torch.tensor(labels[idx])
-    y_colour = torch.tensor([list(L.COLOURS).index(c) for c, _ in attrs])
-    y_size = torch.tensor([L.SIZES.index(s) for _, s in attrs])
+    labels = [domain.head_labels(a) for a in attrs]
+    y = {name: torch.tensor([lab[name] for lab in labels]) for name, _ in domain.heads}
     tower = rt.model.model.vision_tower
     d = cfg.dims.vision_hidden
     p = cfg.dims.patch_size
-    heads = nn.ModuleDict({"digit": nn.Linear(d, 10), "colour": nn.Linear(d, len(L.COLOURS)),
-                           "size": nn.Linear(d, 2), "corruption": nn.Linear(d, len(CORRUPTIONS)), "recon": nn.Linear(d, 3 * p * p)})
+    heads = nn.ModuleDict({**{name: nn.Linear(d, k) for name, k in domain.heads},
+                           "corruption": nn.Linear(d, len(CORRUPTIONS)), "recon": nn.Linear(d, 3 * p * p)})
     params = list(tower.parameters()) + list(heads.parameters())
     for q in params:
         q.requires_grad_(True)
@@ -179,9 +202,12 @@ def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progres
         b = torch.randint(0, n, (cfg.vision_batch,), generator=gen)
         h = tower(pv_all[b], output_hidden_states=True, return_dict=True).hidden_states[-1][:, 1:]
         pooled = h.mean(1)
-        loss = (ce(heads["digit"](pooled), y_digit[b]) + ce(heads["colour"](pooled), y_colour[b])
-                + ce(heads["size"](pooled), y_size[b]) + ce(heads["corruption"](pooled), y_corrupt[b])
-                + 4 * nn.functional.mse_loss(heads["recon"](h), _patches(pv_all[b], p)))
+        loss = None
+        for name, _ in domain.heads:  # attribute heads, corruption, reconstruction: summed left to right
+            term = ce(heads[name](pooled), y[name][b])
+            loss = term if loss is None else loss + term
+        loss = loss + ce(heads["corruption"](pooled), y_corrupt[b])
+        loss = loss + 4 * nn.functional.mse_loss(heads["recon"](h), _patches(pv_all[b], p))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -191,15 +217,15 @@ def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, pool: np.ndarray, progres
     return {"final_loss": float(loss.detach())}
 
 
-def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, progress: bool) -> dict:
+def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, progress: bool) -> dict:
     tok = rt.tokenizer
-    corpus = text_corpus(cfg.n_text, cfg.seed + 2)
+    corpus = text_corpus(cfg.n_text, cfg.seed + 2, domain)
     texts = []
     for desc, q, a in corpus:
         if not q:
             texts.append(a)
             continue
-        prompt = rt.template.format(question=q).replace("<image>\n", f"{desc}\n" if desc else "")
+        prompt = rt.template.format(question=q).replace(IMAGE_SLOT, desc)  # the words stand where the image will
         texts.append(f"{prompt} {a}")
     seqs = [[rt.bos_id] + tok(t, add_special_tokens=False).input_ids + [rt.eos_id] for t in texts]
     lm = rt.model
@@ -231,12 +257,17 @@ def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, progress: bool) -> dict:
     return {"final_loss": float(loss.detach())}
 
 
-def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> float:
+def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> tuple[float, dict[str, float]]:
+    """Exact-match accuracy overall and per question type (harmful requests as one type)."""
     from ..eval.metrics import normalize
 
     feats = rt.vision_features([s.image for s in samples])
     preds = rt.answer(feats, [s.question for s in samples])
-    return float(np.mean([normalize(p) == normalize(s.answer) for p, s in zip(preds, samples, strict=True)]))
+    hits = [normalize(p) == normalize(s.answer) for p, s in zip(preds, samples, strict=True)]
+    kinds: dict[str, list[bool]] = {}
+    for hit, s in zip(hits, samples, strict=True):
+        kinds.setdefault(HARMFUL if s.harmful else s.question, []).append(hit)
+    return float(np.mean(hits)), {k: round(float(np.mean(v)), 4) for k, v in kinds.items()}
 
 
 def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
@@ -250,23 +281,27 @@ def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
     quiet_transformers()
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    tok = build_tokenizer()
-    image_id = tok.convert_tokens_to_ids("<image>")
+    domain = get_domain(cfg.domain)
+    tok = build_tokenizer(domain)
+    image_id = tok.convert_tokens_to_ids(domain.language.image)
     model = build_llava(cfg.dims, len(tok), image_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
                         cfg.seed)
-    rt = LlavaRuntime(model, tok, build_image_processor())
-    train_pool, test_pool = split_digit_indices(cfg.seed)
+    # the prompt the saved model's chat template renders (what LlavaRuntime.from_pretrained will use), else LLaVA-1.5's
+    template, source = ((template_from_chat_template(tok.chat_template, tok, domain.language.image), "chat_template")
+                        if tok.chat_template else (DEFAULT_TEMPLATE, "default"))
+    rt = LlavaRuntime(model, tok, build_image_processor(domain.image_mean, domain.image_std), template, source)
+    train_pool, test_pool = domain.split_pools(cfg.seed)
     timings, stages = {}, {}
 
     t = time.time()
-    stages["vision"] = _pretrain_vision(rt, cfg, train_pool, progress)
+    stages["vision"] = _pretrain_vision(rt, cfg, domain, train_pool, progress)
     timings["vision"] = time.time() - t
     t = time.time()
-    stages["llm"] = _pretrain_llm(rt, cfg, progress)
+    stages["llm"] = _pretrain_llm(rt, cfg, domain, progress)
     timings["llm"] = time.time() - t
 
     t = time.time()
-    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4, cfg.reference_tasks)
+    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4, cfg.reference_tasks, domain)
     feats = rt.vision_features([s.image for s in align])
     losses = train_projector(rt, feats, [s.question for s in align], [s.answer for s in align],
                              epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 5,
@@ -274,21 +309,26 @@ def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
     stages["alignment"] = {"final_loss": float(np.mean(losses[-10:]))}
     timings["alignment"] = time.time() - t
 
-    train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train")
-    test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test")
+    train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train", domain)
+    test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test", domain)
     t = time.time()
-    stages["alignment"]["accuracy"] = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8, cfg.reference_tasks))
-    stages["downstream_zero_shot_accuracy"] = _accuracy(rt, test)
+    acc, by_question = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8, cfg.reference_tasks, domain))
+    stages["alignment"].update({"accuracy": acc, "accuracy_by_question": by_question})
+    stages["downstream_zero_shot_accuracy"], stages["downstream_zero_shot_by_question"] = _accuracy(rt, test)
     timings["evaluation"] = time.time() - t
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "reference")
     tok.save_pretrained(out / "reference")
     rt.image_processor.save_pretrained(out / "reference")
+    if resolve_template(out / "reference", tok, image_id)[0] != rt.template:
+        raise RuntimeError(f"{out / 'reference'}: the saved model would be prompted differently from its training")
     save_conversations(train, out / "data" / "train.json")
     save_conversations(test, out / "data" / "test.json")
+    domain.language.targets.save(out / "data")  # what `attack`, `evaluate` and `bench` aim the variants at
     manifest = {
         "config": asdict(cfg), "key": cfg.key(), "platform": build_platform(), "stages": stages,
+        "prompt": {"template": rt.template, "source": rt.template_source},
         "timings_s": {k: round(v, 2) for k, v in timings.items()}, "wall_time_s": round(time.time() - t0, 2),
         "environment": environment(),
     }
@@ -297,7 +337,7 @@ def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
 
 
 def config_from_name(name: str, seed: int = 0) -> ZooConfig:
-    """`default`, `instructed` or `micro`, as the CLI names them."""
+    """`default`, `instructed`, `micro` or `foreign`, as the CLI names them."""
     if name == "default":
         return ZooConfig(seed=seed)
-    return {"instructed": ZooConfig.instructed, "micro": ZooConfig.micro}[name](seed=seed)
+    return {"instructed": ZooConfig.instructed, "micro": ZooConfig.micro, "foreign": ZooConfig.foreign}[name](seed=seed)
