@@ -14,12 +14,37 @@ from projlens_defense.zoo.build import ZooConfig, config_from_name
 from projlens_defense.zoo.tasks import DOWNSTREAM_MIX, alignment_samples
 
 
-def test_default_zoo_key_is_unchanged_by_the_preset_field() -> None:
-    # The shipped calibration and every cached zoo are keyed by this: a new preset must not move it.
-    assert ZooConfig().key() == "7001045ad6199a87"
-    assert ZooConfig.micro().key() == "106b7edf742db1a4"
-    assert ZooConfig.instructed().key() not in {ZooConfig().key(), ZooConfig.micro().key()}
-    assert ZooConfig.instructed(seed=1).key() != ZooConfig.instructed().key()
+def test_zoo_key_covers_config_and_build_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the key names everything that changes the bytes: config, format version, torch release, CPU ISA
+    from projlens_defense.zoo import build
+
+    keys = {ZooConfig().key(), ZooConfig.micro().key(), ZooConfig.instructed().key(), ZooConfig.instructed(seed=1).key()}
+    assert len(keys) == 4
+    monkeypatch.setattr(build, "build_platform", lambda: {"torch": "2.13.0", "cpu": "AVX2"})
+    assert ZooConfig().key() not in keys
+
+
+def test_micro_zoo_bytes_do_not_depend_on_the_thread_count(micro_zoo, tmp_path: Path) -> None:
+    """Issue 12: a zoo built with another thread count was a different model. The session's micro zoo is built
+    in-process (all cores); here it is built again in a fresh cache with OMP_NUM_THREADS=1: same digests."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROJLENS_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = ("from projlens_defense.zoo.build import ZooConfig, get_zoo; "
+            "print(get_zoo(ZooConfig.micro(), progress=False, calibrate=False).root)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    other = Path(r.stdout.strip().splitlines()[-1])
+
+    def digest(root: Path) -> dict[str, str]:
+        files = ["reference/model.safetensors", "data/train.json", "data/test.json"]
+        return {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:16] for f in files}
+
+    assert other != micro_zoo.root and str(other).startswith(str(tmp_path))
+    assert digest(other) == digest(micro_zoo.root)
 
 
 def test_presets_by_name() -> None:
