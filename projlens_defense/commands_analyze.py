@@ -56,6 +56,23 @@ def _need_dir(path: Path, what: str) -> None:
               help="Projector layers whose dW is decomposed.")
 @click.option("--no-excite", is_flag=True, help="Read the clean probes' mean shift instead of the trigger-free excitation.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def _calibration_benign(reference: Path) -> tuple[tuple[Path, ...], str | None]:
+    """The benign fine-tunes of the cached self-generated calibration of ``reference`` (none if there is none)."""
+    from .detectors.calibration import cached_calibration, projector_digest
+    from .errors import CheckpointError
+
+    try:
+        from .checkpoint import load_projector
+
+        cal = cached_calibration(projector_digest(load_projector(reference)))
+    except CheckpointError:
+        return (), None
+    if cal is None:
+        return (), None
+    files = tuple(Path(b) for b in cal.benign if Path(b).is_file())
+    return (files, f"the self-generated calibration {cal.source}") if len(files) >= 3 else ((), None)
+
+
 def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[Path, ...], variant: str | None,
             test_data: Path | None, probe_data: Path | None, n_probes: int, max_test: int, k_text: str, layers: str,
             no_excite: bool, fmt: str) -> None:
@@ -78,6 +95,9 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
 
         reference = get_zoo().reference
     _need_dir(reference, "reference checkpoint")
+    benign_source = "--benign" if benign else None
+    if not benign:
+        benign, benign_source = _calibration_benign(reference)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     opts = AnalyzeOptions(k_values=ks, layers=layers, n_probes=n_probes, max_test=max_test,
@@ -92,6 +112,8 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
             lines.append(f"  {dname}: injection restores >= 90% ASR at k={crit['inject_k']}, ablation <= 5% ASR "
                          f"within 2 points at k={crit['ablate_k']}")
     lines.append(f"  dominant shift direction reads: {toks}")
+    lines.append(f"  benign fine-tunes compared: {len(benign)}" + (f" (from {benign_source})" if benign_source else
+                 " (none: no --benign and no calibration for this reference; `calibrate --generate 8` makes one)"))
     if rep.get("model_score"):
         ms = rep["model_score"]
         lines.append(f"  activation score {ms['score']:.2f} vs threshold {ms['threshold']:.2f}: {ms['verdict']}")
