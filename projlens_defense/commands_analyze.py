@@ -35,6 +35,23 @@ def _need_dir(path: Path, what: str) -> None:
         raise UsageError(f"{path}: no such {what}")
 
 
+def _calibration_benign(reference: Path) -> tuple[tuple[Path, ...], str | None]:
+    """The benign fine-tunes of the cached self-generated calibration of ``reference`` (none if there is none)."""
+    from .detectors.calibration import cached_calibration, projector_digest
+    from .errors import CheckpointError
+
+    try:
+        from .checkpoint import load_projector
+
+        cal = cached_calibration(projector_digest(load_projector(reference)))
+    except CheckpointError:
+        return (), None
+    if cal is None:
+        return (), None
+    files = tuple(Path(b) for b in cal.benign if Path(b).is_file())
+    return (files, f"the self-generated calibration {cal.source}") if len(files) >= 3 else ((), None)
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
@@ -56,23 +73,6 @@ def _need_dir(path: Path, what: str) -> None:
               help="Projector layers whose dW is decomposed.")
 @click.option("--no-excite", is_flag=True, help="Read the clean probes' mean shift instead of the trigger-free excitation.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-def _calibration_benign(reference: Path) -> tuple[tuple[Path, ...], str | None]:
-    """The benign fine-tunes of the cached self-generated calibration of ``reference`` (none if there is none)."""
-    from .detectors.calibration import cached_calibration, projector_digest
-    from .errors import CheckpointError
-
-    try:
-        from .checkpoint import load_projector
-
-        cal = cached_calibration(projector_digest(load_projector(reference)))
-    except CheckpointError:
-        return (), None
-    if cal is None:
-        return (), None
-    files = tuple(Path(b) for b in cal.benign if Path(b).is_file())
-    return (files, f"the self-generated calibration {cal.source}") if len(files) >= 3 else ((), None)
-
-
 def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[Path, ...], variant: str | None,
             test_data: Path | None, probe_data: Path | None, n_probes: int, max_test: int, k_text: str, layers: str,
             no_excite: bool, fmt: str) -> None:
