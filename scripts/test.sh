@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The fast test suite (slow tests: add `-m slow`). Installs what it needs first.
+# The fast test suite (slow tests: add `-m slow`), with line coverage of the package. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check projlens_defense tests benchmarks
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --cov=projlens_defense --cov-report=term "$@"

@@ -1000,10 +1000,15 @@ def invoke(command: str, case: Case, workdir: Path) -> RunResult:
 _HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
+PROCESSED = {0, 1, 5}
+"""Exit codes that mean the command went through its input: 1 a suspicious scan verdict, 5 an inconclusive one
+(the corpus has no calibration for its bases' models)."""
+
+
 def allowed_codes(case: Case, command: str) -> set[int]:
-    """0 and 1 both mean "processed" (1: a scan verdict of suspicious); errors must match exactly."""
+    """Any of :data:`PROCESSED` means "processed"; errors must match exactly."""
     code = case.expected_for(command)
-    return {0, 1} if code in (0, 1) else {code}
+    return PROCESSED if code in (0, 1) else {code}
 
 
 def problems(res: RunResult, case: Case, markers: Path, in_process: bool = False) -> list[str]:
@@ -1024,7 +1029,7 @@ def problems(res: RunResult, case: Case, markers: Path, in_process: bool = False
         bad.append(f"traceback in the output: {res.output.strip()[-300:]!r}")
     if "internal error" in res.output:
         bad.append("an exception escaped the reader (reported as an internal error)")
-    failed = res.returncode not in (0, 1)
+    failed = res.returncode not in PROCESSED
     if failed and not any(case.must_name() in ln for ln in res.output.splitlines()):
         bad.append(f"no line of the output names {case.must_name()}: {res.output.strip()[-200:]!r}")
     reason = case.reason_for(cmd)
@@ -1056,7 +1061,7 @@ def _leftovers(out: Path) -> list[str]:
 def check_output(command: str, case: Case, out: Path, code: int) -> list[str]:
     """What is wrong with what ``command`` left at ``out`` after exiting with ``code``."""
     bad = [f"temporary files left beside the output: {left}" for left in [_leftovers(out)] if left]
-    if code not in (0, 1):
+    if code not in PROCESSED:
         if os.path.lexists(out):
             bad.append(f"failed, but left an output behind at {out}")
         return bad

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,17 +248,101 @@ def test_unwritable_output_dir_is_a_clear_error(make_hf_llava, tmp_path, monkeyp
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_output_dir(make_mm_projector, tmp_path):
-    src, _ = make_mm_projector()
+# Runs the CLI in a child process. As root (CI) the child first drops CAP_DAC_OVERRIDE,
+# CAP_DAC_READ_SEARCH and CAP_FOWNER from its capability bounding set, so that after exec it is
+# root without the power to ignore permission bits: a 0555 directory it owns is read-only to it, as
+# to any user. Needs CAP_SETPCAP (which root has, in Docker's default set too); exit 97 if refused.
+_WITHOUT_DAC_OVERRIDE = """
+import ctypes, os, sys
+if os.geteuid() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            print(f"cannot drop capability {cap}: errno {ctypes.get_errno()}", file=sys.stderr)
+            sys.exit(97)
+os.execv(sys.executable, [sys.executable, "-m", "projlens_defense", *sys.argv[1:]])
+"""
+
+
+def _cli_without_dac_override(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_DAC_OVERRIDE, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+    if r.returncode == 97:
+        pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE here: {r.stderr.strip()}")
+    return r
+
+
+def test_read_only_output_dir(make_mm_projector, tmp_path, digest):
+    """`sanitize --out` into a read-only directory: exit 2 with one line naming the output and the
+    OS error, no traceback, nothing written there, the input unchanged. Runs as root too (see above)."""
+    src, _ = make_mm_projector(seed=0)
+    ref, _ = make_mm_projector(seed=1)
+    before = digest(src)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        with pytest.raises(CheckpointError, match="Permission denied"):
-            write_projector(src, load_projector(src), ro / "p.bin")
+        if os.geteuid() != 0:  # the library call too (root in this process would ignore the mode)
+            with pytest.raises(CheckpointError, match="Permission denied") as e:
+                write_projector(src, load_projector(src), ro / "p.bin")
+            assert "\n" not in str(e.value)
+        out = ro / "p.bin"
+        r = _cli_without_dac_override(
+            "sanitize",
+            str(src),
+            "--reference",
+            str(ref),
+            "--method",
+            "restore",
+            "--out",
+            str(out),
+            cwd=tmp_path,
+        )
+        assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+        assert "Traceback" not in r.stdout + r.stderr
+        assert r.stderr.strip().splitlines() == [f"error: {out}: cannot write output: Permission denied"], (
+            r.stderr
+        )
+        assert os.listdir(ro) == []  # no output, no temporary sibling
     finally:
         ro.chmod(0o755)
+    assert digest(src) == before
+
+
+def test_output_parent_is_a_regular_file(make_mm_projector, tmp_path, digest):
+    """An output path under a regular file (unwritable whoever runs it, root included): usage error
+    (exit 4), one line naming the output, no traceback; the file and the input are unchanged."""
+    from click.testing import CliRunner
+
+    from projlens_defense.cli import main
+
+    src, _ = make_mm_projector(seed=0)
+    ref, _ = make_mm_projector(seed=1)
+    before = digest(src)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"keep me")
+    out = blocker / "p.bin"
+    with pytest.raises(UsageError, match="parent directory"):
+        write_projector(src, load_projector(src), out)
+    res = CliRunner().invoke(
+        main, ["sanitize", str(src), "--reference", str(ref), "--method", "restore", "--out", str(out)]
+    )
+    assert res.exit_code == 4, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: ") and "parent directory" in lines[0], (
+        res.stderr
+    )
+    assert blocker.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == sorted([src.parent.name, ref.parent.name, blocker.name])
+    assert digest(src) == before
 
 
 def test_projector_from_another_checkpoint_refused(make_hf_llava, make_mm_projector, tmp_path):

@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 from tiny_world import attention_direction, save_with_tokenizer
 
 from projlens_defense.cli import main
+from projlens_defense.commands_scan import RULE_BACKDOOR, RULE_ERROR, sarif_report
 from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
 from projlens_defense.detectors.base import DetectorReport, OvLayer, ScanInput, top_singular
 from projlens_defense.detectors.calibration import (
     WEIGHT_SPACE_DETECTORS,
     Calibration,
-    default_calibration,
     fit_calibration,
 )
 from projlens_defense.detectors.loading import load_checkpoint
@@ -36,6 +36,8 @@ TASK = 30
 N_BENIGN = 7  # benign0..5 calibrate, benign6 is the held-out clean one
 CLEAN = f"benign{N_BENIGN - 1}"
 P1, P2 = "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"
+# the official OASIS SARIF 2.1.0 schema (errata01), vendored: see tests/data/README.md
+SARIF_SCHEMA = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,21 @@ def _scan(*args: str) -> tuple[int, str]:
     assert "Traceback" not in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
     return res.exit_code, res.output
+
+
+def _valid_sarif(text: str) -> dict:
+    """Parse ``text`` as strict JSON (no NaN/inf) and validate it against the official SARIF 2.1.0
+    schema, formats included (``uri`` / ``uri-reference`` need rfc3986-validator, a test extra)."""
+    from jsonschema import Draft4Validator, FormatChecker
+
+    log = json.loads(text, parse_constant=lambda c: pytest.fail(f"SARIF output is not strict JSON: {c}"))
+    schema = json.loads(SARIF_SCHEMA.read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-04/schema#"
+    checker = FormatChecker()  # every known format: draft 4's own list has no "uri-reference"
+    assert {"uri", "uri-reference"} <= set(checker.checkers), "install the test extra (rfc3986-validator)"
+    errors = sorted(Draft4Validator(schema, format_checker=checker).iter_errors(log), key=lambda e: e.json_path)
+    assert not errors, "SARIF violates the 2.1.0 schema:\n" + "\n".join(f"  {e.json_path}: {e.message}" for e in errors)
+    return log
 
 
 def _input(world: dict[str, Path], name: str, reference: bool = True, lens_layers: int = 2) -> ScanInput:
@@ -189,24 +206,30 @@ def test_ov_layer_grouped_query_attention_matches_per_head_math() -> None:
 
 
 # --------------------------------------------------------------------------- calibration
-def test_calibration_threshold_is_max_leave_one_out_plus_margin() -> None:
-    cal = Calibration(null={"reference": {"lens.novelty": [1.0, 2.0, 3.0, 2.0]}}, margin=0.5,
-                      combine={"reference": ["lens.novelty"]})
+def test_calibration_threshold_is_a_student_t_prediction_bound_at_the_stated_fpr() -> None:
+    from scipy.stats import t
+
+    vals = [1.0, 2.0, 3.0, 2.0]
+    cal = Calibration(null={"reference": {"lens.novelty": vals}}, fpr=0.05, combine={"reference": ["lens.novelty"]})
     used = ["lens.novelty"]
-    loo = cal.benign_scores("reference", used)
-    assert len(loo) == 4 and cal.threshold("reference", used) == pytest.approx(max(loo) + 0.5)
+    n = len(vals)
+    assert cal.threshold("reference", used) == pytest.approx(t.isf(0.05, n - 1) * (1 + 1 / n) ** 0.5)
+    # two signals combined by max: each is tested at fpr / 2 (Bonferroni)
+    two = Calibration(null={"reference": {"a": vals, "b": vals}}, fpr=0.05, combine={"reference": ["a", "b"]})
+    assert two.threshold("reference", ["a", "b"]) == pytest.approx(t.isf(0.025, n - 1) * (1 + 1 / n) ** 0.5)
     score, got, z = cal.score("reference", {"lens.novelty": 10.0, "lens.peak": 1.0})
     assert got == used and score > cal.threshold("reference", used)
+    assert cal.p_value("reference", z, used) < 0.05 < cal.p_value("reference", {"lens.novelty": 0.5}, used)
     again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
     assert again.threshold("reference", used) == pytest.approx(cal.threshold("reference", used))
+    assert again.fpr == 0.05
 
 
-def test_calibration_file_is_valid_and_shipped_one_loads(calibration_file: Path) -> None:
+def test_calibration_file_is_valid_and_says_how_many_benign_it_would_flag(calibration_file: Path) -> None:
     d = json.loads(calibration_file.read_text())
     assert set(d["thresholds"]) == {"reference", "reference-free"}
     assert all(len(v) == N_BENIGN - 1 for v in d["null"]["reference"].values())
-    shipped = default_calibration()
-    assert shipped.null["reference"] and shipped.combine["reference"]
+    assert d["fpr"] == 0.01 and d["benign_flagged_loo"]["reference"] == 0
 
 
 def test_fit_calibration_refuses_too_few_benign(world: dict[str, Path]) -> None:
@@ -249,17 +272,19 @@ def test_scan_json_fields(world: dict[str, Path], calibration_file: Path, tmp_pa
 def test_scan_reference_free_mode(world: dict[str, Path], calibration_file: Path) -> None:
     code, out = _scan(str(world["suspect"]), "--calibration", str(calibration_file), "--format", "json")
     obj = json.loads(out)[0]
-    assert obj["mode"] == "reference-free" and obj["verdict"] in ("clean", "suspicious")
+    assert obj["mode"] == "reference-free"
     assert obj["signals_used"] and obj["signals_used"][0].startswith("rf.")
     assert f"tok{TARGET}" in obj["suspected_target_tokens"][:5]
-    assert code == (1 if obj["verdict"] == "suspicious" else 0)
+    # a planted rank-1 update of 1.5x the layer's norm toward one token (score ~47 against a threshold ~3.5)
+    assert obj["verdict"] == "suspicious", obj
+    assert code == 1
 
 
 def test_scan_sarif_is_valid_2_1_0(world: dict[str, Path], calibration_file: Path) -> None:
     code, out = _scan(str(world["suspect"]), str(world[CLEAN]), "--reference", str(world["reference"]),
                       "--calibration", str(calibration_file), "--format", "sarif")
     assert code == 1
-    log = json.loads(out)
+    log = _valid_sarif(out)
     assert log["version"] == "2.1.0" and "sarif-2.1.0" in log["$schema"]
     run = log["runs"][0]
     assert run["tool"]["driver"]["name"] == "projlens-defense"
@@ -271,6 +296,54 @@ def test_scan_sarif_is_valid_2_1_0(world: dict[str, Path], calibration_file: Pat
         assert r["message"]["text"]
         assert r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
     assert [r["level"] for r in run["results"]] == ["error", "none"]
+
+
+def test_scan_sarif_with_an_error_result_is_valid_2_1_0(world: dict[str, Path], calibration_file: Path,
+                                                        tmp_path: Path) -> None:
+    """A corrupt checkpoint among the paths: its result is a schema-valid PLD002 warning naming the
+    file and the reason, beside the suspicious and the clean ones; alone it exits 2, still valid SARIF."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, out = _scan(str(bad), str(world["suspect"]), str(world[CLEAN]), "--reference", str(world["reference"]),
+                      "--calibration", str(calibration_file), "--format", "sarif")
+    assert code == 1, out  # an error does not hide the suspicious checkpoint
+    results = _valid_sarif(out)["runs"][0]["results"]
+    assert [(r["ruleId"], r["level"], r["kind"]) for r in results] == [
+        (RULE_ERROR, "warning", "fail"), (RULE_BACKDOOR, "error", "fail"), (RULE_BACKDOOR, "none", "pass")]
+    err = results[0]
+    assert err["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == bad.resolve().as_uri()
+    assert err["message"]["text"].startswith("could not scan: ") and "bad.safetensors" in err["message"]["text"]
+    assert err["properties"]["verdict"] == "error" and err["properties"]["score"] is None
+    code, out = _scan(str(bad), "--format", "sarif")
+    assert code == 2
+    (only,) = _valid_sarif(out)["runs"][0]["results"]
+    assert only["ruleId"] == RULE_ERROR
+
+
+def test_scan_sarif_relative_path_is_a_valid_uri_reference(world: dict[str, Path], calibration_file: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative path with characters a URI may not hold (space, '#', '%') is percent-encoded."""
+    import shutil
+    from urllib.parse import unquote
+
+    name = "my ckpt #1 100%"
+    shutil.copytree(world[CLEAN], tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    code, out = _scan(name, "--reference", str(world["reference"]), "--calibration", str(calibration_file),
+                      "--format", "sarif")
+    assert code == 0, out
+    uri = _valid_sarif(out)["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri == "my%20ckpt%20%231%20100%25" and unquote(uri) == name
+
+
+def test_sarif_report_non_finite_numbers_are_null() -> None:
+    """A non-finite score must not turn the log into invalid JSON (``NaN``)."""
+    from projlens_defense.detectors.scan import ScanResult
+
+    res = ScanResult("/x/ckpt", "clean", score=float("nan"), threshold=float("inf"), format="hf-llava", mode="reference")
+    log = _valid_sarif(json.dumps(sarif_report([res], tool_version="0.0.0"), allow_nan=False))
+    props = log["runs"][0]["results"][0]["properties"]
+    assert props["score"] is None and props["threshold"] is None
 
 
 def test_scan_folder_of_checkpoints_skips_non_checkpoints(world: dict[str, Path], calibration_file: Path,
@@ -330,10 +403,17 @@ def test_scan_missing_path_and_reference_exit_4(world: dict[str, Path], tmp_path
 
 
 def test_bad_calibration_file_is_one_line_error(world: dict[str, Path], tmp_path: Path) -> None:
+    from projlens_defense.detectors.calibration import CALIBRATION_VERSION
+
     cal = tmp_path / "cal.json"
-    cal.write_text('{"version": 1, "null": {"reference": {"x": "oops"}}}')
-    code, out = _scan(str(world["benign0"]), "--calibration", str(cal))
-    assert code == 2 and out.strip().count("\n") == 0 and "calibration" not in out.lower() or "must be" in out
+    cal.write_text(json.dumps({"version": CALIBRATION_VERSION, "null": {"reference": {"x": "oops"}}}))
+    res = CliRunner().invoke(main, ["scan", str(world["benign0"]), "--calibration", str(cal)])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert res.stdout == "" and res.output == res.stderr  # nothing but the error, and that on stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0] == f"error: {cal}: signal 'x' must be a list of numbers"
 
 
 def test_unwritable_output_is_usage_error(world: dict[str, Path], calibration_file: Path, tmp_path: Path) -> None:
@@ -350,11 +430,28 @@ def test_calibrate_usage_errors(world: dict[str, Path], calibration_file: Path) 
     assert res.exit_code == 4 and "at least 3" in res.output
 
 
-def test_default_calibration_on_another_model_warns_and_falls_back(world: dict[str, Path]) -> None:
+def test_scan_without_calibration_for_the_model_is_inconclusive(world: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROJLENS_CACHE", str(tmp_path))  # no cached calibration for this reference
     code, out = _scan(str(world["suspect"]), "--reference", str(world["reference"]), "--format", "json")
     obj = json.loads(out)[0]
-    assert code in (0, 1) and obj["verdict"] in ("clean", "suspicious")
-    assert any("another model" in w for w in obj["warnings"])
+    assert code == 5 and obj["verdict"] == "inconclusive" and "calibrate" in obj["reason"]
+    assert obj["score"] is None and obj["suspected_target_tokens"]  # the evidence is still reported
+
+
+def test_calibration_of_another_model_is_not_used(world: dict[str, Path], calibration_file: Path, tmp_path: Path) -> None:
+    d = json.loads(calibration_file.read_text())
+    vocab = dict(d, model={**d["model"], "vocab_size": d["model"]["vocab_size"] + 1})
+    digest = dict(d, model={**d["model"], "reference_digest": "0" * 16})
+    for name, cal in (("vocab", vocab), ("digest", digest)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cal))
+        code, out = _scan(str(world["suspect"]), "--reference", str(world["reference"]), "--calibration", str(path),
+                          "--format", "json")
+        obj = json.loads(out)[0]
+        assert code == 5 and obj["verdict"] == "inconclusive", (name, obj)
+        assert any("another model" in w and ("vocabulary" in w if name == "vocab" else "reference projector" in w)
+                   for w in obj["warnings"]), obj["warnings"]
 
 
 def test_bare_mm_projector_borrows_the_reference_llm(world: dict[str, Path], calibration_file: Path,
@@ -414,7 +511,7 @@ def test_identical_to_reference_is_clean(world: dict[str, Path], calibration_fil
     code, out = _scan(str(world["reference"]), "--reference", str(world["reference"]),
                       "--calibration", str(calibration_file), "--format", "sarif")
     assert code == 0
-    res = json.loads(out)["runs"][0]["results"][0]
+    res = _valid_sarif(out)["runs"][0]["results"][0]
     assert res["level"] == "none" and "identical" in res["message"]["text"]
 
 

@@ -256,6 +256,10 @@ class Scanner:
                 reports.append(det.score(inp))
             except MissingInput as e:
                 res.warnings.append(f"{det.name}: skipped ({e})")
+        if not reports:
+            skipped = "; ".join(w for w in res.warnings if ": skipped (" in w)
+            res.errors.append(f"cannot decide in {self.mode!r} mode: no detector could score it ({skipped})")
+            return
         for r in reports:
             res.signals.update(r.signals)
         res.detectors = [r.to_dict() for r in reports]
