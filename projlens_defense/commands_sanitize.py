@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import NothingRemovedError, UsageError
-from .runinfo import attack_provenance
+from .errors import UsageError
 
 
 def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
@@ -90,95 +87,12 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     target-direction, unlearn, restore, finetune, fine-prune, clp, orthogonal; norm-guard is a run-time
     wrapper (Python API only).
     """
-    from .checkpoint import detect_format, load_projector, write_projector
+    from .api import sanitize as run_sanitize
     from .cli import emit
-    from .mitigations import LENS_METHODS, MITIGATIONS
 
-    if method not in MITIGATIONS:
-        raise UsageError(f"unknown method {method!r}; choose from: {', '.join(MITIGATIONS)}")
-    cls = MITIGATIONS[method]
-    if cls.run_time_only:
-        raise UsageError(f"method {method!r} is a run-time guard, not a weight edit, so it cannot be written to a "
-                         f"checkpoint; use projlens_defense.mitigations.{cls.__name__} from Python")
-    if os.path.lexists(out) and not force:
-        raise UsageError(f"{out}: already exists; pass --force to replace it")
-    if n_clean < 1 or n_eval < 0:
-        raise UsageError("--n-clean must be >= 1 and --n-eval >= 0")
-    if cls.requires_clean and clean_data is None:
-        raise UsageError(f"method {method!r} needs clean samples: pass --clean-data (LLaVA conversation JSON)")
-    warnings: list[str] = []
-    info = detect_format(checkpoint)
-    suspect = load_projector(info)
-    ref_path = reference or attack_provenance(checkpoint).get("reference")
-    if cls.requires_reference and ref_path is None:
-        raise UsageError(f"method {method!r} needs the reference projector the checkpoint was fine-tuned from: "
-                         f"pass --reference (no attack.json with a base_model here)")
-    ref = load_projector(ref_path) if ref_path is not None else None
-    if ref is not None:
-        suspect.delta(ref)  # refuses a reference of another shape, before any work
-
-    clean = rt = None
-    heldout: list = []
-    if clean_data is not None:
-        from .conversations import load_conversations
-        from .mitigations import CleanData
-        from .runtime import LlavaRuntime
-
-        runner = model or (info.root if info.root is not None else None)
-        if runner is None or not (Path(runner) / "config.json").is_file():
-            raise UsageError("--clean-data needs an HF LLaVA model to run the samples: pass --model DIR "
-                             "(the checkpoint itself is not an HF LLaVA directory)")
-        samples = load_conversations(clean_data)
-        order = list(range(len(samples)))
-        random.Random(clean_seed).shuffle(order)
-        used = [samples[i] for i in order[:n_clean]]
-        heldout = [samples[i] for i in order[n_clean : n_clean + n_eval]]
-        rt = LlavaRuntime.from_pretrained(runner)  # its LLM and vision tower; the projector is passed explicitly
-        clean = CleanData.from_samples(rt, used, None, clean_seed) if cls.uses_clean else None
-        if len(samples) < n_clean:
-            warnings.append(f"--clean-data has only {len(samples)} samples")
-    kw: dict[str, Any] = _parse_params(params)
-    if method in LENS_METHODS:
-        from .mitigations.lens import lens_context
-
-        kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
-    result = cls(**kw).apply(suspect, ref, clean)
-    assert result.projector is not None
-    if _unchanged(suspect, result.projector):
-        why = result.report.get("selection") or "the method selected nothing"
-        raise NothingRemovedError(f"{method}: nothing removed ({why}); no output written"
-                                  + "".join(f" [{w}]" for w in warnings))
-    write_projector(checkpoint, result.projector, out, force=force)
-
-    rec: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "format": info.format, "method": method,
-                           "mode": "few-shot" if clean is not None else "data-free",
-                           "reference": None if ref_path is None else str(ref_path), **result.to_dict(),
-                           "warnings": warnings}
-    if rt is not None and heldout:
-        from .eval.evaluate import evaluate, prepare_eval_set
-
-        es = prepare_eval_set(rt, heldout, None)
-        before = evaluate(rt, es, projector=_module(suspect)).clean_accuracy
-        after = evaluate(rt, es, projector=result.as_module()).clean_accuracy
-        rec["clean_accuracy"] = {"n": len(heldout), "before": before, "after": after, "change": after - before}
-    elif clean_data is not None:
-        warnings.append("no held-out clean samples left for the clean-accuracy check (raise the data size)")
+    rec = run_sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
+                       n_eval=n_eval, clean_seed=clean_seed, model=model, params=_parse_params(params),
+                       calibration=calibration, force=force)
     emit(rec, fmt, _text(rec))
 
 
-def _unchanged(before: Any, after: Any) -> bool:
-    """True when ``after`` has exactly ``before``'s weights and biases (a repair that removed nothing)."""
-    import torch
-
-    for a, b in zip(before.layers, after.layers, strict=True):
-        if not torch.equal(a.weight, b.weight):
-            return False
-        if (a.bias is None) != (b.bias is None) or (a.bias is not None and not torch.equal(a.bias, b.bias)):
-            return False
-    return True
-
-
-def _module(projector: Any) -> Any:
-    from .mitigations import ProjectorModule
-
-    return ProjectorModule(projector).eval()
