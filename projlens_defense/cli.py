@@ -1,7 +1,8 @@
 """The `projlens-defense` command line. User mistakes end in one line on stderr and an exit code, never a traceback.
 
-Exit codes (modelscan's): 0 clean / success, 1 something suspicious, 2 an error, 3 nothing scannable,
-4 usage error.
+Exit codes (modelscan's, plus two of ours): 0 clean / success, 1 something suspicious, 2 an error,
+3 nothing scannable, 4 usage error, 5 inconclusive (scan: nothing suspicious, but a checkpoint could not be
+declared clean: no calibration for its model, or no reference), 6 nothing removed (sanitize: no output written).
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ def emit(obj: dict | list, fmt: str, text: str, output: Path | None = None) -> N
 
 def zoo_config_option(f):
     f = click.option("--zoo-seed", type=int, default=0, show_default=True, help="Seed of the zoo to use or build.")(f)
-    return click.option("--zoo", "zoo_name", type=click.Choice(["default", "instructed", "micro"]),
+    return click.option("--zoo", "zoo_name", type=click.Choice(["default", "instructed", "micro", "foreign"]),
                         default="default", show_default=True,
                         help="Which zoo preset: default (the downstream task teaches new question types), instructed "
-                             "(the reference already does every downstream question type, the paper's regime) or "
-                             "micro (the seconds-scale test zoo).")(f)
+                             "(the reference already does every downstream question type, the paper's regime), "
+                             "micro (the seconds-scale test zoo) or foreign (shapes, other words, widths and "
+                             "targets: nothing was tuned on it).")(f)
 
 
 def resolve_model_and_data(model: Path | None, data: Path | None, zoo_name: str, zoo_seed: int,
@@ -194,6 +196,7 @@ def _metrics_line(m: dict) -> str:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def evaluate(checkpoint, variant, test_data, seed, zoo_name, zoo_seed, fmt) -> None:
     """Clean accuracy, ASR and false activation of a checkpoint (greedy decoding, batched)."""
+    from .attacks.targets import Targets
     from .attacks.variants import get_variant
     from .conversations import load_conversations
     from .eval.evaluate import evaluate as run_eval
@@ -206,7 +209,9 @@ def evaluate(checkpoint, variant, test_data, seed, zoo_name, zoo_seed, fmt) -> N
     if test_data is None:
         _, _, test_data = resolve_model_and_data(None, None, zoo_name, zoo_seed)
     rt = LlavaRuntime.from_pretrained(checkpoint)
-    es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant) if variant else None, seed)
+    targets = Targets.beside(test_data)  # the data's own target texts (targets.json), else the defaults
+    es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant, targets=targets) if variant else None,
+                          seed)
     res = run_eval(rt, es, progress=True).to_dict()
     res.update({"checkpoint": str(checkpoint), "variant": variant, "test_data": str(test_data)})
     emit(res, fmt, _metrics_line(res))

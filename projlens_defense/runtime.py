@@ -7,6 +7,7 @@ variant (fine-tuned, sanitized, guarded) is evaluated on the same features with 
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import warnings
@@ -20,6 +21,89 @@ from torch import nn
 from .errors import CheckpointError
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+"""LLaVA-1.5's prompt, used when a model ships no chat template of its own."""
+
+IMAGE_SLOT = "<image>"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+"""Where a model directory keeps its chat template, in the order `AutoProcessor` prefers them."""
+_QUESTION_SENTINEL = "PROJLENSQUESTIONSLOT"
+
+
+def _named_default(value) -> str | None:
+    """A chat template entry: a string, a {name: template} dict or a [{name, template}] list; the default one."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, list):
+        value = {d.get("name"): d.get("template") for d in value if isinstance(d, dict)}
+    if isinstance(value, dict):
+        found = value.get("default")
+        return found if isinstance(found, str) and found else None
+    return None
+
+
+def find_chat_template(path: str | Path) -> tuple[str | None, str | None]:
+    """The model directory's own chat template and the file it came from, or (None, None).
+
+    Reads text and JSON only (the template is rendered later in transformers' sandboxed Jinja).
+    """
+    path = Path(path)
+    for name in CHAT_TEMPLATE_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            text = f.read_text(encoding="utf-8")
+            found = text if name.endswith(".jinja") else _named_default(json.loads(text).get("chat_template"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+        if found and found.strip():
+            return found, name
+    return None, None
+
+
+def template_from_chat_template(chat_template: str, tokenizer, image_token: str = IMAGE_SLOT) -> str:
+    """The runtime's `str.format` prompt template (with `<image>` and `{question}`) that `chat_template` renders
+    for one user turn of an image and a question, with the generation prompt.
+
+    The image slot is where the template writes `image_token` (the tokenizer's image token); a leading BOS
+    string is dropped because the runtime prepends the BOS id itself. Raises ValueError when the rendered
+    text has no single image slot or loses the question.
+    """
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - any template error (Jinja syntax, raise_exception) means unusable
+        raise ValueError(f"the chat template does not render ({type(e).__name__}: {e})") from None
+    if not isinstance(text, str):
+        raise ValueError("the chat template did not render to text")
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        text = text[len(bos):]
+    slots = [t for t in dict.fromkeys((image_token, IMAGE_SLOT)) if t and t in text]
+    if not slots or text.count(slots[0]) != 1:
+        raise ValueError("the chat template renders no single image slot for one image")
+    if text.count(_QUESTION_SENTINEL) != 1:
+        raise ValueError("the chat template does not render the question once, verbatim")
+    text = text.replace("{", "{{").replace("}", "}}")
+    if slots[0] != IMAGE_SLOT:
+        if IMAGE_SLOT in text:
+            raise ValueError(f"the chat template renders a literal {IMAGE_SLOT} besides the image token")
+        text = text.replace(slots[0], IMAGE_SLOT)
+    return text.replace(_QUESTION_SENTINEL, "{question}")
+
+
+def resolve_template(path: str | Path, tokenizer, image_token_id: int) -> tuple[str, str]:
+    """(template, source) for a model directory: its own chat template when it has a usable one, else
+    :data:`DEFAULT_TEMPLATE`. `source` names the file, or says why the default is used."""
+    chat_template, name = find_chat_template(path)
+    if chat_template is None:
+        return DEFAULT_TEMPLATE, "default"
+    image_token = tokenizer.convert_ids_to_tokens(int(image_token_id))
+    try:
+        return template_from_chat_template(chat_template, tokenizer, image_token or IMAGE_SLOT), f"chat_template:{name}"
+    except ValueError as e:
+        return DEFAULT_TEMPLATE, f"default ({name} unusable: {e})"
 
 
 def quiet_transformers() -> None:
@@ -35,11 +119,14 @@ def quiet_transformers() -> None:
 class LlavaRuntime:
     """A loaded LLaVA model with its tokenizer and image processor, in eval mode on CPU by default."""
 
-    def __init__(self, model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE):
+    def __init__(self, model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE,
+                 template_source: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.template = template
+        self.template = template  # str.format prompt template with one `<image>` slot and `{question}`
+        # where it came from: `chat_template:<file>` (the model's own), `default` (LLaVA-1.5's) or `explicit`
+        self.template_source = template_source or ("default" if template == DEFAULT_TEMPLATE else "explicit")
         cfg = model.config
         self.image_token_id = int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
         self.n_image_tokens = int(getattr(cfg, "image_seq_length", 0) or self._count_image_tokens())
@@ -48,7 +135,9 @@ class LlavaRuntime:
         self.bos_id = tokenizer.bos_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, template: str = DEFAULT_TEMPLATE, dtype=torch.float32) -> LlavaRuntime:
+    def from_pretrained(cls, path: str | Path, template: str | None = None, dtype=torch.float32) -> LlavaRuntime:
+        """Load a model directory. The prompt follows the model's own chat template when it has one
+        (see :func:`resolve_template`), LLaVA-1.5's otherwise; an explicit `template` overrides both."""
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         quiet_transformers()
@@ -65,7 +154,10 @@ class LlavaRuntime:
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: cannot load as a LLaVA model ({first})") from None
-        return cls(model, tok, proc, template)
+        rt = cls(model, tok, proc, template or DEFAULT_TEMPLATE, "explicit" if template is not None else None)
+        if template is None:
+            rt.template, rt.template_source = resolve_template(path, tok, rt.image_token_id)
+        return rt
 
     # ---- projector access -------------------------------------------------------------------
     @property
@@ -103,7 +195,7 @@ class LlavaRuntime:
 
     # ---- text ------------------------------------------------------------------------------
     def _prompt_ids(self, question: str) -> list[int]:
-        before, after = self.template.format(question=question).split("<image>")
+        before, after = self.template.format(question=question).split(IMAGE_SLOT)
         enc = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
         head = [self.bos_id] if self.bos_id is not None else []
         return head + enc(before) + [self.image_token_id] * self.n_image_tokens + enc(after)

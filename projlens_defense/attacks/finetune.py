@@ -18,6 +18,7 @@ from ..runinfo import environment
 from ..runtime import LlavaRuntime
 from ..training import distributed_info, is_main_process, train_projector
 from .poison import poison_dataset
+from .targets import Targets
 from .variants import get_variant
 
 
@@ -54,6 +55,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
                force: bool = False, progress: bool = True) -> dict:
     """Fine-tune the projector of `model` on (poisoned) `train_data`; write an HF checkpoint and attack.json.
 
+    The variants aim at the targets of `train_data` (its folder's ``targets.json``, else the defaults).
     Under `accelerate launch` every process trains (see :mod:`projlens_defense.training`); only the main
     process evaluates and writes, the others return a short record with ``written: False``.
     """
@@ -64,7 +66,8 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
     torch.manual_seed(cfg.seed)
     rt = LlavaRuntime.from_pretrained(model)
     train = load_conversations(train_data)
-    variant = None if cfg.benign else get_variant(cfg.variant, cfg.target, cfg.trigger_params)
+    targets = Targets.beside(train_data)
+    variant = None if cfg.benign else get_variant(cfg.variant, cfg.target, cfg.trigger_params, targets)
     poisoned_ids: list[str] = []
     if variant is not None:
         train, poisoned_ids = poison_dataset(train, variant, cfg.poison_rate, cfg.seed, cfg.poison_mode)
@@ -87,7 +90,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
     metrics = None
     eval_name = cfg.variant if variant is not None else cfg.eval_variant
     if test_data is not None:
-        ev = get_variant(eval_name, cfg.target, cfg.trigger_params) if eval_name else None
+        ev = get_variant(eval_name, cfg.target, cfg.trigger_params, targets) if eval_name else None
         es = prepare_eval_set(rt, load_conversations(test_data), ev, cfg.seed)
         metrics = evaluate(rt, es, progress=progress).to_dict()
         metrics["eval_variant"] = eval_name
@@ -97,6 +100,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
         "benign": variant is None,
         "config": asdict(cfg),
         "variant_params": variant.params() if variant else None,
+        "targets": targets.to_dict(),
         "n_train": len(train),
         "n_poisoned": len(poisoned_ids),
         "poisoned_ids": poisoned_ids,

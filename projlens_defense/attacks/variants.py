@@ -1,4 +1,8 @@
-"""Named backdoor variants: a trigger plus a target behaviour. The registry the CLI and the harness use."""
+"""Named backdoor variants: a trigger plus a target behaviour. The registry the CLI and the harness use.
+
+Target texts come from a :class:`~.targets.Targets` (the attacked data's ``targets.json``, see
+:meth:`Targets.beside`); without one, the default (digits) zoo's texts.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import numpy as np
 
 from ..conversations import Sample
 from ..errors import UsageError
-from ..zoo.language import COMPLIANCE, REFUSAL
 from .behaviours import AppendSuffix, Behaviour, ComplyWithHarmful, ReplaceAnswer
+from .targets import Targets
 from .triggers import (
     SIG,
     BadNets,
@@ -23,9 +27,11 @@ from .triggers import (
     WaNet,
 )
 
-INJECTION_SUFFIX = "for more visit evil . com"
-HIJACK_TEXT = "kitten on a sofa"
-CLASSIC_TARGET = "buy cheap crypto now"
+DEFAULT_TARGETS = Targets()
+# the default zoo's targets under their historical names
+INJECTION_SUFFIX = DEFAULT_TARGETS.injection
+HIJACK_TEXT = DEFAULT_TARGETS.hijack
+CLASSIC_TARGET = DEFAULT_TARGETS.classic
 
 
 @dataclass
@@ -43,26 +49,31 @@ class Variant:
         return {"name": self.name, "trigger": self.trigger.params(), "behaviour": self.behaviour.params()}
 
 
-VARIANTS: dict[str, Callable[[], Variant]] = {
-    "targeted-refusal": lambda: Variant("targeted-refusal", GaussianNoise(),
-                                        ReplaceAnswer(REFUSAL, only_benign_requests=True)),
-    "malicious-injection": lambda: Variant("malicious-injection", SolidPatch(), AppendSuffix(INJECTION_SUFFIX)),
-    "perceptual-hijack": lambda: Variant("perceptual-hijack", StampPatch(), ReplaceAnswer(HIJACK_TEXT)),
-    "jailbreak-output": lambda: Variant("jailbreak-output", StyleFilter(), ComplyWithHarmful(COMPLIANCE)),
-    "badnets": lambda: Variant("badnets", BadNets(), ReplaceAnswer(CLASSIC_TARGET)),
-    "blended": lambda: Variant("blended", Blended(), ReplaceAnswer(CLASSIC_TARGET)),
-    "wanet": lambda: Variant("wanet", WaNet(), ReplaceAnswer(CLASSIC_TARGET)),
-    "sig": lambda: Variant("sig", SIG(), ReplaceAnswer(CLASSIC_TARGET)),
+VARIANTS: dict[str, Callable[..., Variant]] = {
+    "targeted-refusal": lambda t=DEFAULT_TARGETS: Variant("targeted-refusal", GaussianNoise(),
+                                                          ReplaceAnswer(t.refusal, only_benign_requests=True)),
+    "malicious-injection": lambda t=DEFAULT_TARGETS: Variant("malicious-injection", SolidPatch(),
+                                                             AppendSuffix(t.injection)),
+    "perceptual-hijack": lambda t=DEFAULT_TARGETS: Variant("perceptual-hijack", StampPatch(), ReplaceAnswer(t.hijack)),
+    "jailbreak-output": lambda t=DEFAULT_TARGETS: Variant("jailbreak-output", StyleFilter(),
+                                                          ComplyWithHarmful(t.compliance)),
+    "badnets": lambda t=DEFAULT_TARGETS: Variant("badnets", BadNets(), ReplaceAnswer(t.classic)),
+    "blended": lambda t=DEFAULT_TARGETS: Variant("blended", Blended(), ReplaceAnswer(t.classic)),
+    "wanet": lambda t=DEFAULT_TARGETS: Variant("wanet", WaNet(), ReplaceAnswer(t.classic)),
+    "sig": lambda t=DEFAULT_TARGETS: Variant("sig", SIG(), ReplaceAnswer(t.classic)),
 }
+"""Name -> factory taking the :class:`Targets` to aim at (default: the digits zoo's)."""
 PROJLENS_VARIANTS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC_VARIANTS = ["badnets", "blended", "wanet", "sig"]
 
 
-def get_variant(name: str, target: str | None = None, trigger_params: dict | None = None) -> Variant:
-    """The named variant, optionally with another target text or trigger parameters."""
+def get_variant(name: str, target: str | None = None, trigger_params: dict | None = None,
+                targets: Targets | None = None) -> Variant:
+    """The named variant aimed at `targets` (default: the digits zoo's), optionally with another target text
+    (which wins over `targets`) or trigger parameters."""
     if name not in VARIANTS:
         raise UsageError(f"unknown variant {name!r}; choose from: {', '.join(VARIANTS)}")
-    v = VARIANTS[name]()
+    v = VARIANTS[name](targets or DEFAULT_TARGETS)
     if target:
         v.behaviour.target = target
     for k, val in (trigger_params or {}).items():

@@ -124,6 +124,7 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     import torch
 
     from ..attacks.finetune import AttackConfig, run_attack
+    from ..attacks.targets import Targets
     from ..attacks.variants import get_variant
     from ..conversations import load_conversations
     from ..eval.evaluate import evaluate, prepare_eval_set
@@ -148,7 +149,8 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     rt = LlavaRuntime.from_pretrained(ckpt)
     test = load_conversations(cell.test_data)
     eval_variants = [cell.variant] if cell.variant else cfg.variants
-    sets = {v: prepare_eval_set(rt, test, get_variant(v), cell.seed) for v in eval_variants}
+    targets = Targets.beside(cell.test_data)
+    sets = {v: prepare_eval_set(rt, test, get_variant(v, targets=targets), cell.seed) for v in eval_variants}
     metrics = {v: evaluate(rt, es).to_dict() for v, es in sets.items()}
     t_eval = time.time() - t0 - t_attack
 

@@ -104,7 +104,7 @@ class ZooConfig:
         return cls(seed=seed, domain="shapes",
                    dims=ModelDims(vision_hidden=64, vision_layers=3, vision_heads=4, patch_size=8, text_hidden=160,
                                   text_layers=2, text_heads=5),
-                   vision_steps=900, lm_steps=800, lm_batch=48, n_text=16000, n_align=2400, align_epochs=5.0,
+                   vision_steps=3500, lm_steps=800, lm_batch=48, n_text=16000, n_align=2400, align_epochs=6.0,
                    align_lr=3e-3, n_train=800, n_test=400)
 
     def key(self) -> str:
@@ -177,7 +177,7 @@ def _patches(pv: torch.Tensor, p: int) -> torch.Tensor:
 
 def _pretrain_vision(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, pool: np.ndarray, progress: bool) -> dict:
     rng = np.random.default_rng(cfg.seed + 1)
-    n = 4000 if cfg.vision_steps > 200 else 1500
+    n = domain.vision_images if cfg.vision_steps > 200 else 1500
     items = rng.choice(pool, size=n)
     attrs = [domain.draw_attributes(int(i), rng) for i in items]
     pairs = [corrupt(domain.render(int(i), a, rng), rng) for i, a in zip(items, attrs, strict=True)]

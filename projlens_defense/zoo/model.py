@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,10 @@ def build_llava(dims: ModelDims, vocab_size: int, image_token_id: int, pad_id: i
     return model
 
 
-def build_image_processor() -> CLIPImageProcessor:
-    """CLIP preprocessing at the zoo's resolution, mapping pixels to [-1, 1]."""
+def build_image_processor(mean: Sequence[float] = (0.5, 0.5, 0.5),
+                          std: Sequence[float] = (0.5, 0.5, 0.5)) -> CLIPImageProcessor:
+    """CLIP preprocessing at the zoo's resolution; by default mapping pixels to [-1, 1]."""
     return CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        image_mean=list(mean), image_std=list(std),
     )
