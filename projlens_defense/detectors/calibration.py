@@ -115,6 +115,7 @@ class Calibration:
     tool: str = ""
     note: str = ""
     generation: dict[str, Any] = field(default_factory=dict)
+    task_subspace: dict[str, Any] = field(default_factory=dict)
     version: int = CALIBRATION_VERSION
     source: str = field(default="", compare=False)
 
@@ -275,6 +276,7 @@ class Calibration:
             tool=str(d.get("tool", "")),
             note=str(d.get("note", "")),
             generation=d.get("generation") if isinstance(d.get("generation"), dict) else {},
+            task_subspace=d.get("task_subspace") if isinstance(d.get("task_subspace"), dict) else {},
             source=source,
         )
 
@@ -318,6 +320,62 @@ def calibration_for(inp: ScanInput) -> Calibration | None:
         if cal.model.get("projector") == mine["projector"] and cal.model.get("vocab_size") == mine["vocab_size"]:
             found.append((path.stat().st_mtime, str(path), cal))
     return max(found)[2] if found else None
+
+
+TASK_RANK = 6
+"""Directions per side of the benign task subspace the data-free repair splits off (4, 6 and 8 gave the same
+repairs on the default zoo's first build; the foreign preset is the held-out check)."""
+
+
+def prediction_bound(values: Sequence[float], fpr: float) -> float:
+    """One-sided Student-t prediction bound: a new draw from the benign values' distribution exceeds it
+    with probability ``fpr`` (normal model, small-sample corrected); inf with fewer than 2 values."""
+    from scipy.stats import t
+
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(vals)
+    if n < 2:
+        return math.inf
+    mean = sum(vals) / n
+    sd = max(math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)), 1e-6)
+    return mean + float(t.isf(fpr, n - 1)) * sd * math.sqrt(1 + 1 / n)
+
+
+def _side_basis(mats: Sequence[torch.Tensor], side: str, rank: int) -> torch.Tensor:
+    """Top ``rank`` shared output (``left``) or input (``right``) directions of several updates."""
+    cols = []
+    for m in mats:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        k = min(8, len(s))
+        cols.append((u if side == "left" else vh.T)[:, :k] * s[:k])
+    u, _, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
+    return u[:, :rank].contiguous()
+
+
+def residual_shares(m: torch.Tensor, left: torch.Tensor, k: int = 4) -> list[float]:
+    """Energy shares (of the whole update) of the top ``k`` singular components of ``m`` outside ``left``."""
+    rest = m - left @ (left.T @ m)
+    total = float(m.pow(2).sum())
+    sv = torch.linalg.svdvals(rest)[:k]
+    return [float(x) ** 2 / total if total > 0 else 0.0 for x in sv]
+
+
+def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dict[str, Any]:
+    """Per projector layer, the benign task subspace (output and input directions the benign updates share)
+    and its null: each benign update's top residual energy share outside the subspace of the others
+    (leave-one-out). The data-free repair removes only components above that null's bound."""
+    usable = [b for b in benign if b.reference is not None]
+    if len(usable) < MIN_BENIGN:
+        return {}
+    r6 = lambda t: [[round(v, 6) for v in row] for row in t.tolist()]  # noqa: E731
+    layers = []
+    for li in range(usable[0].projector.num_layers):
+        mats = [b.deltas()[li].float() for b in usable]
+        null = [residual_shares(m, _side_basis(mats[:i] + mats[i + 1 :], "left", rank), 1)[0]
+                for i, m in enumerate(mats)]
+        layers.append({"left": r6(_side_basis(mats, "left", rank)), "right": r6(_side_basis(mats, "right", rank)),
+                       "residual_share_null": [round(v, 6) for v in null]})
+    return {"rank": rank, "layers": layers}
 
 
 def fit_calibration(
@@ -380,6 +438,7 @@ def fit_calibration(
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         tool = "projlens-defense"
     return Calibration(
+        task_subspace=fit_task_subspace(benign) if "reference" in modes else {},
         null=null,  # type: ignore[arg-type]
         combine={m: combine.get(m, []) for m in modes},
         detector_states=states,

@@ -84,6 +84,27 @@ def task_basis(calibration: Any, width: int, rank: int) -> torch.Tensor | None:
     return basis[:, :rank] if basis is not None and basis.shape[0] == width and rank > 0 else None
 
 
+TaskLayer = tuple[torch.Tensor, torch.Tensor, list[float]]
+
+
+def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[TaskLayer] | None:
+    """Per layer, (output basis, input basis, benign residual-share null) of a calibration's task subspace
+    fitted for layers of these shapes (None without one)."""
+    ts = getattr(calibration, "task_subspace", None) if calibration is not None else None
+    layers = ts.get("layers") if ts else None
+    if not layers or len(layers) != len(delta):
+        return None
+    out = []
+    for spec, d in zip(layers, delta, strict=True):
+        left, right = (torch.tensor(spec[k], dtype=torch.float32) for k in ("left", "right"))
+        if left.ndim != 2 or right.ndim != 2 or left.shape[0] != d.shape[0] or right.shape[0] != d.shape[1]:
+            return None
+        if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
+            return None
+        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [float(x) for x in spec["residual_share_null"]]))
+    return out
+
+
 def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> list[float] | None:
     """Per direction: how far its best-read token lies outside the benign fine-tunes' token scores (the
     logit-lens detector's novelty, from a scan calibration); None without a matching calibration."""
@@ -156,6 +177,9 @@ class SubspaceMitigation(LensGuidedMitigation):
     # ------------------------------------------------------------------ data-free
     def _data_free(self, suspect: Projector, delta: list[torch.Tensor]) -> tuple[list[Component], dict[str, Any]]:
         p = self.params
+        ts = fitted_task_subspace(self.calibration, delta)
+        if ts is not None:
+            return self._null_calibrated(suspect, delta, ts)
         basis = task_basis(self.calibration, suspect.out_dim, int(p["task_rank"]))
         if basis is not None and int(p["task_removed_rank"]) > 0:
             return self._task_removed(suspect, delta, basis)
@@ -179,6 +203,49 @@ class SubspaceMitigation(LensGuidedMitigation):
         return chosen, {"mode": "data-free", "selection": "logit lens", "lens_threshold": round(thr, 3),
                         "random_peak_mean": round(rmean, 3), "random_peak_std": round(rstd, 3),
                         "components": readings}
+
+    def _null_calibrated(self, suspect: Projector, delta: list[torch.Tensor],
+                         task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
+        """How many components to remove, per layer, comes from this model's benign null: the update's
+        components outside the benign task subspace (output side) whose energy share exceeds the prediction
+        bound of the benign fine-tunes' top residual share (at the calibration's FPR). What is removed is
+        that many top components of the update outside the task subspace taken on *both* sides (output x
+        input directions), so a backdoor whose target is also a task answer (its output direction inside the
+        task subspace, its input direction, the trigger's, outside it) goes too."""
+        from projlens_defense.detectors.calibration import prediction_bound, residual_shares
+
+        fpr = float(getattr(self.calibration, "fpr", 0.01))
+        comps: list[Component] = []
+        layers = []
+        for li, (left, right, null) in enumerate(task):
+            m = delta[li].float()
+            bound = prediction_bound(null, fpr)
+            shares = residual_shares(m, left, int(self.params["k"]))
+            k = next((i for i, x in enumerate(shares) if x <= bound), len(shares))
+            layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bound, 6), "removed": k,
+                           "residual_shares": [round(x, 6) for x in shares]})
+            if k:
+                rest = m - left @ (left.T @ m) @ (right @ right.T)
+                u, s, v = svd(rest)
+                comps += [(li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()) for i in range(min(k, len(s)))]
+        n = len(task[0][2])
+        report: dict[str, Any] = {"mode": "data-free", "task_rank": int(task[0][0].shape[1]), "fpr": fpr,
+                                  "n_benign": n, "layers": layers}
+        if not comps:
+            report["selection"] = (f"no component outside the benign task subspace exceeds the benign bound at FPR {fpr} "
+                                   "in any layer: the update looks like a benign fine-tune of this model")
+            return [], report
+        report["selection"] = (f"components above the benign bound (FPR {fpr}, {n} benign fine-tunes) per layer: "
+                               + ", ".join(f"{x['layer']} {x['removed']}" for x in layers)
+                               + f"; removed outside the two-sided task subspace (rank {task[0][0].shape[1]})")
+        last = [c for c in comps if c[0] == suspect.num_layers - 1]
+        if self.lens is not None and last:
+            from projlens_defense.detectors.base import token_name
+
+            _, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in last], dim=1))
+            report["components"] = [{"component": c[1], "token": token_name(getattr(self.lens, "vocab", None), t)}
+                                    for c, t in zip(last, tokens, strict=True)]
+        return comps, report
 
     def _task_removed(self, suspect: Projector, delta: list[torch.Tensor],
                       basis: torch.Tensor) -> tuple[list[Component], dict[str, Any]]:
@@ -207,10 +274,14 @@ class SubspaceMitigation(LensGuidedMitigation):
                                      clean: CleanData) -> tuple[list[Component], dict[str, Any]]:
         """The data-free task-removed step when the calibration allows it, then the probe-guided
         search on what is left (which removes nothing more when no fixed-target response remains)."""
+        ts = fitted_task_subspace(self.calibration, delta)
         basis = task_basis(self.calibration, suspect.out_dim, int(self.params["task_rank"]))
-        if basis is None or int(self.params["task_removed_rank"]) <= 0:
+        if ts is not None:
+            first, head = self._null_calibrated(suspect, delta, ts)
+        elif basis is None or int(self.params["task_removed_rank"]) <= 0:
             return self._few_shot(suspect, delta, clean)
-        first, head = self._task_removed(suspect, delta, basis)
+        else:
+            first, head = self._task_removed(suspect, delta, basis)
         rest = remove_components(suspect, first)
         more, report = self._few_shot(rest, [d + e for d, e in zip(delta, rest.delta(suspect), strict=True)], clean)
         report["task_removed_step"] = {**head, "removed": len(first)}
