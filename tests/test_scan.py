@@ -546,12 +546,13 @@ def test_data_free_subspace_removes_the_backdoor_outside_the_task_subspace(
     lens, cal = lens_context(world["suspect_task"], ref, [], calibration_file)
     assert cal is not None and cal.detector_states["logit-lens"]["task_basis"]
     res = MITIGATIONS["subspace"](lens=lens, calibration=cal).apply(sus, ref)
-    assert res.report["selection"].startswith("top component(s) of the last layer's update outside")
-    assert res.report["rank"] == 1
-    basis = LogitLensDetector().set_state(load_calibration(calibration_file).detector_states["logit-lens"]).task_basis
-    basis = basis[:, : MITIGATIONS["subspace"].defaults()["task_rank"]]
+    assert res.report["selection"].startswith("components above the benign bound")
+    assert res.report["rank"] == 1 and [x["removed"] for x in res.report["layers"]] == [0, 1]
+    spec = load_calibration(calibration_file).task_subspace["layers"][-1]
+    left, right = (torch.linalg.qr(torch.tensor(spec[k]))[0] for k in ("left", "right"))
     before, after = sus.delta(ref)[-1], res.projector.delta(ref)[-1]
-    assert torch.allclose(basis.T @ after, basis.T @ before, atol=1e-5)  # the task piece is untouched
+    task_before, task_after = left.T @ before @ right, left.T @ after @ right
+    assert float((task_after - task_before).norm() / task_before.norm()) < 0.05  # the task piece is kept (to 5%)
     assert torch.equal(res.projector.layers[0].weight, sus.layers[0].weight)
     # the lens no longer finds TARGET outside the task: the sanitized update reads like a benign one
     det = LogitLensDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
