@@ -127,7 +127,7 @@ def measure(args: argparse.Namespace) -> dict:
     inputs = [tmp.build_input(load_checkpoint(out / s.name), []) for s, _ in calib]
     for inp, (s, _) in zip(inputs, calib, strict=True):
         inp.path = s.name
-    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, margin=args.margin, rule=args.rule,
+    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, fpr=args.fpr, rule=args.rule,
                           note=f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr {base.lr:g} x "
                                f"{{0.5,1,2}}, {base.epochs:g} epochs x {{0.5,1,2}}; fitted by benchmarks/scan_detection.py")
     if args.save_calibration:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--zoo-dir", default="/tmp/zoo_default")
     m.add_argument("--out", default="/tmp/scanzoo")
     m.add_argument("--threads", type=int, default=1)
-    m.add_argument("--margin", type=float, default=1.0)
+    m.add_argument("--fpr", type=float, default=0.01)
     m.add_argument("--rule", default="max", choices=["max", "mean"])
     m.add_argument("--save-calibration", default=None, help="write the fitted calibration here")
     m.add_argument("--json", default=None, help="write the full report here")

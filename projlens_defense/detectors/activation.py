@@ -287,7 +287,7 @@ class ActivationDetector(Detector):
     readings, in benign standard deviations), ``act.residual`` (share of the clean shift outside
     the benign subspace), ``act.gain`` (excited residual mean shift over the clean shift RMS) and
     ``act.score``: the max of the decision signals' z-scores against the benign fine-tunes
-    (leave-one-out), with ``evidence['threshold']`` (largest leave-one-out benign score + ``margin``).
+    (leave-one-out), with ``evidence['threshold']`` (the Student-t prediction bound at false-positive rate ``fpr``).
     Suspected tokens are ranked by the reading minus the benign mean reading once fitted (by the
     reading itself before).
     """
@@ -297,7 +297,7 @@ class ActivationDetector(Detector):
     requires_readout = False
 
     def __init__(self, benign_rank: int = 4, excite: bool = True, eps: float = 1.0, steps: int = 100,
-                 n_tokens: int = 10, std_floor: float = 0.5, margin: float = 1.0, max_probes: int = MAX_PROBES,
+                 n_tokens: int = 10, std_floor: float = 0.5, fpr: float = 0.01, max_probes: int = MAX_PROBES,
                  signals: Sequence[str] = DECISION_SIGNALS) -> None:
         self.benign_rank = benign_rank
         self.excite = excite
@@ -305,7 +305,7 @@ class ActivationDetector(Detector):
         self.steps = steps
         self.n_tokens = n_tokens
         self.std_floor = std_floor
-        self.margin = margin
+        self.fpr = fpr
         self.max_probes = max_probes
         self.signals = list(signals)
         self.basis: torch.Tensor | None = None
@@ -441,7 +441,7 @@ class ActivationDetector(Detector):
     def get_state(self) -> dict[str, Any]:
         """The fitted state, JSON-serialisable."""
         return {"benign_rank": self.benign_rank, "excite": self.excite, "eps": self.eps, "steps": self.steps,
-                "std_floor": self.std_floor, "margin": self.margin, "signals": self.signals,
+                "std_floor": self.std_floor, "fpr": self.fpr, "signals": self.signals,
                 "basis": None if self.basis is None else self.basis.T.tolist(),
                 "baseline": self.baseline, "null": self.null}
 
@@ -449,7 +449,7 @@ class ActivationDetector(Detector):
         """Restore :meth:`get_state` output."""
         for key in ("benign_rank", "steps"):
             setattr(self, key, int(state.get(key, getattr(self, key))))
-        for key in ("eps", "std_floor", "margin"):
+        for key in ("eps", "std_floor", "fpr"):
             setattr(self, key, float(state.get(key, getattr(self, key))))
         self.excite = bool(state.get("excite", self.excite))
         self.signals = list(state.get("signals", self.signals))
@@ -465,7 +465,7 @@ class ActivationDetector(Detector):
 
         assert self.null is not None
         return Calibration(null={"reference": self.null}, combine={"reference": list(self.signals)},
-                           margin=self.margin, rule="max")
+                           fpr=self.fpr, rule="max")
 
     def calibrated(self, signals: dict[str, float]) -> tuple[float, float, list[str]] | None:
         """(score, threshold, signals used) against the benign null, or None when unfitted."""

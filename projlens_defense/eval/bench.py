@@ -199,14 +199,13 @@ def launch_attack(cell: Cell, ckpt: Path, launch_args: str = "") -> None:
 
 
 def _run_detectors(ckpt: Path, reference: str, names: Sequence[str]) -> dict[str, float | None]:
-    """Checkpoint-level scores: each detector's own score, plus the calibrated scan decision."""
-    from ..detectors.calibration import default_calibration
+    """Checkpoint-level scores: each detector's own score, plus the calibrated scan decision (with the cached
+    self-generated calibration of the cell's reference; None where there is none)."""
     from ..detectors.scan import Scanner
 
     out: dict[str, float | None] = {}
-    cal = default_calibration()
     for mode, ref in (("reference", reference), ("reference-free", None)):
-        res = Scanner(cal, reference=ref).scan(ckpt)
+        res = Scanner(None, reference=ref).scan(ckpt)
         out[f"scan[{mode}]"] = res.score
         for rep in res.detectors:
             if rep["name"] in names:
