@@ -1,0 +1,16 @@
+"""projlens-defense: find and remove backdoors in the vision-language projector of LLaVA-style models.
+
+The Python API (the same workflows the CLI runs; see README "Python API")::
+
+    import projlens_defense as pld
+    [result] = pld.scan(["suspect/"], reference="base/")
+    record = pld.sanitize("suspect/", "repaired/")
+"""
+
+from .api import analyze, attack, calibrate, evaluate, sanitize, scan, zoo
+from .detectors.calibration import Calibration
+from .detectors.scan import ScanResult
+from .errors import CheckpointError, NothingRemovedError, ProjlensError, UsageError
+
+__all__ = ["Calibration", "CheckpointError", "NothingRemovedError", "ProjlensError", "ScanResult", "UsageError",
+           "analyze", "attack", "calibrate", "evaluate", "sanitize", "scan", "zoo"]

@@ -21,7 +21,111 @@ from .runinfo import attack_provenance
 
 PathLike = str | os.PathLike[str]
 
-__all__ = ["sanitize", "scan"]
+__all__ = ["analyze", "attack", "calibrate", "evaluate", "sanitize", "scan", "zoo"]
+
+
+def zoo(preset: str = "default", seed: int = 0) -> Any:
+    """The cached zoo of a preset (``default``, ``instructed``, ``micro``, ``foreign``), built and self-calibrated
+    on first use; ``.reference``, ``.train_data`` and ``.test_data`` are its paths."""
+    from .zoo.build import config_from_name, get_zoo
+
+    try:
+        cfg = config_from_name(preset, seed)
+    except KeyError:
+        raise UsageError(f"unknown zoo preset {preset!r}") from None
+    return get_zoo(cfg)
+
+
+def attack(variant: str, out: PathLike, *, model: PathLike | None = None, data: PathLike | None = None,
+           test_data: PathLike | None = None, zoo_preset: str = "default", poison_rate: float = 0.1, seed: int = 0,
+           epochs: float | None = None, lr: float | None = None, lora_rank: int = 0, target: str | None = None,
+           eval_variant: str | None = None, force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Poison ``data`` with ``variant`` (``none``: the benign control), fine-tune only the projector of ``model``
+    (default: the zoo's reference and data), write an HF checkpoint with ``attack.json`` to ``out``; returns
+    that record (config, seed, versions, wall time, metrics on ``test_data``)."""
+    from .attacks.finetune import AttackConfig, run_attack
+    from .attacks.variants import VARIANTS
+
+    if variant != "none" and variant not in VARIANTS:
+        raise UsageError(f"unknown variant {variant!r}; choose from: none, {', '.join(VARIANTS)}")
+    if (model is None) != (data is None):
+        raise UsageError("give both model and data, or neither (the zoo's)")
+    if model is None:
+        z = zoo(zoo_preset)
+        model, data, test_data = z.reference, z.train_data, test_data or z.test_data
+    cfg = AttackConfig(variant=None if variant == "none" else variant, poison_rate=poison_rate, seed=seed,
+                       lora_rank=lora_rank, target=target, eval_variant=eval_variant)
+    if epochs is not None:
+        cfg.epochs = epochs
+    if lr is not None:
+        cfg.lr = lr
+    return run_attack(cfg, Path(model), Path(data), None if test_data is None else Path(test_data), Path(out),
+                      force=force, progress=progress)
+
+
+def evaluate(checkpoint: PathLike, variant: str | None = None, *, data: PathLike | None = None,
+             zoo_preset: str = "default", seed: int = 0) -> dict[str, Any]:
+    """Clean accuracy, ASR and false activation of ``checkpoint`` on ``data`` (default: the zoo's test set), with
+    the trigger and target of ``variant`` (default: what its attack.json records); the target texts are the
+    data's own (``targets.json`` beside it) when it has them."""
+    import json
+
+    from .attacks.targets import Targets
+    from .attacks.variants import get_variant
+    from .conversations import load_conversations
+    from .eval.evaluate import evaluate as run_eval
+    from .eval.evaluate import prepare_eval_set
+    from .runtime import LlavaRuntime
+
+    checkpoint = Path(checkpoint)
+    if variant is None and (checkpoint / "attack.json").is_file():
+        rec = json.loads((checkpoint / "attack.json").read_text())
+        variant = rec["variant"] if rec["variant"] != "none" else rec["config"].get("eval_variant")
+    test_data = Path(data) if data is not None else zoo(zoo_preset).test_data
+    rt = LlavaRuntime.from_pretrained(checkpoint)
+    targets = Targets.beside(test_data)
+    es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant, targets=targets) if variant else None,
+                          seed)
+    res = run_eval(rt, es).to_dict()
+    res.update({"checkpoint": str(checkpoint), "variant": variant, "test_data": str(test_data)})
+    return res
+
+
+def calibrate(reference: PathLike, data: PathLike | None = None, *, benign: Sequence[PathLike] = (), generate: int = 0,
+              fpr: float = 0.01, jobs: int = 2, seed: int = 0, progress: bool = False) -> Any:
+    """A :class:`~projlens_defense.detectors.calibration.Calibration` of ``reference``'s model: fitted on the
+    ``benign`` fine-tunes given, or on ``generate`` benign fine-tunes made here on ``data`` (cached under the
+    reference digest, where :func:`scan` and :func:`sanitize` find it)."""
+    from .detectors import DETECTORS
+    from .detectors.calibration import WEIGHT_SPACE_DETECTORS, Calibration, fit_calibration
+    from .detectors.loading import load_checkpoint
+    from .detectors.scan import Scanner, find_checkpoints
+    from .self_calibration import self_calibrate
+
+    if generate:
+        if data is None or benign:
+            raise UsageError("generate needs data (clean training JSON) and no benign fine-tunes")
+        return self_calibrate(reference, data, generate, seed=seed, jobs=jobs, fpr=fpr, progress=progress)[0]
+    helper = Scanner(Calibration(null={}), reference=reference)
+    inputs = [helper.build_input(load_checkpoint(c), []) for p in benign for c in find_checkpoints(p)[0]]
+    return fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, fpr=fpr,
+                           note=f"{len(inputs)} benign fine-tunes of {reference}")
+
+
+def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None = None,
+            benign: Sequence[PathLike] = (), variant: str | None = None) -> dict[str, Any]:
+    """The ProjLens report (Markdown + PNG figures in ``out``) on ``checkpoint``; reference and data default to what
+    its attack.json records; returns the report's data."""
+    from .eval.analyze import AnalyzeOptions, analyze_checkpoint
+
+    checkpoint = Path(checkpoint)
+    recorded = attack_provenance(checkpoint)
+    ref = Path(reference) if reference is not None else recorded.get("reference")
+    if ref is None:
+        raise UsageError(f"{checkpoint}: no reference given and no attack.json naming one")
+    return analyze_checkpoint(checkpoint, ref, Path(out), benign=[Path(b) for b in benign], variant=variant,
+                              test_data=recorded.get("test_data"), probe_data=recorded.get("probe_data"),
+                              options=AnalyzeOptions())
 
 
 def scan(paths: Sequence[PathLike], reference: PathLike | None = None, calibration: PathLike | None = None,
@@ -42,14 +146,20 @@ def scan(paths: Sequence[PathLike], reference: PathLike | None = None, calibrati
 def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", reference: PathLike | None = None,
              clean_data: PathLike | None = None, n_clean: int = 64, n_eval: int = 256, clean_seed: int = 0,
              model: PathLike | None = None, params: dict[str, Any] | None = None,
-             calibration: PathLike | None = None, force: bool = False) -> dict[str, Any]:
+             calibration: PathLike | None = None, force: bool = False, link: bool = False,
+             device: str | None = "cpu", dtype: str | None = "float32") -> dict[str, Any]:
     """Repair ``checkpoint``'s projector with ``method`` and write it to ``out`` in the input's format.
 
     Atomic; never touches the input; refuses an existing ``out`` unless ``force``. Raises
     :class:`~projlens_defense.errors.NothingRemovedError` (and writes nothing) when the method removes
     nothing. With ``clean_data`` the method may use ``n_clean`` samples, and ``n_eval`` others measure
     the clean accuracy before and after. Returns the record the CLI prints (method report, removed rank
-    and energy, weight change, warnings)."""
+    and energy, weight change, warnings).
+
+    ``link``: hard-link the unchanged files of a checkpoint directory into ``out`` instead of copying them
+    (the output then shares them with the input; a copy, with a warning, where a link is impossible).
+    ``device`` / ``dtype``: where and in what precision the model runs the clean samples (``auto``: a GPU and
+    bfloat16 when available, else the CPU and float32)."""
     from .checkpoint import detect_format, load_projector, write_projector
     from .mitigations import LENS_METHODS, MITIGATIONS
 
@@ -94,7 +204,8 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
         random.Random(clean_seed).shuffle(order)
         used = [samples[i] for i in order[:n_clean]]
         heldout = [samples[i] for i in order[n_clean : n_clean + n_eval]]
-        rt = LlavaRuntime.from_pretrained(runner)  # its LLM and vision tower; the projector is passed explicitly
+        # its LLM and vision tower; the projector is passed explicitly
+        rt = LlavaRuntime.from_pretrained(runner, device=device, dtype=dtype)
         clean = CleanData.from_samples(rt, used, None, clean_seed) if cls.uses_clean else None
         if len(samples) < n_clean:
             warnings.append(f"the clean data has only {len(samples)} samples")
@@ -109,7 +220,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
         why = result.report.get("selection") or "the method selected nothing"
         raise NothingRemovedError(f"{method}: nothing removed ({why}); no output written"
                                   + "".join(f" [{w}]" for w in warnings))
-    write_projector(checkpoint, result.projector, out, force=force)
+    write_projector(checkpoint, result.projector, out, force=force, link=link, warnings=warnings)
 
     rec: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "format": info.format, "method": method,
                            "mode": "few-shot" if clean is not None else "data-free",
