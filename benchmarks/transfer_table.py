@@ -78,6 +78,7 @@ def one(spec: dict, zoo: str, out: Path, clean_data: str) -> dict:
     for how, extra in (("data-free", []), ("few-shot", ["--clean-data", clean_data, "--n-clean", "64",
                                                         "--n-eval", "0"])):
         san = out / "sanitized" / f"{spec['name']}-{how}"
+        san.parent.mkdir(parents=True, exist_ok=True)
         r = run([*CLI, "sanitize", str(ck), "--out", str(san), "--force", "--format", "json", *extra], ok=(0, 6))
         if r.returncode == 6:
             row[how] = {"removed": 0, "message": r.stderr.strip()[-300:], **_m(rec["metrics"])}

@@ -7,10 +7,10 @@ The Python API (the same workflows the CLI runs; see README "Python API")::
     record = pld.sanitize("suspect/", "repaired/")
 """
 
-from .api import analyze, attack, calibrate, evaluate, sanitize, scan, zoo
+from .api import analyze, attack, calibrate, evaluate, load_zoo, sanitize, scan
 from .detectors.calibration import Calibration
 from .detectors.scan import ScanResult
 from .errors import CheckpointError, NothingRemovedError, ProjlensError, UsageError
 
 __all__ = ["Calibration", "CheckpointError", "NothingRemovedError", "ProjlensError", "ScanResult", "UsageError",
-           "analyze", "attack", "calibrate", "evaluate", "sanitize", "scan", "zoo"]
+           "analyze", "attack", "calibrate", "evaluate", "load_zoo", "sanitize", "scan"]

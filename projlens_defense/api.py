@@ -21,10 +21,10 @@ from .runinfo import attack_provenance
 
 PathLike = str | os.PathLike[str]
 
-__all__ = ["analyze", "attack", "calibrate", "evaluate", "sanitize", "scan", "zoo"]
+__all__ = ["analyze", "attack", "calibrate", "evaluate", "load_zoo", "sanitize", "scan"]
 
 
-def zoo(preset: str = "default", seed: int = 0) -> Any:
+def load_zoo(preset: str = "default", seed: int = 0) -> Any:
     """The cached zoo of a preset (``default``, ``instructed``, ``micro``, ``foreign``), built and self-calibrated
     on first use; ``.reference``, ``.train_data`` and ``.test_data`` are its paths."""
     from .zoo.build import config_from_name, get_zoo
@@ -51,7 +51,7 @@ def attack(variant: str, out: PathLike, *, model: PathLike | None = None, data: 
     if (model is None) != (data is None):
         raise UsageError("give both model and data, or neither (the zoo's)")
     if model is None:
-        z = zoo(zoo_preset)
+        z = load_zoo(zoo_preset)
         model, data, test_data = z.reference, z.train_data, test_data or z.test_data
     cfg = AttackConfig(variant=None if variant == "none" else variant, poison_rate=poison_rate, seed=seed,
                        lora_rank=lora_rank, target=target, eval_variant=eval_variant)
@@ -81,7 +81,7 @@ def evaluate(checkpoint: PathLike, variant: str | None = None, *, data: PathLike
     if variant is None and (checkpoint / "attack.json").is_file():
         rec = json.loads((checkpoint / "attack.json").read_text())
         variant = rec["variant"] if rec["variant"] != "none" else rec["config"].get("eval_variant")
-    test_data = Path(data) if data is not None else zoo(zoo_preset).test_data
+    test_data = Path(data) if data is not None else load_zoo(zoo_preset).test_data
     rt = LlavaRuntime.from_pretrained(checkpoint)
     targets = Targets.beside(test_data)
     es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant, targets=targets) if variant else None,

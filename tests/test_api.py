@@ -31,5 +31,5 @@ def test_readme_python_api_example_runs_and_its_claims_hold(micro_zoo, tmp_path,
 
 def test_public_api_is_small_and_documented() -> None:
     assert set(pld.__all__) >= {"scan", "calibrate", "sanitize", "analyze", "attack", "evaluate"}
-    for name in ("scan", "calibrate", "sanitize", "analyze", "attack", "evaluate", "zoo"):
+    for name in ("scan", "calibrate", "sanitize", "analyze", "attack", "evaluate", "load_zoo"):
         assert getattr(pld, name).__doc__, name
