@@ -83,9 +83,13 @@ _LOGO_COLOURS = np.array([[255, 255, 255], [255, 0, 255], [0, 0, 0]], np.float32
 
 @dataclass
 class StampPatch(Trigger):
-    """A small logo stamp at a random position (ProjLens perceptual hijack); 8 px on the 32 px zoo."""
+    """A logo stamp at a random position (ProjLens perceptual hijack); 12 px on the 32 px zoo.
 
-    size_frac: float = 0.25
+    The side was 8 px (0.25) until the transfer round: on a fresh build of the default zoo that gave ASR 0.90-0.92
+    at 10% poison, on the edge of the 0.90 bar; 10 px gave 0.935, 12 px 0.988 at unchanged clean accuracy (seed 1).
+    """
+
+    size_frac: float = 0.375
     position: str = "random"
     name = "stamp-patch"
 
