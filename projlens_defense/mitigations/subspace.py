@@ -26,13 +26,20 @@ are removed (the rank) is chosen automatically:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from projlens_defense.mitigations.base import CleanData, MitigationResult, ProjectorModule, svd
 from projlens_defense.mitigations.lens import LensGuidedMitigation
-from projlens_defense.mitigations.probe import best_probe, resynthesize, support_under, target_batch
+from projlens_defense.mitigations.probe import (
+    ProbeResult,
+    best_probe,
+    resynthesize,
+    support_under,
+    target_batch,
+)
 from projlens_defense.projector import Projector
 
 Component = tuple[int, int, float, torch.Tensor, torch.Tensor]  # layer, index, sigma, u, v
@@ -283,18 +290,42 @@ class SubspaceMitigation(LensGuidedMitigation):
         else:
             first, head = self._task_removed(suspect, delta, basis)
         rest = remove_components(suspect, first)
-        more, report = self._few_shot(rest, [d + e for d, e in zip(delta, rest.delta(suspect), strict=True)], clean)
+        inherited = self._inherit_probe(suspect, rest, clean) if first else None
+        more, report = self._few_shot(rest, [d + e for d, e in zip(delta, rest.delta(suspect), strict=True)], clean,
+                                      inherited)
         report["task_removed_step"] = {**head, "removed": len(first)}
         report["selection"] = f"{head['selection']}; then on what is left: {report.get('selection')}"
         return first + more, report
 
-    def _few_shot(self, suspect: Projector, delta: list[torch.Tensor],
-                  clean: CleanData) -> tuple[list[Component], dict[str, Any]]:
+    def _inherit_probe(self, suspect: Projector, rest: Projector, clean: CleanData) -> ProbeResult | None:
+        """The trigger synthesized on the *unrepaired* projector (where the backdoor is strongest, so its target is
+        found), re-optimized against the repaired one: what of the backdoor the data-free step left behind."""
+        p = self.params
+        probe = best_probe(clean, ProjectorModule(suspect), p["eps"], p["probe_steps"], p["seed"],
+                           cache_key=f"suspect:{id(suspect)}")
+        if not probe.found(p["min_support"]):
+            return None
+        assert probe.target is not None
+        idx, tb, _ = target_batch(clean, probe)
+        module = ProjectorModule(rest)
+        d = resynthesize(clean, module, idx, tb, probe.delta, p["eps"])
+        support = support_under(clean, module, idx, d, probe.target)  # over the samples the target showed on
+        return replace(probe, delta=d, support=support)
+
+    def _few_shot(self, suspect: Projector, delta: list[torch.Tensor], clean: CleanData,
+                  inherited: ProbeResult | None = None) -> tuple[list[Component], dict[str, Any]]:
         p = self.params
         module = ProjectorModule(suspect)
-        probe = best_probe(clean, module, p["eps"], p["probe_steps"], p["seed"], cache_key=f"suspect:{id(suspect)}")
-        report: dict[str, Any] = {"mode": "few-shot", "n_clean": len(clean), "probe": probe.to_dict()}
-        if not probe.found(p["min_support"]):
+        probe = inherited or best_probe(clean, module, p["eps"], p["probe_steps"], p["seed"],
+                                        cache_key=f"suspect:{id(suspect)}")
+        report: dict[str, Any] = {"mode": "few-shot", "n_clean": len(clean), "probe": probe.to_dict(),
+                                  "probe_source": "unrepaired projector, re-optimized" if inherited else "this projector"}
+        stop = 0.0 if inherited is not None else p["off_support"]  # a leftover backdoor: remove until none shows
+        if inherited is not None and probe.support <= stop:
+            report["selection"] = (f"the target {probe.target!r} no longer shows under the re-optimized trigger "
+                                   f"(support {probe.support:.3f}): nothing more removed")
+            return [], report
+        if inherited is None and not probe.found(p["min_support"]):
             report["selection"] = "no fixed-target response found: nothing removed"
             return [], report
         assert probe.target is not None
@@ -328,7 +359,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             sup_now, agree_now = sup, agree
             steps.append({"layer": suspect.layer_name(c[0]), "component": c[1], "support": round(sup, 4),
                           "clean_agreement": round(agree, 4)})
-            if sup_now <= p["off_support"]:
+            if sup_now <= stop:
                 break
         report.update({"selection": "probe-guided", "steps": steps, "support_after": round(sup_now, 4),
                        "clean_agreement_after": round(agree_now, 4),
