@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .cli_options import device_options
 from .errors import EXIT_ERROR, EXIT_USAGE, ProjlensError, UsageError
 
 
@@ -148,11 +149,14 @@ def _parse_kv(items: tuple[str, ...]) -> dict:
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Training data, LLaVA conversation JSON.")
 @click.option("--test-data", type=click.Path(path_type=Path), default=None, help="Test data for the metrics.")
 @zoo_config_option
+@device_options("Precision of the frozen vision tower and LLM; auto = float32 on every device (the written "
+                "checkpoint keeps the base model's float32 weights). With bfloat16/float16 the projector is still "
+                "trained (and saved) in float32, the rest runs and is saved in that precision.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def attack(variant, poison_rate, poison_mode, seed, epochs, lr, lora_rank, target, trigger_param, eval_variant,
-           model, data, test_data, zoo_name, zoo_seed, out, force, fmt) -> None:
+           model, data, test_data, zoo_name, zoo_seed, device, dtype, out, force, fmt) -> None:
     """Fine-tune only the projector on poisoned data; write an HF checkpoint plus attack.json."""
     from .attacks.finetune import AttackConfig, run_attack
     from .attacks.variants import VARIANTS
@@ -169,7 +173,7 @@ def attack(variant, poison_rate, poison_mode, seed, epochs, lr, lora_rank, targe
         cfg.epochs = epochs
     if lr is not None:
         cfg.lr = lr
-    rec = run_attack(cfg, model, data, test_data, out, force=force)
+    rec = run_attack(cfg, model, data, test_data, out, force=force, device=device, dtype=dtype)
     if rec.get("written") is False:  # a non-main process of `accelerate launch`: the main one reports
         return
     m = rec["metrics"] or {}
@@ -192,9 +196,12 @@ def _metrics_line(m: dict) -> str:
 @click.option("--variant", default=None, help="Trigger/target to measure ASR with (default: from attack.json).")
 @click.option("--data", "test_data", type=click.Path(path_type=Path), default=None, help="Test data (default: the zoo's).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, None), default=None,
+              help="Images per vision-tower batch and prompts per generation batch (default: 256 and 128).")
+@device_options()
 @zoo_config_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-def evaluate(checkpoint, variant, test_data, seed, zoo_name, zoo_seed, fmt) -> None:
+def evaluate(checkpoint, variant, test_data, seed, batch_size, device, dtype, zoo_name, zoo_seed, fmt) -> None:
     """Clean accuracy, ASR and false activation of a checkpoint (greedy decoding, batched)."""
     from .attacks.targets import Targets
     from .attacks.variants import get_variant
@@ -208,12 +215,13 @@ def evaluate(checkpoint, variant, test_data, seed, zoo_name, zoo_seed, fmt) -> N
         variant = rec["variant"] if rec["variant"] != "none" else rec["config"].get("eval_variant")
     if test_data is None:
         _, _, test_data = resolve_model_and_data(None, None, zoo_name, zoo_seed)
-    rt = LlavaRuntime.from_pretrained(checkpoint)
+    rt = LlavaRuntime.from_pretrained(checkpoint, device=device, dtype=dtype)
     targets = Targets.beside(test_data)  # the data's own target texts (targets.json), else the defaults
     es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant, targets=targets) if variant else None,
-                          seed)
-    res = run_eval(rt, es, progress=True).to_dict()
-    res.update({"checkpoint": str(checkpoint), "variant": variant, "test_data": str(test_data)})
+                          seed, batch_size=batch_size)
+    res = run_eval(rt, es, progress=True, batch_size=batch_size).to_dict()
+    res.update({"checkpoint": str(checkpoint), "variant": variant, "test_data": str(test_data),
+                "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")})
     emit(res, fmt, _metrics_line(res))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cli_options import device_options
 from .errors import (
     EXIT_CLEAN,
     EXIT_ERROR,
@@ -72,10 +73,11 @@ def _calibration_benign(reference: Path) -> tuple[tuple[Path, ...], str | None]:
 @click.option("--layers", type=click.Choice(["all", "first", "last"]), default="all", show_default=True,
               help="Projector layers whose dW is decomposed.")
 @click.option("--no-excite", is_flag=True, help="Read the clean probes' mean shift instead of the trigger-free excitation.")
+@device_options()
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[Path, ...], variant: str | None,
             test_data: Path | None, probe_data: Path | None, n_probes: int, max_test: int, k_text: str, layers: str,
-            no_excite: bool, fmt: str) -> None:
+            no_excite: bool, device: str, dtype: str, fmt: str) -> None:
     """Write a ProjLens report (Markdown + PNG figures) on CHECKPOINT: spectra, top-k curves, shift vs norm, logit lens."""
     from .attacks.variants import VARIANTS
     from .eval.analyze import AnalyzeOptions, analyze_checkpoint
@@ -103,7 +105,7 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
     opts = AnalyzeOptions(k_values=ks, layers=layers, n_probes=n_probes, max_test=max_test,
                           excite=not no_excite)
     rep = analyze_checkpoint(checkpoint, reference, out, benign=benign, variant=variant, test_data=test_data,
-                             probe_data=probe_data, options=opts)
+                             probe_data=probe_data, options=opts, device=device, dtype=dtype)
     act = rep["activation"]
     toks = ", ".join(t["token"] for t in act.get("top_tokens", [])[:5]) or "n/a"
     lines = [f"wrote {out / 'report.md'} ({', '.join(rep['figures'].values())}) in {rep['wall_time_s']:.1f} s"]
@@ -168,9 +170,10 @@ def _probe_images(probe_data: Path | None, n: int) -> list:
               help="Target false-positive rate on clean inputs (sets the threshold from the probes).")
 @click.option("--threshold", type=float, default=None, help="Use this score threshold instead of calibrating one.")
 @click.option("--k", "k", type=click.IntRange(1, 256), default=8, show_default=True, help="Rank of the suspected subspace.")
+@device_options()
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def guard(checkpoint: Path, images: Path, reference: Path | None, probe_data: Path | None, n_probes: int, fpr: float,
-          threshold: float | None, k: int, fmt: str) -> None:
+          threshold: float | None, k: int, device: str, dtype: str, fmt: str) -> None:
     """Score every image in a folder with the projector guard; exit 1 if any is flagged.
 
     The threshold is calibrated on clean probe images only. Exit codes: 0 nothing flagged,
@@ -190,7 +193,7 @@ def guard(checkpoint: Path, images: Path, reference: Path | None, probe_data: Pa
     if reference is not None:
         _need_dir(reference, "reference checkpoint")
         ref = load_projector(reference)
-    rt = LlavaRuntime.from_pretrained(checkpoint)
+    rt = LlavaRuntime.from_pretrained(checkpoint, device=device, dtype=dtype)
     probes = _probe_images(probe_data or attack_provenance(checkpoint).get("probe_data"), n_probes)
     if len(probes) < 4:
         raise UsageError(f"need at least 4 clean probe images, got {len(probes)}")

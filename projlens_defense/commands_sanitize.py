@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .cli_options import device_options
 from .errors import UsageError
 
 
@@ -72,17 +73,26 @@ def _text(rec: dict[str, Any]) -> str:
               help="Scan calibration fitted on benign fine-tunes of this model (`projlens-defense calibrate`); "
                    "data-free subspace/target-direction use its task subspace and benign null "
                    "(default: the cached self-generated calibration of the reference).")
+@device_options("Precision of the model that runs the clean samples (few-shot methods, the clean-accuracy check); "
+                "auto = bfloat16 on a GPU, float32 on the CPU. The repaired weights keep the checkpoint's dtypes.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint (same format).")
+@click.option("--link", is_flag=True,
+              help="Hard-link the files that need no change (everything but the projector's file) into --out instead "
+                   "of copying them: near-instant and no extra disk, but the output then SHARES those files with the "
+                   "input, so editing one in place edits the other. Falls back to a copy, with a warning, where a "
+                   "link is impossible (another filesystem). Checkpoint directories only.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: Path | None, n_clean: int,
              n_eval: int, clean_seed: int, model: Path | None, params: tuple[str, ...], calibration: Path | None,
-             out: Path, force: bool, fmt: str) -> None:
+             device: str, dtype: str, out: Path, link: bool, force: bool, fmt: str) -> None:
     """Remove a backdoor from CHECKPOINT's projector and write the repaired checkpoint to --out.
 
     The output keeps the input's format (an HF directory stays an HF directory with only the projector
     tensors changed; mm_projector.bin stays a torch pickle); it is written atomically, an existing
-    output is refused without --force, and the input is never modified. When the method removes nothing
+    output is refused without --force, and the input is never modified. Only the files holding projector
+    tensors are rewritten; the others are copied (reflink / in-kernel copy where the filesystem allows) or,
+    with --link, hard-linked. When the method removes nothing
     it says why and exits 6 without writing (never an unchanged copy). Methods: subspace (default),
     target-direction, unlearn, restore, finetune, fine-prune, clp, orthogonal; norm-guard is a run-time
     wrapper (Python API only).
@@ -92,7 +102,7 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
 
     rec = run_sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
                        n_eval=n_eval, clean_seed=clean_seed, model=model, params=_parse_params(params),
-                       calibration=calibration, force=force)
+                       calibration=calibration, force=force, link=link, device=device, dtype=dtype)
     emit(rec, fmt, _text(rec))
 
 

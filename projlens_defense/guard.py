@@ -70,7 +70,7 @@ def find_projector_module(model: nn.Module) -> nn.Module:
 
 
 def projector_from_module(module: nn.Module, activation: str | None = None) -> Projector:
-    """A :class:`Projector` view (float32 copies) of a projector module: its Linear layers in order."""
+    """A :class:`Projector` view (float32 copies on the CPU) of a projector module: its Linear layers in order."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UsageError("the projector module has no Linear layers")
@@ -79,8 +79,9 @@ def projector_from_module(module: nn.Module, activation: str | None = None) -> P
         name = type(act).__name__.lower() if act is not None else "gelu"
         activation = {"geluactivation": "gelu", "gelu": "gelu", "relu": "relu", "silu": "silu",
                       "quickgeluactivation": "quick_gelu", "identity": "none"}.get(name, "gelu")
-    layers = [LinearLayer(m.weight.detach().float().clone(),
-                          None if m.bias is None else m.bias.detach().float().clone()) for m in linears]
+    layers = [LinearLayer(m.weight.detach().to("cpu", torch.float32, copy=True),
+                          None if m.bias is None else m.bias.detach().to("cpu", torch.float32, copy=True))
+              for m in linears]
     return Projector(layers=layers, activation=activation).validate()
 
 
@@ -133,7 +134,8 @@ class ProjectorGuard:
             return
         x = feats if feats.ndim == 3 else feats[None]
         out = output.reshape(*x.shape[:2], -1) if output.numel() == x.shape[0] * x.shape[1] * output.shape[-1] else None
-        scores = self.detector.score_features(x.detach(), None if out is None else out.detach())
+        scores = self.detector.score_features(x.detach().float().cpu(),
+                                              None if out is None else out.detach().float().cpu())
         flagged = scores > self.threshold
         ev = GuardEvent(scores=[float(s) for s in scores], flagged=[bool(f) for f in flagged], threshold=self.threshold)
         if flagged.any():

@@ -7,18 +7,20 @@ variant (fine-tuned, sanitized, guarded) is evaluated on the same features with 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 """LLaVA-1.5's prompt, used when a model ships no chat template of its own."""
@@ -106,6 +108,62 @@ def resolve_template(path: str | Path, tokenizer, image_token_id: int) -> tuple[
         return DEFAULT_TEMPLATE, f"default ({name} unusable: {e})"
 
 
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""What ``--dtype`` accepts besides ``auto``."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """A concrete torch device: ``auto`` (or None) is the first GPU when ``torch.cuda.is_available()``, else the CPU.
+
+    Raises :class:`~projlens_defense.errors.UsageError` for a malformed device or one this machine lacks."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device: {device!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: torch.device | None = None,
+                  auto: torch.dtype | None = None) -> torch.dtype:
+    """A torch dtype: ``auto`` (or None) is ``auto`` when given, else bfloat16 on a GPU and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise UsageError(f"--dtype: {dtype} is not supported; choose from auto, {', '.join(DTYPES)}")
+        return dtype
+    if dtype is None or dtype == "auto":
+        if auto is not None:
+            return auto
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPES:
+        raise UsageError(f"--dtype: {dtype!r} is not supported; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def resolve_placement(device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+                      auto_dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for ``--device`` / ``--dtype``: ``auto`` is a GPU and bfloat16 when
+    ``torch.cuda.is_available()``, else the CPU and float32 (``auto_dtype`` overrides the auto dtype)."""
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev, auto_dtype)
+
+
+def _auto_device_map(device: str | torch.device | None) -> bool:
+    """Whether ``device="auto"`` spreads the model over the GPUs (``device_map="auto"``): more than one GPU
+    and accelerate installed."""
+    return (device is None or str(device) == "auto") and torch.cuda.is_available() \
+        and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate") is not None
+
+
 def quiet_transformers() -> None:
     """Silence transformers' advisory warnings, which would drown the CLI's own output."""
     from transformers.utils import logging as hf_logging
@@ -117,7 +175,11 @@ def quiet_transformers() -> None:
 
 
 class LlavaRuntime:
-    """A loaded LLaVA model with its tokenizer and image processor, in eval mode on CPU by default."""
+    """A loaded LLaVA model with its tokenizer and image processor, in eval mode on CPU by default.
+
+    The model may sit on any device (or be spread over several GPUs by ``device_map``): inputs are moved to
+    where the model's modules are, and what the runtime returns (vision features, answers) is on the CPU.
+    """
 
     def __init__(self, model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE,
                  template_source: str | None = None):
@@ -135,17 +197,34 @@ class LlavaRuntime:
         self.bos_id = tokenizer.bos_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, template: str | None = None, dtype=torch.float32) -> LlavaRuntime:
+    def from_pretrained(cls, path: str | Path, template: str | None = None, dtype: str | torch.dtype = torch.float32,
+                        device: str | torch.device | None = "cpu", device_map: str | dict | None = None) -> LlavaRuntime:
         """Load a model directory. The prompt follows the model's own chat template when it has one
-        (see :func:`resolve_template`), LLaVA-1.5's otherwise; an explicit `template` overrides both."""
+        (see :func:`resolve_template`), LLaVA-1.5's otherwise; an explicit `template` overrides both.
+
+        ``device``: a torch device or ``auto`` (a GPU when one is available, else the CPU); ``dtype``: a torch
+        dtype, a name (``float32``, ``bfloat16``, ``float16``) or ``auto`` (bfloat16 on a GPU, float32 on the
+        CPU). ``device="auto"`` on a machine with several GPUs and accelerate installed loads with
+        ``device_map="auto"`` (inference only); an explicit ``device_map`` is passed to transformers as is.
+        The CPU float32 default loads exactly as transformers does without either.
+        """
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         quiet_transformers()
         path = Path(path)
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+        if device_map is None and _auto_device_map(device):
+            device_map = "auto"
+        dev = resolve_device(device) if device_map is None else None
+        dt = resolve_dtype(dtype, dev or torch.device("cuda"))
+        kw: dict[str, Any] = {"dtype": dt}
+        if device_map is not None:
+            kw["device_map"] = device_map
+        elif dev is not None and dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+            kw["device_map"] = {"": str(dev)}  # straight onto the device, without a full copy in CPU memory
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            model = LlavaForConditionalGeneration.from_pretrained(path, **kw)
             tok = AutoTokenizer.from_pretrained(path)
             proc = AutoImageProcessor.from_pretrained(path)
         except pickle.UnpicklingError:  # transformers' torch.load(weights_only=True) met a forbidden global
@@ -154,10 +233,23 @@ class LlavaRuntime:
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: cannot load as a LLaVA model ({first})") from None
+        if dev is not None and "device_map" not in kw and dev.type != "cpu":
+            model = model.to(dev)
         rt = cls(model, tok, proc, template or DEFAULT_TEMPLATE, "explicit" if template is not None else None)
         if template is None:
             rt.template, rt.template_source = resolve_template(path, tok, rt.image_token_id)
         return rt
+
+    # ---- placement -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the model takes its inputs (its input embeddings' device)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's input embeddings (the LLM's compute dtype)."""
+        return self.model.get_input_embeddings().weight.dtype
 
     # ---- projector access -------------------------------------------------------------------
     @property
@@ -179,18 +271,20 @@ class LlavaRuntime:
 
     @torch.no_grad()
     def vision_features(self, images: Sequence[np.ndarray], batch_size: int = 256) -> torch.Tensor:
-        """Pre-projector features [N, tokens, vision_dim], selected exactly as LLaVA does."""
+        """Pre-projector features [N, tokens, vision_dim], selected exactly as LLaVA does (float32, on the CPU)."""
         cfg = self.model.config
         tower = self.model.model.vision_tower
+        first = next(tower.parameters(), None)
+        where = (first.device, first.dtype) if first is not None else (self.device, self.model.dtype)
         outs = []
         for i in range(0, len(images), batch_size):
-            pv = self.pixel_values(images[i : i + batch_size]).to(self.model.dtype)
+            pv = self.pixel_values(images[i : i + batch_size]).to(device=where[0], dtype=where[1])
             hs = tower(pv, output_hidden_states=True, return_dict=True).hidden_states
             layer = cfg.vision_feature_layer
             feats = torch.cat([hs[k] for k in layer], -1) if isinstance(layer, (list, tuple)) else hs[layer]
             if cfg.vision_feature_select_strategy == "default":
                 feats = feats[:, 1:]
-            outs.append(feats.float())
+            outs.append(feats.float().cpu())
         return torch.cat(outs) if outs else torch.empty(0)
 
     # ---- text ------------------------------------------------------------------------------
@@ -201,8 +295,9 @@ class LlavaRuntime:
         return head + enc(before) + [self.image_token_id] * self.n_image_tokens + enc(after)
 
     def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None,
-               padding_side: str = "right") -> dict[str, torch.Tensor]:
-        """Token ids, attention mask and (with answers) labels that score only the answer and EOS."""
+               padding_side: str = "right", device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask and (with answers) labels that score only the answer and EOS, on ``device``
+        (default: the model's input device)."""
         seqs, labels = [], []
         for i, q in enumerate(questions):
             p = self._prompt_ids(q)
@@ -225,21 +320,32 @@ class LlavaRuntime:
         out = {"input_ids": ids, "attention_mask": mask}
         if labels:
             out["labels"] = lab
-        return out
+        dev = torch.device(device) if device is not None else self.device
+        return out if dev.type == "cpu" else {k: v.to(dev) for k, v in out.items()}
 
     def inputs_embeds(self, input_ids: torch.Tensor, features: torch.Tensor,
                       projector: nn.Module | None = None) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by the projected vision features."""
+        """Token embeddings with the image placeholders replaced by the projected vision features.
+
+        The features go to the projector's device and dtype (an external ``projector`` stays where its
+        caller keeps it, e.g. a float32 module on the CPU); its output goes to the embeddings' device and dtype.
+        """
         proj = projector if projector is not None else self.projector
-        emb = self.model.get_input_embeddings()(input_ids)
-        img = proj(features.to(emb.dtype))
+        table = self.model.get_input_embeddings()
+        input_ids = input_ids.to(table.weight.device)
+        emb = table(input_ids)
+        first = next(proj.parameters(), None)
+        x = features.to(emb.dtype) if first is None else features.to(device=first.device, dtype=first.dtype)
+        img = proj(x)
         mask = (input_ids == self.image_token_id).unsqueeze(-1)
-        return emb.masked_scatter(mask.expand_as(emb), img.reshape(-1, img.shape[-1]).to(emb.dtype))
+        return emb.masked_scatter(mask.expand_as(emb),
+                                  img.reshape(-1, img.shape[-1]).to(device=emb.device, dtype=emb.dtype))
 
     def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor],
              projector: nn.Module | None = None) -> torch.Tensor:
         embeds = self.inputs_embeds(batch["input_ids"], features, projector)
-        out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(embeds.device),
+                         labels=batch["labels"].to(embeds.device))
         return out.loss
 
     @torch.no_grad()
@@ -254,8 +360,8 @@ class LlavaRuntime:
             batch = self.encode(questions[i : i + batch_size], padding_side="left")
             embeds = self.inputs_embeds(batch["input_ids"], features[i : i + batch_size], projector)
             gen = self.model.generate(
-                inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(embeds.device),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
             )
-            answers += [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+            answers += [t.strip() for t in self.tokenizer.batch_decode(gen.cpu(), skip_special_tokens=True)]
         return answers

@@ -106,7 +106,7 @@ def generate_benign(reference: str | os.PathLike[str], data: str | os.PathLike[s
 
     work.mkdir(parents=True, exist_ok=True)
     outs = [work / f"{r.name}.safetensors" for r in recipes]
-    todo = [(r, o) for r, o in zip(recipes, outs, strict=True) if not o.is_file()]
+    todo = [(r, o) for r, o in zip(recipes, outs, strict=True) if not _made_with(o, r)]
     if not todo:
         return outs
     feats_path = work / "features.pt"
@@ -137,6 +137,20 @@ def generate_benign(reference: str | os.PathLike[str], data: str | os.PathLike[s
     finally:
         bar.close()
     return outs
+
+
+def _made_with(path: Path, recipe: BenignRecipe) -> bool:
+    """Whether ``path`` holds a finished fine-tune of exactly this recipe (its metadata records the recipe)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta.get("recipe", "null")) == asdict(recipe)
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def _log(path: Path, rec: dict) -> None:

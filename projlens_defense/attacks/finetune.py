@@ -15,8 +15,14 @@ from ..conversations import load_conversations
 from ..errors import UsageError
 from ..eval.evaluate import evaluate, prepare_eval_set
 from ..runinfo import environment
-from ..runtime import LlavaRuntime
-from ..training import distributed_info, is_main_process, train_projector
+from ..runtime import LlavaRuntime, resolve_placement
+from ..training import (
+    accelerate_requested,
+    distributed_info,
+    get_accelerator,
+    is_main_process,
+    train_projector,
+)
 from .poison import poison_dataset
 from .targets import Targets
 from .variants import get_variant
@@ -52,19 +58,28 @@ def _lora_wrap(projector: torch.nn.Module, rank: int, seed: int):
 
 
 def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path | None, out: Path,
-               force: bool = False, progress: bool = True) -> dict:
+               force: bool = False, progress: bool = True, device: str | torch.device | None = "cpu",
+               dtype: str | torch.dtype | None = "float32") -> dict:
     """Fine-tune the projector of `model` on (poisoned) `train_data`; write an HF checkpoint and attack.json.
 
     The variants aim at the targets of `train_data` (its folder's ``targets.json``, else the defaults).
     Under `accelerate launch` every process trains (see :mod:`projlens_defense.training`); only the main
     process evaluates and writes, the others return a short record with ``written: False``.
+
+    ``device`` (``auto``: a GPU when available) and ``dtype`` (``auto``: float32 here, on every device) place
+    the model; in a lower precision the projector is still trained, and saved, in float32.
     """
     t0 = time.time()
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out}: output exists (use --force to replace it)")
+    if accelerate_requested() and (device is None or str(device) == "auto"):
+        device = get_accelerator().device  # each process on its own device (Accelerate moves it there anyway)
+    dev, dt = resolve_placement(device, dtype, auto_dtype=torch.float32)
     torch.manual_seed(cfg.seed)
-    rt = LlavaRuntime.from_pretrained(model)
+    rt = LlavaRuntime.from_pretrained(model, device=dev, dtype=dt)
+    if dt != torch.float32:  # train float32 master weights; the frozen tower and LLM stay in `dt`
+        rt.projector.float()
     train = load_conversations(train_data)
     targets = Targets.beside(train_data)
     variant = None if cfg.benign else get_variant(cfg.variant, cfg.target, cfg.trigger_params, targets)
@@ -110,6 +125,8 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
         "metrics": metrics,
         "train_time_s": round(train_time, 2),
         "distributed": distributed_info(),
+        "device": str(dev),
+        "dtype": str(dt).removeprefix("torch."),
         "wall_time_s": None,
         "environment": environment(),
     }

@@ -4,10 +4,16 @@ Everything is built in a hidden temporary sibling of the output and renamed into
 end, so a failure never leaves a half-written checkpoint; the source is only ever read.
 Safetensors files are copied and only the projector tensors' byte ranges are overwritten, so the
 header, ``__metadata__`` and every other tensor stay bit-identical.
+
+Copies take the fastest safe path the platform offers: a reflink (``FICLONE``: the copy shares the
+source's blocks copy-on-write, on Btrfs, XFS, bcachefs...), else ``os.copy_file_range`` over the
+source's data extents (in-kernel, holes stay holes), else a plain read/write loop. With ``link`` the
+files that need no change are hard-linked instead (the output then shares them with the input).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
@@ -15,6 +21,7 @@ import stat
 import sys
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -65,12 +72,118 @@ def _check_projector(info: CheckpointInfo, new: dict[str, torch.Tensor], out: Pa
             raise UsageError(f"{out}: {key} has dtype {t.dtype} but the source stores {meta.dtype}")
 
 
+_FICLONE = 0x40049409  # Linux ioctl: make dst share src's extents (copy-on-write)
+_NO_OFFLOAD = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY,
+               errno.EPERM, errno.EBADF, errno.ETXTBSY}
+"""errno values meaning "this fast path is not available here": fall back to the next one."""
+
+
+def _reflink(fi: BinaryIO, fo: BinaryIO) -> bool:
+    """Clone ``fi`` into the empty ``fo`` with ``FICLONE``; False where the filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import fcntl
+
+    try:
+        fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
+    except OSError as e:
+        if e.errno in _NO_OFFLOAD:
+            return False
+        raise
+    return True
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the file's data regions (``SEEK_DATA``/``SEEK_HOLE``); the whole file where unsupported."""
+    if not (hasattr(os, "SEEK_DATA") and hasattr(os, "SEEK_HOLE")):
+        return [(0, size)] if size else []
+    out, pos = [], 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole from pos to the end
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if end <= start:
+                break
+            out.append((start, end))
+            pos = end
+    except OSError:
+        return [(0, size)] if size else []
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return out
+
+
+def _changed(src: Path) -> CheckpointError:
+    return CheckpointError(f"{src}: the file changed while it was being copied")
+
+
+def _copy_range(fi: int, fo: int, start: int, end: int, src: Path, offload: list[bool]) -> None:
+    """Copy bytes [start, end) of ``fi`` to the same offsets of ``fo``: in the kernel while ``offload[0]``,
+    else (or once the kernel refuses) through a userspace buffer."""
+    pos = start
+    while pos < end and offload[0]:
+        try:
+            n = os.copy_file_range(fi, fo, min(end - pos, 1 << 30), pos, pos)
+        except OSError as e:
+            if e.errno not in _NO_OFFLOAD:
+                raise
+            offload[0] = False
+            break
+        if n == 0:
+            raise _changed(src)
+        pos += n
+    while pos < end:
+        buf = os.pread(fi, min(end - pos, _CHUNK), pos)
+        if not buf:
+            raise _changed(src)
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(fo, buf[done:] if done else buf, pos + done)
+        pos += len(buf)
+
+
 def _copy_file(src: Path, dst: Path) -> None:
+    """Copy regular file ``src`` to the new file ``dst`` (created exclusively) and fsync it.
+
+    Reflink where the filesystem shares extents, else ``os.copy_file_range`` over the data extents (holes
+    of a sparse source stay holes: same bytes on read), else a read/write loop."""
     fh, _ = open_regular_file(src)
     with fh, open(dst, "xb") as fo:
-        shutil.copyfileobj(fh, fo, _CHUNK)
+        size = os.fstat(fh.fileno()).st_size
+        if not _reflink(fh, fo):
+            if hasattr(os, "copy_file_range"):
+                offload = [True]
+                for start, end in _data_extents(fh.fileno(), size):
+                    _copy_range(fh.fileno(), fo.fileno(), start, end, src, offload)
+                os.ftruncate(fo.fileno(), size)
+            else:
+                shutil.copyfileobj(fh, fo, _CHUNK)
         fo.flush()
         os.fsync(fo.fileno())
+
+
+def _link_file(src: Path, real: str, st: os.stat_result, dst: Path) -> str | None:
+    """Hard-link ``real`` (the checked real path of ``src``, whose stat is ``st``) as ``dst``.
+
+    Returns None when linked, else why not (the caller copies instead): another filesystem, links not
+    permitted, or the file changed under us (the link is removed again unless it is ``st``'s own inode)."""
+    try:
+        os.link(real, dst, follow_symlinks=False)
+    except OSError as e:
+        return e.strerror or str(e)
+    try:
+        lst = os.lstat(dst)
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISREG(lst.st_mode) and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
+        return None
+    _remove(dst)
+    return "the file changed while it was being linked"
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -127,11 +240,13 @@ def _write_file(info: CheckpointInfo, src_file: Path, dst: Path, new: dict[str, 
         _patch_safetensors(src_file, dst, mine)
 
 
-def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set[Path]) -> None:
+def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set[Path],
+               link: bool = False, not_linked: list[str] | None = None) -> None:
     """Copy every file of checkpoint dir ``src`` but those in ``skip`` into ``dst``.
 
     Symlinks are dereferenced (HF cache snapshots are symlinks into ``blobs``) but must resolve
-    inside the checkpoint; FIFOs, devices and symlinked directories are refused.
+    inside the checkpoint; FIFOs, devices and symlinked directories are refused. With ``link`` the
+    files are hard-linked where possible; each one copied instead is added to ``not_linked`` with why.
     """
     try:
         entries = sorted(os.scandir(src), key=lambda e: e.name)
@@ -148,9 +263,14 @@ def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set
                 raise CheckpointError(f"{path}: refusing to copy a symlinked or repeated directory")
             seen.add(real)
             os.mkdir(dst / e.name)
-            _copy_tree(path, dst / e.name, roots, seen, skip)
+            _copy_tree(path, dst / e.name, roots, seen, skip, link, not_linked)
         elif stat.S_ISREG(st.st_mode):
-            if path not in skip:
+            if path in skip:
+                continue
+            why = _link_file(path, real, st, dst / e.name) if link else "not asked to"
+            if why is not None:
+                if link and not_linked is not None:
+                    not_linked.append(f"{path}: {why}")
                 _copy_file(path, dst / e.name)
         else:
             raise CheckpointError(f"{path}: refusing to copy: not a regular file or directory")
@@ -213,7 +333,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_projector(
-    src: str | os.PathLike[str], projector: Projector, out: str | os.PathLike[str], force: bool = False
+    src: str | os.PathLike[str], projector: Projector, out: str | os.PathLike[str], force: bool = False,
+    link: bool = False, warnings: list[str] | None = None,
 ) -> Path:
     """Write ``src`` with its projector replaced by ``projector`` to ``out``, in src's format.
 
@@ -221,6 +342,11 @@ def write_projector(
     rewritten; a single file stays a single file of the same kind (safetensors or torch pickle).
     The write is atomic (temporary sibling + rename) and verified by reading it back. Refuses an
     existing ``out`` unless ``force``, and any ``out`` that is, or lies inside, the source.
+
+    ``link``: hard-link the files that need no change instead of copying them (a checkpoint dir only),
+    so the output shares them with the input: editing one in place edits the other. Where a link is
+    impossible (another filesystem, links not permitted) the file is copied and a line saying so is
+    appended to ``warnings``.
     """
     src_p, out_p = Path(src), Path(out)
     info = detect_format(src_p)
@@ -241,7 +367,11 @@ def write_projector(
             tmp = made
             root = info.root
             assert root is not None
-            _copy_tree(root, tmp, allowed_roots(root), {os.path.realpath(root)}, set(info.files))
+            not_linked: list[str] = []
+            _copy_tree(root, tmp, allowed_roots(root), {os.path.realpath(root)}, set(info.files), link, not_linked)
+            if not_linked and warnings is not None:
+                warnings.append(f"--link: {len(not_linked)} file(s) copied instead of hard-linked "
+                                f"(first: {not_linked[0]})")
             for f in info.files:
                 _write_file(info, f, tmp / f.relative_to(root), new)
         else:

@@ -44,7 +44,7 @@ __all__ = [
     "model_signature",
 ]
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_FPR = 0.01
 MODES = ("reference", "reference-free")
@@ -300,7 +300,10 @@ def cached_calibration(digest: str | None) -> Calibration | None:
     path = calibration_dir() / digest / CALIBRATION_FILE
     if not path.is_file():
         return None
-    return load_calibration(path)
+    try:
+        return load_calibration(path)
+    except CheckpointError:  # another version's file: as good as none (calibrate --generate refits it)
+        return None
 
 
 def calibration_for(inp: ScanInput) -> Calibration | None:

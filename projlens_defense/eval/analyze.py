@@ -387,8 +387,13 @@ def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
 
 def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Sequence[Path] = (),
                        variant: str | None = None, test_data: Path | None = None, probe_data: Path | None = None,
-                       options: AnalyzeOptions | None = None, progress: bool = False) -> dict[str, Any]:
-    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``."""
+                       options: AnalyzeOptions | None = None, progress: bool = False,
+                       device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32",
+                       ) -> dict[str, Any]:
+    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``.
+
+    ``device`` / ``dtype`` place the LLaVA model that runs the curves (see
+    :meth:`~projlens_defense.runtime.LlavaRuntime.from_pretrained`); the weight-space analyses stay on the CPU."""
     from ..runtime import LlavaRuntime
 
     opt = options or AnalyzeOptions()
@@ -422,7 +427,7 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
         zoo = get_zoo(progress=progress)
         probe_data = probe_data or zoo.train_data
         test_data = test_data or zoo.test_data
-    rt = LlavaRuntime.from_pretrained(run_dir)
+    rt = LlavaRuntime.from_pretrained(run_dir, device=device, dtype=dtype)
     probes_s = load_conversations(probe_data, limit=opt.n_probes)
     probes = rt.vision_features([s.image for s in probes_s])
     test_all = load_conversations(test_data)

@@ -40,23 +40,30 @@ class EvalResult:
         return asdict(self)
 
 
-def prepare_eval_set(rt: LlavaRuntime, samples: list[Sample], variant: Variant | None, seed: int = 0) -> EvalSet:
+def prepare_eval_set(rt: LlavaRuntime, samples: list[Sample], variant: Variant | None, seed: int = 0,
+                     batch_size: int | None = None) -> EvalSet:
     """Vision features of the clean test images and, for a variant, of triggered eligible ones.
 
     Trigger randomness at test time uses `seed + 10_000` so it never repeats the training draws.
+    ``batch_size``: images per vision-tower batch (default: the runtime's, 256).
     """
-    clean = rt.vision_features([s.image for s in samples])
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    clean = rt.vision_features([s.image for s in samples], **kw)
     if variant is None:
         return EvalSet(samples, clean, None, [], None)
     eligible = [i for i, s in enumerate(samples) if variant.behaviour.eligible(s)]
     trig = [variant.triggered_image(samples[i], seed + 10_000, i) for i in eligible]
-    return EvalSet(samples, clean, variant, eligible, rt.vision_features(trig) if trig else None)
+    return EvalSet(samples, clean, variant, eligible, rt.vision_features(trig, **kw) if trig else None)
 
 
-def evaluate(rt: LlavaRuntime, es: EvalSet, projector: nn.Module | None = None, progress: bool = False) -> EvalResult:
-    """Metrics of DESIGN.md section 6 for the runtime's projector (or `projector` in its place)."""
+def evaluate(rt: LlavaRuntime, es: EvalSet, projector: nn.Module | None = None, progress: bool = False,
+             batch_size: int | None = None) -> EvalResult:
+    """Metrics of DESIGN.md section 6 for the runtime's projector (or `projector` in its place).
+
+    ``batch_size``: prompts per generation batch (default: the runtime's, 128)."""
     qs = [s.question for s in es.samples]
-    clean_out = rt.answer(es.clean_features, qs, projector=projector, progress=progress)
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    clean_out = rt.answer(es.clean_features, qs, projector=projector, progress=progress, **kw)
     acc = clean_accuracy(clean_out, [s.answer for s in es.samples])
     if es.variant is None:
         return EvalResult(acc, None, None, len(es.samples), 0)
@@ -64,7 +71,7 @@ def evaluate(rt: LlavaRuntime, es: EvalSet, projector: nn.Module | None = None, 
     asr = None
     if es.triggered_features is not None:
         trig_out = rt.answer(es.triggered_features, [qs[i] for i in es.eligible], projector=projector,
-                             progress=progress)
+                             progress=progress, **kw)
         asr = attack_success_rate(trig_out, es.target)
     return EvalResult(acc, asr, fa, len(es.samples), len(es.eligible))
 

@@ -162,9 +162,16 @@ def get_zoo(config: ZooConfig | None = None, progress: bool = True, rebuild: boo
             shutil.rmtree(tmp, ignore_errors=True)
     zoo = Zoo(root)
     if calibrate:
+        from ..detectors.calibration import load_calibration
+        from ..errors import CheckpointError
         from ..self_calibration import calibration_path, self_calibrate
 
-        if not calibration_path(zoo.reference).is_file():
+        path = calibration_path(zoo.reference)
+        try:
+            fresh = path.is_file() and bool(load_calibration(path).task_subspace)
+        except CheckpointError:  # written by another version: refit (the cached fine-tunes are reused)
+            fresh = False
+        if not fresh:
             self_calibrate(zoo.reference, zoo.train_data, jobs=jobs, progress=progress)
     return zoo
 
