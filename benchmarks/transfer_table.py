@@ -55,9 +55,9 @@ def evaluate(ckpt: Path, variant: str | None, zoo: str) -> dict:
     return json.loads(run(cmd).stdout)
 
 
-def one(spec: dict, zoo: str, out: Path, clean_data: str) -> dict:
+def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
+    """The spec's fine-tune (attack or benign control), made once and reused."""
     ck = out / "ckpt" / spec["name"]
-    t0 = time.time()
     if not (ck / "attack.json").is_file():
         cmd = [*CLI, "attack", "--zoo", zoo, "--variant", spec["variant"] or "none", "--seed", str(spec["seed"]),
                "--out", str(ck), "--force", "--format", "json"]
@@ -66,6 +66,12 @@ def one(spec: dict, zoo: str, out: Path, clean_data: str) -> dict:
         else:
             cmd += ["--eval-variant", "malicious-injection", "--lr", str(spec["lr"]), "--epochs", str(spec["epochs"])]
         run(cmd)
+    return ck
+
+
+def one(spec: dict, zoo: str, out: Path, clean_data: str) -> dict:
+    t0 = time.time()
+    ck = make_checkpoint(spec, zoo, out)
     rec = json.loads((ck / "attack.json").read_text())
     target = ((rec.get("variant_params") or {}).get("behaviour") or {}).get("target")
     row = {**spec, "metrics": rec["metrics"], "target": target}
@@ -167,6 +173,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="names of the checkpoints to run (default: all)")
+    ap.add_argument("--checkpoints-only", action="store_true", help="only make the fine-tunes (no scan / sanitize)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -196,6 +203,10 @@ def main() -> None:
               f"data-free {r['data-free']}, few-shot {r['few-shot']} ({r['seconds']} s)", flush=True)
         return r
 
+    if args.checkpoints_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda s: make_checkpoint(s, args.zoo, args.out), todo))
+        return
     with ThreadPoolExecutor(args.jobs) as pool:
         for r in pool.map(work, todo):
             done[r["name"]] = r
