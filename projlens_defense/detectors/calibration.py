@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import Detector, MissingInput, ScanInput
+from projlens_defense.detectors.base import Detector, MissingInput, ScanInput, top_singular
 from projlens_defense.errors import CheckpointError, UsageError
 from projlens_defense.projector import Projector
 
@@ -348,9 +348,8 @@ def _side_basis(mats: Sequence[torch.Tensor], side: str, rank: int) -> torch.Ten
     """Top ``rank`` shared output (``left``) or input (``right``) directions of several updates."""
     cols = []
     for m in mats:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        k = min(8, len(s))
-        cols.append((u if side == "left" else vh.T)[:, :k] * s[:k])
+        u, s, v = top_singular(m, 8)
+        cols.append((u if side == "left" else v) * s)
     u, _, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
     return u[:, :rank].contiguous()
 
@@ -359,7 +358,7 @@ def residual_shares(m: torch.Tensor, left: torch.Tensor, k: int = 4) -> list[flo
     """Energy shares (of the whole update) of the top ``k`` singular components of ``m`` outside ``left``."""
     rest = m - left @ (left.T @ m)
     total = float(m.pow(2).sum())
-    sv = torch.linalg.svdvals(rest)[:k]
+    sv = top_singular(rest, k)[1]
     return [float(x) ** 2 / total if total > 0 else 0.0 for x in sv]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from projlens_defense.detectors.base import top_singular
 from projlens_defense.mitigations.base import CleanData, MitigationResult, ProjectorModule, svd
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
@@ -233,7 +234,7 @@ class SubspaceMitigation(LensGuidedMitigation):
                            "residual_shares": [round(x, 6) for x in shares]})
             if k:
                 rest = m - left @ (left.T @ m) @ (right @ right.T)
-                u, s, v = svd(rest)
+                u, s, v = top_singular(rest, k)
                 comps += [(li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()) for i in range(min(k, len(s)))]
         n = len(task[0][2])
         report: dict[str, Any] = {"mode": "data-free", "task_rank": int(task[0][0].shape[1]), "fpr": fpr,
