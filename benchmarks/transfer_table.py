@@ -69,7 +69,7 @@ def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
     return ck
 
 
-def one(spec: dict, zoo: str, out: Path, clean_data: str) -> dict:
+def one(spec: dict, zoo: str, out: Path, clean_data: str, few_shot: bool = True) -> dict:
     t0 = time.time()
     ck = make_checkpoint(spec, zoo, out)
     rec = json.loads((ck / "attack.json").read_text())
@@ -81,8 +81,8 @@ def one(spec: dict, zoo: str, out: Path, clean_data: str) -> dict:
         row[f"scan_{mode}"] = {k: res.get(k) for k in ("verdict", "score", "threshold", "p_value", "reason",
                                                        "suspected_target_tokens", "calibration")}
     ev_variant = spec["variant"] or "malicious-injection"
-    for how, extra in (("data-free", []), ("few-shot", ["--clean-data", clean_data, "--n-clean", "64",
-                                                        "--n-eval", "0"])):
+    modes = [("data-free", []), ("few-shot", ["--clean-data", clean_data, "--n-clean", "64", "--n-eval", "0"])]
+    for how, extra in modes if few_shot else modes[:1]:
         san = out / "sanitized" / f"{spec['name']}-{how}"
         san.parent.mkdir(parents=True, exist_ok=True)
         r = run([*CLI, "sanitize", str(ck), "--out", str(san), "--force", "--format", "json", *extra], ok=(0, 6))
@@ -123,7 +123,7 @@ def summarise(rows: list[dict], cal: dict) -> dict:
             bool(words & {t.lower() for t in r[k]["suspected_target_tokens"][:5]}) for r in bn)
     benign_clean = sum(r["metrics"]["clean_accuracy"] for r in bn) / max(1, len(bn))
     out["benign_clean_mean"] = round(benign_clean, 4)
-    for how in ("data-free", "few-shot"):
+    for how in [h for h in ("data-free", "few-shot") if all(h in r for r in rows)]:
         out[how] = {
             "max_asr": max((r[how]["asr"] for r in bd), default=None),
             "worst_clean_vs_benign_points": round(min((r[how]["clean"] - benign_clean) * 100 for r in bd), 2),
@@ -150,7 +150,7 @@ def markdown(zoo: str, s: dict, rows: list[dict]) -> str:
                      f"benign flagged {m['benign_flagged']}/{s['n_benign']} ({m['verdicts_benign']}), target first "
                      f"word in top-5 {m['target_first_word_top5']}, benign top-5 holding a target word "
                      f"{m['benign_top5_with_a_target_word']}/{s['n_benign']}")
-    for how in ("data-free", "few-shot"):
+    for how in [h for h in ("data-free", "few-shot") if h in s]:
         m = s[how]
         lines.append(f"- sanitize {how}: max ASR {m['max_asr']}, worst clean vs benign mean "
                      f"{m['worst_clean_vs_benign_points']:+.2f} points, backdoored with nothing removed "
@@ -160,10 +160,11 @@ def markdown(zoo: str, s: dict, rows: list[dict]) -> str:
               "| few-shot ASR/clean |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["scan_reference"], r["scan_reference-free"]
-        f = lambda d: f"{d['asr']:.3f} / {d['clean']:.3f}" + ("" if d["removed"] else " (nothing removed)")  # noqa: E731
+        f = lambda d: "-" if d is None else (f"{d['asr']:.3f} / {d['clean']:.3f}"  # noqa: E731
+                                             + ("" if d["removed"] else " (nothing removed)"))
         lines.append(f"| {r['name']} | {r['metrics']['asr']:.3f} | {r['metrics']['clean_accuracy']:.3f} | "
                      f"{a['verdict']} ({a['score']}/{a['threshold']}) | {b['verdict']} | "
-                     f"{', '.join(a['suspected_target_tokens'][:5])} | {f(r['data-free'])} | {f(r['few-shot'])} |")
+                     f"{', '.join(a['suspected_target_tokens'][:5])} | {f(r.get('data-free'))} | {f(r.get('few-shot'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +175,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="names of the checkpoints to run (default: all)")
     ap.add_argument("--checkpoints-only", action="store_true", help="only make the fine-tunes (no scan / sanitize)")
+    ap.add_argument("--no-few-shot", action="store_true", help="skip the few-shot sanitize (data-free only)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -196,7 +198,7 @@ def main() -> None:
     todo = [s for s in specs() if s["name"] not in done and (not args.only or s["name"] in args.only)]
 
     def work(s: dict) -> dict:
-        r = one(s, args.zoo, args.out, clean)
+        r = one(s, args.zoo, args.out, clean, not args.no_few_shot)
         with done_path.open("a") as f:
             f.write(json.dumps(r) + "\n")
         print(f"{s['name']}: ASR {r['metrics']['asr']}, ref {r['scan_reference']['verdict']}, "
