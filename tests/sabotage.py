@@ -80,6 +80,10 @@ def _worktree() -> Path:
     return tmp
 
 
+FRESH_CACHE = {"zoo-build-thread-dependent"}
+"""Breaks only a fresh build can show (a cached zoo was built before the break): run with an empty cache."""
+
+
 def run_one(name: str, python: str, extra: list[str]) -> tuple[str, str, float]:
     """Apply one sabotage in a fresh worktree, run the fast suite with -x; (outcome, first failing test, seconds)."""
     rel, old, new, _ = SABOTAGES[name]
@@ -92,6 +96,9 @@ def run_one(name: str, python: str, extra: list[str]) -> tuple[str, str, float]:
         path.write_text(text.replace(old, new))
         t0 = time.time()
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+        env.pop("OMP_NUM_THREADS", None)  # the suite's own zoo build uses every core, as on CI
+        if name in FRESH_CACHE:
+            env["PROJLENS_CACHE"] = tempfile.mkdtemp(prefix="projlens-sabotage-cache-")
         r = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *extra], cwd=tree, env=env,
                            capture_output=True, text=True)
         secs = time.time() - t0
