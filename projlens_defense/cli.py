@@ -213,9 +213,9 @@ def evaluate(checkpoint, variant, test_data, seed, batch_size, device, dtype, zo
     if variant is None and (checkpoint / "attack.json").is_file():
         rec = json.loads((checkpoint / "attack.json").read_text())
         variant = rec["variant"] if rec["variant"] != "none" else rec["config"].get("eval_variant")
+    rt = LlavaRuntime.from_pretrained(checkpoint, device=device, dtype=dtype)  # a bad checkpoint fails before any zoo build
     if test_data is None:
         _, _, test_data = resolve_model_and_data(None, None, zoo_name, zoo_seed)
-    rt = LlavaRuntime.from_pretrained(checkpoint, device=device, dtype=dtype)
     targets = Targets.beside(test_data)  # the data's own target texts (targets.json), else the defaults
     es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant, targets=targets) if variant else None,
                           seed, batch_size=batch_size)
