@@ -13,12 +13,15 @@ mkdir -p "$out"
 P=.venv/bin/projlens-defense
 PY=.venv/bin/python
 $P zoo build
-$P attack --variant malicious-injection --poison-rate 0.1 --seed 0 --out "$out/malicious-injection" --force
-$P attack --variant none --eval-variant malicious-injection --seed 0 --out "$out/benign" --force
+# the fine-tunes are deterministic for a seed on a machine: a rerun reuses them (delete $out to redo them)
+[ -f "$out/malicious-injection/attack.json" ] || \
+  $P attack --variant malicious-injection --poison-rate 0.1 --seed 0 --out "$out/malicious-injection" --force
+[ -f "$out/benign/attack.json" ] || \
+  $P attack --variant none --eval-variant malicious-injection --seed 0 --out "$out/benign" --force
 ref=$($P zoo path | tail -n 1)
 rc=0; $P scan "$out/malicious-injection" "$out/benign" --reference "$ref" --format json --output "$out/scan.json" || rc=$?
 [ "$rc" -le 1 ] || { echo "demo: scan failed (exit $rc)" >&2; exit 1; }
-$P scan "$out/malicious-injection" "$out/benign" --reference "$ref" | tail -n 1
+{ $P scan "$out/malicious-injection" "$out/benign" --reference "$ref" || true; } | tail -n 1  # exit 1 = flagged
 $P sanitize "$out/malicious-injection" --out "$out/sanitized" --force --format json > "$out/sanitize.json"
 $P evaluate "$out/sanitized" --variant malicious-injection --format json > "$out/sanitized_eval.json"
 $PY - "$out" "$start" <<'EOF'
