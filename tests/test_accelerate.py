@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.eval.bench import Cell, attack_command
 from projlens_defense.training import accelerate_requested
+from projlens_defense.zoo.build import single_threaded
 
 PROJ = "multi_modal_projector."
 ATTACK = ["attack", "--zoo", "micro", "--variant", "badnets", "--poison-rate", "0.2", "--seed", "0", "--epochs", "1"]
@@ -40,21 +40,13 @@ def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     return r
 
 
-@contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def plain_attack(micro_zoo, tmp_path_factory):
     """The reference: the same attack in this process, plain PyTorch loop, one thread (as the launched runs)."""
     out = tmp_path_factory.mktemp("acc") / "plain"
-    with _one_thread():
+    with single_threaded():
         run_attack(AttackConfig(variant="badnets", poison_rate=0.2, seed=0, epochs=1), micro_zoo.reference,
                    micro_zoo.train_data, micro_zoo.test_data, out, progress=False)
     return out
@@ -104,7 +96,7 @@ def test_in_process_accelerate_loop_matches_plain(micro_zoo, tmp_path, monkeypat
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("PROJLENS_ACCELERATE", flag)
-        with _one_thread():
+        with single_threaded():
             if kind == "lora":
                 out = tmp_path / f"lora{flag}"
                 run_attack(AttackConfig(variant="badnets", poison_rate=0.2, seed=0, lora_rank=4, epochs=1),

@@ -16,7 +16,8 @@ from projlens_defense.runtime import template_from_chat_template
 from projlens_defense.zoo import language as L
 from projlens_defense.zoo.build import ZooConfig, config_from_name
 from projlens_defense.zoo.digits import DIGITS
-from projlens_defense.zoo.domain import HARMFUL, get_domain
+from projlens_defense.zoo.domain import HARMFUL
+from projlens_defense.zoo.domains import get_domain
 from projlens_defense.zoo.images import IMAGE_SIZE
 from projlens_defense.zoo.shapes import SHAPE_NAMES, SHAPES, shape_mask
 from projlens_defense.zoo.tasks import alignment_samples, downstream_samples, text_corpus

@@ -37,7 +37,8 @@ from ..runtime import (
     template_from_chat_template,
 )
 from ..training import train_projector
-from .domain import HARMFUL, Domain, get_domain
+from .domain import HARMFUL, Domain
+from .domains import get_domain
 from .images import CORRUPTIONS, corrupt
 from .model import ModelDims, build_image_processor, build_llava
 from .tasks import alignment_samples, downstream_samples, text_corpus

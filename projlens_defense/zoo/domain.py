@@ -141,19 +141,3 @@ class Domain(ABC):
         parts += [*lang.harmful_requests, *lang.benign_requests, *lang.stock_phrases]
         parts += [w for part in lang.filler for w in part]
         return parts
-
-
-def get_domain(name: str) -> Domain:
-    """The domain called `name` (``digits`` or ``shapes``)."""
-    if name == "digits":
-        from .digits import DIGITS
-
-        return DIGITS
-    if name == "shapes":
-        from .shapes import SHAPES
-
-        return SHAPES
-    raise KeyError(f"unknown zoo domain {name!r} (digits, shapes)")
-
-
-DOMAIN_NAMES = ("digits", "shapes")
