@@ -57,6 +57,15 @@ class LinearLayer:
         return int(self.weight.shape[0])
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite. A float32 sum is finite only if every term is (a NaN or inf
+    propagates), so the common case costs one reduction; a non-finite sum (or an overflow) is settled
+    element-wise."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 @dataclass(eq=False)
 class Projector:
     """A projector as math: ``[norm -> merge ->] Linear (-> act -> Linear)*``.
@@ -262,7 +271,7 @@ class Projector:
                     f"{self.layers[i - 1].out_features} features but {name} expects {layer.in_features}"
                 )
             for what, t in (("weight", layer.weight), ("bias", layer.bias)):
-                if t is not None and not bool(torch.isfinite(t).all()):
+                if t is not None and not all_finite(t):
                     bad = int((~torch.isfinite(t)).sum())
                     raise CheckpointError(f"{where}{name}: {what} has {bad} NaN/inf value(s)")
         if self.pre_norm is not None:
@@ -280,7 +289,7 @@ class Projector:
                     f"{where}norm bias shape {tuple(bias.shape)} != weight shape {tuple(weight.shape)}"
                 )
             for what, t in (("norm weight", weight), ("norm bias", bias)):
-                if t is not None and not bool(torch.isfinite(t).all()):
+                if t is not None and not all_finite(t):
                     raise CheckpointError(f"{where}{what} has NaN/inf values")
         elif self.merge_size != 1:
             raise CheckpointError(f"{where}merge size {self.merge_size} without a merger norm")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import pickle
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,13 +167,20 @@ def _auto_device_map(device: str | torch.device | None) -> bool:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' advisory warnings, which would drown the CLI's own output."""
-    from transformers.utils import logging as hf_logging
+    """Silence transformers' advisory warnings, which would drown the CLI's own output.
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    Does not import transformers (a second of start-up that weight-only commands do without): before the
+    import, its verbosity comes from the environment (a user's own ``TRANSFORMERS_VERBOSITY`` is kept);
+    once imported, it is set directly."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 class LlavaRuntime:

@@ -27,7 +27,7 @@ from projlens_defense.checkpoint.reader import (
 )
 from projlens_defense.detectors.base import OvLayer
 from projlens_defense.errors import CheckpointError
-from projlens_defense.projector import Projector
+from projlens_defense.projector import Projector, all_finite
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "load_ov_layers"]
 
@@ -90,7 +90,7 @@ def load_ov_layers(info: CheckpointInfo, embed_key: str | None, n_layers: int,
 
 
 def _check_finite(where: Path, what: str, t: torch.Tensor | None) -> None:
-    if t is not None and not bool(torch.isfinite(t).all()):
+    if t is not None and not all_finite(t):
         raise CheckpointError(f"{where}: {what} has NaN/inf values")
 
 

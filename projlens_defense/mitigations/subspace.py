@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from projlens_defense.detectors.base import top_singular
-from projlens_defense.mitigations.base import CleanData, MitigationResult, ProjectorModule, svd
+from projlens_defense.mitigations.base import CleanData, MitigationResult, ProjectorModule
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
     ProbeResult,
@@ -50,7 +50,7 @@ def top_components(delta: list[torch.Tensor], layers: list[int], k: int) -> list
     """The top-``k`` singular components of the update of each layer in ``layers``."""
     out = []
     for li in layers:
-        u, s, v = svd(delta[li])
+        u, s, v = top_singular(delta[li], k)
         for i in range(min(k, len(s))):
             out.append((li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()))
     return out
@@ -260,7 +260,7 @@ class SubspaceMitigation(LensGuidedMitigation):
         li = suspect.num_layers - 1
         m = delta[li].float()
         rest = m - basis @ (basis.T @ m)
-        u, s, v = svd(rest)
+        u, s, v = top_singular(rest, int(self.params["task_removed_rank"]))
         r = min(int(self.params["task_removed_rank"]), len(s))
         comps = [(li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()) for i in range(r)]
         total = float(m.pow(2).sum())
