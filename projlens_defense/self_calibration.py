@@ -3,8 +3,8 @@
 A verdict needs a null distribution for *this* model: what benign fine-tunes of its reference look
 like. A user rarely has a population of those, so ``calibrate --generate N`` makes them: the
 attack's training loop without poison (:func:`~projlens_defense.training.train_projector`, the
-projector only), over a documented spread of recipes (:func:`benign_recipes`: seeds, learning rate
-x0.5/1/2, epochs x1/0.5/2, each on its own 80% subsample of the clean data). Each fine-tune's
+projector only), over a documented spread of recipes (:func:`benign_recipes`: seeds, learning rate and
+epochs x0.5/1/2, the corners of that grid first, each on its own 80% subsample of the clean data). Each fine-tune's
 projector is stored in the user cache under the reference's projector digest, so the work resumes
 after an interruption and ``scan``, ``sanitize`` and ``analyze`` find the fitted calibration by
 themselves (:func:`~projlens_defense.detectors.calibration.cached_calibration`).
@@ -60,10 +60,17 @@ class BenignRecipe:
         return f"benign-{self.index:02d}"
 
 
+# The 3 x 3 grid of (lr, epochs) factors, in the order the recipes take them: the base recipe, then the four
+# corners (the strongest and weakest updates a benign fine-tune of the spread makes), then the edges. A
+# prediction bound does not extrapolate beyond the spread it was fitted on, so N >= 5 already spans it.
+SPREAD_ORDER = ((1.0, 1.0), (2.0, 2.0), (0.5, 0.5), (2.0, 0.5), (0.5, 2.0), (1.0, 2.0), (2.0, 1.0), (1.0, 0.5),
+                (0.5, 1.0))
+
+
 def benign_recipes(n: int, lr: float = DEFAULT_LR, epochs: float = DEFAULT_EPOCHS, seed: int = 0) -> list[BenignRecipe]:
-    """``n`` recipes around (lr, epochs): lr x {1, 0.5, 2} cycling fastest, epochs x {1, 0.5, 2} per block of
-    three, seeds ``1000 * (seed + 1) + i``; every one on its own 80% subsample of the data."""
-    return [BenignRecipe(i, 1000 * (seed + 1) + i, lr * LR_SPREAD[i % 3], epochs * EPOCH_SPREAD[(i // 3) % 3])
+    """``n`` recipes around (lr, epochs): lr and epochs x {0.5, 1, 2} in :data:`SPREAD_ORDER` (base, corners,
+    edges; cycling past 9), seeds ``1000 * (seed + 1) + i``; every one on its own 80% subsample of the data."""
+    return [BenignRecipe(i, 1000 * (seed + 1) + i, lr * SPREAD_ORDER[i % 9][0], epochs * SPREAD_ORDER[i % 9][1])
             for i in range(n)]
 
 
@@ -73,24 +80,29 @@ def _subsample(n: int, frac: float, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
-def _train_one(reference: str, data: str, features: str, recipe: dict, out: str, threads: int) -> dict:
-    """Worker: one benign fine-tune of ``reference``'s projector; writes its projector tensors to ``out``."""
+def _train_one(reference: str, data: str, features: str, recipe: dict, out: str, threads: int,
+               device: str = "cpu", dtype: str = "float32") -> dict:
+    """Worker: one benign fine-tune of ``reference``'s projector; writes its projector tensors to ``out``.
+    As ``attack`` does: the frozen tower and LLM in ``dtype`` on ``device``, the projector trained in float32."""
     from .conversations import load_conversations
-    from .runtime import LlavaRuntime
+    from .runtime import LlavaRuntime, resolve_placement
     from .training import train_projector
 
     torch.set_num_threads(threads)
     r = BenignRecipe(**recipe)
     t0 = time.time()
     torch.manual_seed(r.seed)
-    rt = LlavaRuntime.from_pretrained(reference)
+    dev, dt = resolve_placement(device, dtype, auto_dtype=torch.float32)
+    rt = LlavaRuntime.from_pretrained(reference, device=dev, dtype=dt)
+    if dt != torch.float32:
+        rt.projector.float()
     samples = load_conversations(data)
     feats = torch.load(features, weights_only=True)
     idx = _subsample(len(samples), r.subsample, r.seed)
     losses = train_projector(rt, feats[idx], [samples[i].question for i in idx], [samples[i].answer for i in idx],
                              epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed, progress=False,
                              accelerate=False)
-    state = {k: v.detach().contiguous() for k, v in rt.projector.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in rt.projector.state_dict().items()}
     tmp = f"{out}.tmp-{os.getpid()}"
     save_file(state, tmp, metadata={"format": "pt", "recipe": json.dumps(recipe)})
     os.replace(tmp, out)
@@ -99,10 +111,13 @@ def _train_one(reference: str, data: str, features: str, recipe: dict, out: str,
 
 
 def generate_benign(reference: str | os.PathLike[str], data: str | os.PathLike[str], recipes: Sequence[BenignRecipe],
-                    work: Path, jobs: int = 1, progress: bool = True) -> list[Path]:
-    """Run the benign fine-tunes not yet in ``work`` (resumable); returns every recipe's projector file."""
+                    work: Path, jobs: int = 1, progress: bool = True, device: str = "auto",
+                    dtype: str = "auto") -> list[Path]:
+    """Run the benign fine-tunes not yet in ``work`` (resumable); returns every recipe's projector file.
+    ``device`` / ``dtype`` place the frozen model as ``attack --device/--dtype`` do (auto: a GPU when there is
+    one; float32 unless asked otherwise)."""
     from .conversations import load_conversations
-    from .runtime import LlavaRuntime
+    from .runtime import LlavaRuntime, resolve_placement
 
     work.mkdir(parents=True, exist_ok=True)
     outs = [work / f"{r.name}.safetensors" for r in recipes]
@@ -111,14 +126,16 @@ def generate_benign(reference: str | os.PathLike[str], data: str | os.PathLike[s
         return outs
     feats_path = work / "features.pt"
     if not feats_path.is_file():  # the frozen vision tower's features, computed once for all fine-tunes
-        rt = LlavaRuntime.from_pretrained(reference)
+        dev, dt = resolve_placement(device, dtype, auto_dtype=torch.float32)
+        rt = LlavaRuntime.from_pretrained(reference, device=dev, dtype=dt)
         samples = load_conversations(data)
         tmp = work / f".features.tmp-{os.getpid()}"
         torch.save(rt.vision_features([s.image for s in samples]), tmp)
         os.replace(tmp, feats_path)
     jobs = max(1, min(jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    args = [(str(reference), str(data), str(feats_path), asdict(r), str(o), threads) for r, o in todo]
+    args = [(str(reference), str(data), str(feats_path), asdict(r), str(o), threads, str(device), str(dtype))
+            for r, o in todo]
     bar = tqdm(total=len(todo), desc=f"benign fine-tunes ({jobs} job{'s' if jobs > 1 else ''})",
                disable=not progress, unit="fine-tune")
     log = work / "fine_tunes.jsonl"
@@ -172,7 +189,8 @@ def calibration_path(reference: str | os.PathLike[str]) -> Path:
 def self_calibrate(reference: str | os.PathLike[str], data: str | os.PathLike[str], n: int = DEFAULT_N, *,
                    lr: float = DEFAULT_LR, epochs: float = DEFAULT_EPOCHS, seed: int = 0, jobs: int = 1,
                    fpr: float | None = None, lens_layers: int = 2, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> tuple[Calibration, Path]:
+                   log: Callable[[str], None] | None = None, device: str = "auto",
+                   dtype: str = "auto") -> tuple[Calibration, Path]:
     """Make ``n`` benign fine-tunes of ``reference`` on ``data`` (cached, resumable), fit a calibration on
     them and store it in the cache under the reference digest; returns it and its path."""
     from .detectors import DETECTORS
@@ -186,14 +204,15 @@ def self_calibrate(reference: str | os.PathLike[str], data: str | os.PathLike[st
     t0 = time.time()
     work, digest = work_dir_for(reference)
     recipes = benign_recipes(n, lr, epochs, seed)
-    files = generate_benign(reference, data, recipes, work, jobs, progress)
+    files = generate_benign(reference, data, recipes, work, jobs, progress, device=device, dtype=dtype)
     helper = Scanner(Calibration(null={}), reference=reference, ov_layers=lens_layers)
     inputs = [helper.build_input(load_checkpoint(f, readout=True, ov_layers=lens_layers), []) for f in files]
     kw = {} if fpr is None else {"fpr": fpr}
     cal = fit_calibration(inputs, {k: DETECTORS[k] for k in WEIGHT_SPACE_DETECTORS},
                           note=f"self-generated: {n} benign fine-tunes of {reference} on {data}", **kw)
     cal.generation = {"reference": str(reference), "data": str(data), "recipes": [asdict(r) for r in recipes],
-                      "spread": {"lr": list(LR_SPREAD), "epochs": list(EPOCH_SPREAD), "subsample": SUBSAMPLE},
+                      "spread": {"lr": list(LR_SPREAD), "epochs": list(EPOCH_SPREAD), "order": [list(x) for x in SPREAD_ORDER],
+                                 "subsample": SUBSAMPLE},
                       "base": {"lr": lr, "epochs": epochs, "seed": seed}, "jobs": jobs,
                       "wall_time_s": round(time.time() - t0, 2), "environment": environment()}
     path = work / CALIBRATION_FILE

@@ -44,7 +44,7 @@ __all__ = [
     "model_signature",
 ]
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_FPR = 0.01
 MODES = ("reference", "reference-free")
@@ -362,10 +362,14 @@ def residual_shares(m: torch.Tensor, left: torch.Tensor, k: int = 4) -> list[flo
     return [float(x) ** 2 / total if total > 0 else 0.0 for x in sv]
 
 
+NULL_RANKS = 8  # residual shares per benign update kept for the data-free repair's rank-by-rank null
+
+
 def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dict[str, Any]:
     """Per projector layer, the benign task subspace (output and input directions the benign updates share)
-    and its null: each benign update's top residual energy share outside the subspace of the others
-    (leave-one-out). The data-free repair removes only components above that null's bound."""
+    and its null: each benign update's top ``NULL_RANKS`` residual energy shares outside the subspace of the
+    others (leave-one-out), rank by rank. The data-free repair removes a layer's i-th component only while
+    every one before it exceeded its own rank's bound, and the i-th does too."""
     usable = [b for b in benign if b.reference is not None]
     if len(usable) < MIN_BENIGN:
         return {}
@@ -373,10 +377,11 @@ def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dic
     layers = []
     for li in range(usable[0].projector.num_layers):
         mats = [b.deltas()[li].float() for b in usable]
-        null = [residual_shares(m, _side_basis(mats[:i] + mats[i + 1 :], "left", rank), 1)[0]
+        null = [residual_shares(m, _side_basis(mats[:i] + mats[i + 1 :], "left", rank), NULL_RANKS)
                 for i, m in enumerate(mats)]
         layers.append({"left": r6(_side_basis(mats, "left", rank)), "right": r6(_side_basis(mats, "right", rank)),
-                       "residual_share_null": [round(v, 6) for v in null]})
+                       "residual_share_null": [round(v[0], 6) for v in null],
+                       "residual_share_null_ranked": [[round(x, 6) for x in v] for v in null]})
     return {"rank": rank, "layers": layers}
 
 

@@ -92,12 +92,12 @@ def task_basis(calibration: Any, width: int, rank: int) -> torch.Tensor | None:
     return basis[:, :rank] if basis is not None and basis.shape[0] == width and rank > 0 else None
 
 
-TaskLayer = tuple[torch.Tensor, torch.Tensor, list[float]]
+TaskLayer = tuple[torch.Tensor, torch.Tensor, list[list[float]]]  # output basis, input basis, null shares by rank
 
 
 def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[TaskLayer] | None:
-    """Per layer, (output basis, input basis, benign residual-share null) of a calibration's task subspace
-    fitted for layers of these shapes (None without one)."""
+    """Per layer, (output basis, input basis, benign residual-share null per benign update and rank) of a
+    calibration's task subspace fitted for layers of these shapes (None without one)."""
     ts = getattr(calibration, "task_subspace", None) if calibration is not None else None
     layers = ts.get("layers") if ts else None
     if not layers or len(layers) != len(delta):
@@ -109,7 +109,8 @@ def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[Ta
             return None
         if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
             return None
-        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [float(x) for x in spec["residual_share_null"]]))
+        ranked = spec.get("residual_share_null_ranked") or [[x] for x in spec["residual_share_null"]]
+        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [[float(x) for x in r] for r in ranked]))
     return out
 
 
@@ -215,8 +216,11 @@ class SubspaceMitigation(LensGuidedMitigation):
     def _null_calibrated(self, suspect: Projector, delta: list[torch.Tensor],
                          task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
         """How many components to remove, per layer, comes from this model's benign null: the update's
-        components outside the benign task subspace (output side) whose energy share exceeds the prediction
-        bound of the benign fine-tunes' top residual share (at the calibration's FPR). What is removed is
+        components outside the benign task subspace (output side), in order, as long as each one's energy
+        share exceeds the prediction bound (at the calibration's FPR) of the benign fine-tunes' residual share
+        of the same rank (the first is tested against their top share, so a benign update has everything
+        kept with the probability the FPR states; the later ones against the benign second, third... shares,
+        which a backdoor spread over several components exceeds). What is removed is
         that many top components of the update outside the task subspace taken on *both* sides (output x
         input directions), so a backdoor whose target is also a task answer (its output direction inside the
         task subspace, its input direction, the trigger's, outside it) goes too."""
@@ -227,10 +231,12 @@ class SubspaceMitigation(LensGuidedMitigation):
         layers = []
         for li, (left, right, null) in enumerate(task):
             m = delta[li].float()
-            bound = prediction_bound(null, fpr)
-            shares = residual_shares(m, left, int(self.params["k"]))
-            k = next((i for i, x in enumerate(shares) if x <= bound), len(shares))
-            layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bound, 6), "removed": k,
+            ranks = min(len(r) for r in null)
+            bounds = [prediction_bound([r[j] for r in null], fpr) for j in range(ranks)]
+            shares = residual_shares(m, left, min(int(self.params["k"]), ranks))
+            k = next((i for i, (x, b) in enumerate(zip(shares, bounds, strict=False)) if x <= b), len(shares))
+            layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bounds[0], 6),
+                           "benign_bounds_by_rank": [round(b, 6) for b in bounds[: k + 1]], "removed": k,
                            "residual_shares": [round(x, 6) for x in shares]})
             if k:
                 rest = m - left @ (left.T @ m) @ (right @ right.T)
