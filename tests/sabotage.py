@@ -67,6 +67,24 @@ SABOTAGES: dict[str, tuple[str, str, str, str]] = {
         "    try:\n        yield",
         "the zoo build runs on every core again (bytes depend on the thread count)",
     ),
+    "zoo-key-ignores-platform": (
+        "projlens_defense/zoo/build.py",
+        '{"v": ZOO_FORMAT_VERSION, "platform": build_platform(), **fields}',
+        '{"v": ZOO_FORMAT_VERSION, **fields}',
+        "the zoo cache key leaves out the build platform (a zoo built by another torch or CPU ISA is reused)",
+    ),
+    "fine-prune-prunes-nothing": (
+        "projlens_defense/mitigations/fine_prune.py",
+        "            pruned = trial\n",
+        "            pass\n",
+        "fine-prune prunes no channel (it degrades to plain clean fine-tuning)",
+    ),
+    "unlearn-trains-nothing": (
+        "projlens_defense/mitigations/unlearn.py",
+        "                opt.step()\n",
+        "                pass\n",
+        "unlearn's unlearning steps update nothing (the projector comes back unchanged)",
+    ),
 }
 
 
