@@ -250,3 +250,20 @@ def micro_zoo():
     from projlens_defense.zoo.build import ZooConfig, get_zoo
 
     return get_zoo(ZooConfig.micro(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def micro_attacks(micro_zoo, tmp_path_factory):
+    """A backdoored (badnets, 20% poison) and a benign projector fine-tune of the micro zoo's reference, each trained
+    once per session: (dir holding ``backdoored/`` and ``benign/``, their attack records)."""
+    from projlens_defense.attacks.finetune import AttackConfig, run_attack
+
+    out = tmp_path_factory.mktemp("attacks")
+    recs = {}
+    for name, cfg in {
+        "backdoored": AttackConfig(variant="badnets", poison_rate=0.2, seed=0),
+        "benign": AttackConfig(variant=None, seed=0, eval_variant="badnets"),
+    }.items():
+        recs[name] = run_attack(cfg, micro_zoo.reference, micro_zoo.train_data, micro_zoo.test_data, out / name,
+                                progress=False)
+    return out, recs

@@ -5,7 +5,9 @@
 Each break is a textual patch of one library file, applied to a fresh `git worktree` of HEAD plus the
 working tree's changes (so the repository itself is never modified), where the fast suite then runs with
 `-x` (it stops at the first failure, which names the test that caught the break). A break the suite does
-not catch is a hole in the tests; the script exits 1 if there is any.
+not catch is a hole in the tests; the script exits 1 if there is any. The caller's OMP_NUM_THREADS is kept
+(on a shared machine, 1 avoids oversubscription), except for the thread-count break, which needs the suite's
+zoo build to run on every core.
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ SABOTAGES: dict[str, tuple[str, str, str, str]] = {
         "    try:\n        yield",
         "the zoo build runs on every core again (bytes depend on the thread count)",
     ),
+    "zoo-key-ignores-platform": (
+        "projlens_defense/zoo/build.py",
+        '{"v": ZOO_FORMAT_VERSION, "platform": build_platform(), **fields}',
+        '{"v": ZOO_FORMAT_VERSION, **fields}',
+        "the zoo cache key leaves out the build platform (a zoo built by another torch or CPU ISA is reused)",
+    ),
+    "fine-prune-prunes-nothing": (
+        "projlens_defense/mitigations/fine_prune.py",
+        "            pruned = trial\n",
+        "            pass\n",
+        "fine-prune prunes no channel (it degrades to plain clean fine-tuning)",
+    ),
+    "unlearn-trains-nothing": (
+        "projlens_defense/mitigations/unlearn.py",
+        "                opt.step()\n",
+        "                pass\n",
+        "unlearn's unlearning steps update nothing (the projector comes back unchanged)",
+    ),
 }
 
 
@@ -96,9 +116,9 @@ def run_one(name: str, python: str, extra: list[str]) -> tuple[str, str, float]:
         path.write_text(text.replace(old, new))
         t0 = time.time()
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
-        env.pop("OMP_NUM_THREADS", None)  # the suite's own zoo build uses every core, as on CI
         if name in FRESH_CACHE:
             env["PROJLENS_CACHE"] = tempfile.mkdtemp(prefix="projlens-sabotage-cache-")
+            env.pop("OMP_NUM_THREADS", None)  # the suite's own zoo build uses every core, as on CI
         r = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *extra], cwd=tree, env=env,
                            capture_output=True, text=True)
         secs = time.time() - t0

@@ -21,19 +21,6 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.fixture(scope="session")
-def micro_attacks(micro_zoo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("attacks")
-    recs = {}
-    for name, cfg in {
-        "backdoored": AttackConfig(variant="badnets", poison_rate=0.2, seed=0),
-        "benign": AttackConfig(variant=None, seed=0, eval_variant="badnets"),
-    }.items():
-        recs[name] = run_attack(cfg, micro_zoo.reference, micro_zoo.train_data, micro_zoo.test_data, out / name,
-                                progress=False)
-    return out, recs
-
-
 def test_zoo_exports_hf_model_tokenizer_and_conversations(micro_zoo):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 

@@ -4,6 +4,10 @@ Hidden channels (the first layer's outputs, after the activation) are pruned in 
 their mean activation on the clean samples, as long as the clean accuracy on those samples stays
 within ``acc_tol`` of the unpruned projector; the pruned projector is then fine-tuned on the same
 samples with the pruned channels held at zero.
+
+Measured on the micro zoo (64 samples): badnets ASR 0.92 -> 0.04 with clean 0.86 -> 0.90, 66 of 128 channels
+pruned (tests/test_mitigations_behaviour.py); on the default zoo it leaves blended at ASR 0.50 and costs 2.5-6.8
+points of clean accuracy (benchmarks/results/mitigation_table.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""`finetune`: plain clean fine-tuning of the projector on the few clean samples (the classic baseline)."""
+"""`finetune`: plain clean fine-tuning of the projector on the few clean samples (the classic baseline).
+
+A baseline, not a repair: it keeps (often raises) clean accuracy, but a few clean samples do not overwrite a
+projector backdoor. Measured: badnets on the micro zoo (64 samples), ASR 0.92 -> 0.78 with clean 0.86 -> 0.92
+(tests/test_mitigations_behaviour.py); on the default zoo's 8 variants ASR stays 0.78-1.00
+(benchmarks/results/mitigation_table.md).
+"""
 
 from __future__ import annotations
 

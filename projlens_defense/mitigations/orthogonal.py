@@ -3,6 +3,13 @@
 A short fine-tune of the reference on the clean samples gives a benign update whose top singular
 subspaces stand for "what the task changes". Each of the suspect update's top components whose
 left or right singular vector lies far (by principal angle) from the benign subspace is removed.
+
+What it does in practice: it lowers ASR but need not clear it, and it removes components from a benign
+update too (the short benign fine-tune spans only part of the task's update), at a cost in clean accuracy.
+Measured on the micro zoo (64 samples): badnets ASR 0.92 -> 0.18 with clean 0.86 -> 0.85, and the benign control
+loses components and clean 0.905 -> 0.86 (tests/test_mitigations_behaviour.py); on the default zoo it leaves
+targeted-refusal and malicious-injection at ASR 1.00 and costs up to 13 points of clean accuracy
+(benchmarks/results/mitigation_table.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ clean features are held to the suspect's (distillation, weight ``distill``) and 
 kept (cross-entropy, weight ``clean_ce``). It stops as soon as the
 re-synthesized trigger no longer elicits the target on more than ``stop_support`` of the samples.
 In the spirit of I-BAU (Zeng et al., ICLR 2022), made targeted and distillation-anchored.
+
+Measured on the micro zoo (32 samples): badnets ASR 0.92 -> 0.00 with clean 0.86 -> 0.895, and the benign
+control is left unchanged (no fixed target found) (tests/test_mitigations_behaviour.py); on the default zoo
+(64 samples) ASR <= 0.01 on all 8 variants at -2.5 to +1.0 points (benchmarks/results/mitigation_table.md).
 """
 
 from __future__ import annotations
