@@ -160,8 +160,8 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
     (the output then shares them with the input; a copy, with a warning, where a link is impossible).
     ``device`` / ``dtype``: where and in what precision the model runs the clean samples (``auto``: a GPU and
     bfloat16 when available, else the CPU and float32)."""
-    from .checkpoint import detect_format, load_projector, write_projector
-    from .mitigations import LENS_METHODS, MITIGATIONS
+    from .checkpoint import StagedWrite, detect_format
+    from .mitigations import MITIGATIONS
 
     checkpoint, out = Path(checkpoint), Path(out)
     if method not in MITIGATIONS:
@@ -179,6 +179,22 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
                          "LLaVA conversation JSON)")
     warnings: list[str] = []
     info = detect_format(checkpoint)
+    # the output's copy of the checkpoint starts now and runs while the method computes (on a multi-GB
+    # checkpoint the copy is most of the time); it is removed again if anything below fails
+    with StagedWrite(checkpoint, out, force=force, link=link, info=info) as staged:
+        return _sanitize_staged(staged, info, cls, method, checkpoint, out, reference, clean_data, n_clean, n_eval,
+                                clean_seed, model, params, calibration, device, dtype, warnings)
+
+
+def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: Path, out: Path,
+                     reference: PathLike | None, clean_data: PathLike | None, n_clean: int, n_eval: int,
+                     clean_seed: int, model: PathLike | None, params: dict[str, Any] | None,
+                     calibration: PathLike | None, device: str | None, dtype: str | None,
+                     warnings: list[str]) -> dict[str, Any]:
+    """The body of :func:`sanitize` once the output's copy is under way."""
+    from .checkpoint import load_projector
+    from .mitigations import LENS_METHODS
+
     suspect = load_projector(info)
     ref_path = reference or attack_provenance(checkpoint).get("reference")
     if cls.requires_reference and ref_path is None:
@@ -220,7 +236,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
         why = result.report.get("selection") or "the method selected nothing"
         raise NothingRemovedError(f"{method}: nothing removed ({why}); no output written"
                                   + "".join(f" [{w}]" for w in warnings))
-    write_projector(checkpoint, result.projector, out, force=force, link=link, warnings=warnings)
+    staged.finish(result.projector, warnings)
 
     rec: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "format": info.format, "method": method,
                            "mode": "few-shot" if clean is not None else "data-free",

@@ -386,3 +386,57 @@ def test_output_permissions_follow_umask(make_hf_llava, make_mm_projector, tmp_p
         assert fout.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_staged_write_in_background_equals_the_plain_write(make_hf_llava, digest, tmp_path):
+    """The copy sanitize starts before the method computes gives the same bytes as write_projector."""
+    from projlens_defense.checkpoint import StagedWrite
+
+    src, _ = make_hf_llava(sharded=True)
+    before = digest(src)
+    new = _perturbed(load_projector(src))
+    staged = StagedWrite(src, tmp_path / "staged", link=True)
+    assert staged.tmp is not None and staged.tmp.parent == tmp_path  # the hidden sibling exists from the start
+    assert staged.finish(new) == tmp_path / "staged"
+    plain = write_projector(src, new, tmp_path / "plain")
+    assert digest(tmp_path / "staged") == digest(plain)
+    assert digest(src) == before
+    info = detect_format(src)
+    shared = [f.name for f in (tmp_path / "staged").iterdir()
+              if os.stat(f).st_ino == os.stat(src / f.name).st_ino]
+    assert shared and not set(shared) & {f.name for f in info.files}  # --link shares only unchanged files
+    assert not [n for n in _listing(tmp_path) if n.startswith(".")]  # no staging left
+
+
+def test_staged_write_aborted_leaves_nothing(make_hf_llava, digest, tmp_path):
+    """A repair that fails (or removes nothing) after the copy started leaves no output and no staging."""
+    from projlens_defense.checkpoint import StagedWrite
+
+    src, _ = make_hf_llava()
+    before = digest(src)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(ValueError, match="method failed"), StagedWrite(src, work / "out"):
+        raise ValueError("method failed")
+    assert _listing(work) == []
+    assert digest(src) == before
+    (work / "taken").mkdir()
+    with pytest.raises(UsageError, match="already exists"):  # refused before any copying
+        StagedWrite(src, work / "taken")
+    assert _listing(work) == ["taken"]
+
+
+def test_staged_write_copy_error_surfaces_at_finish(make_hf_llava, tmp_path, monkeypatch):
+    """An error of the background copy is raised by finish in the caller's thread, and cleans up."""
+    from projlens_defense.checkpoint import StagedWrite
+
+    src, _ = make_hf_llava()
+    new = _perturbed(load_projector(src))
+    monkeypatch.setattr(writer_mod, "_copy_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    work = tmp_path / "work"
+    work.mkdir()
+    staged = StagedWrite(src, work / "out")
+    with pytest.raises(CheckpointError, match="No space left"):
+        staged.finish(new)
+    assert _listing(work) == []

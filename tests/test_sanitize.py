@@ -229,8 +229,8 @@ def test_interrupted_write_leaves_no_partial_output(world: dict[str, Path], tmp_
 
     real = writer._patch_safetensors
 
-    def crash(src: Path, dst: Path, new: dict) -> None:
-        real(src, dst, new)  # the file is half-way into the temp dir when the crash comes
+    def crash(src: Path, dst: Path, new: dict, *rest) -> None:
+        real(src, dst, new, *rest)  # the file is half-way into the temp dir when the crash comes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer, "_patch_safetensors", crash)

@@ -10,7 +10,7 @@ from projlens_defense.checkpoint.reader import (
     load_tokenizer_vocab,
 )
 from projlens_defense.checkpoint.safetensors_io import parse_header
-from projlens_defense.checkpoint.writer import write_projector
+from projlens_defense.checkpoint.writer import StagedWrite, write_projector
 
 __all__ = [
     "FORMATS",
@@ -21,5 +21,6 @@ __all__ = [
     "load_projector",
     "load_tokenizer_vocab",
     "parse_header",
+    "StagedWrite",
     "write_projector",
 ]

@@ -19,6 +19,7 @@ import pickle
 import shutil
 import stat
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import BinaryIO
@@ -122,11 +123,22 @@ def _changed(src: Path) -> CheckpointError:
     return CheckpointError(f"{src}: the file changed while it was being copied")
 
 
-def _copy_range(fi: int, fo: int, start: int, end: int, src: Path, offload: list[bool]) -> None:
+class _Cancelled(Exception):
+    """A staged copy was abandoned (the write it prepared will not happen)."""
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise _Cancelled
+
+
+def _copy_range(fi: int, fo: int, start: int, end: int, src: Path, offload: list[bool],
+                cancel: threading.Event | None = None) -> None:
     """Copy bytes [start, end) of ``fi`` to the same offsets of ``fo``: in the kernel while ``offload[0]``,
-    else (or once the kernel refuses) through a userspace buffer."""
+    else (or once the kernel refuses) through a userspace buffer. ``cancel`` is checked between chunks."""
     pos = start
     while pos < end and offload[0]:
+        _check_cancel(cancel)
         try:
             n = os.copy_file_range(fi, fo, min(end - pos, 1 << 30), pos, pos)
         except OSError as e:
@@ -138,6 +150,7 @@ def _copy_range(fi: int, fo: int, start: int, end: int, src: Path, offload: list
             raise _changed(src)
         pos += n
     while pos < end:
+        _check_cancel(cancel)
         buf = os.pread(fi, min(end - pos, _CHUNK), pos)
         if not buf:
             raise _changed(src)
@@ -147,7 +160,7 @@ def _copy_range(fi: int, fo: int, start: int, end: int, src: Path, offload: list
         pos += len(buf)
 
 
-def _copy_file(src: Path, dst: Path) -> None:
+def _copy_file(src: Path, dst: Path, cancel: threading.Event | None = None) -> None:
     """Copy regular file ``src`` to the new file ``dst`` (created exclusively) and fsync it.
 
     Reflink where the filesystem shares extents, else ``os.copy_file_range`` over the data extents (holes
@@ -159,7 +172,7 @@ def _copy_file(src: Path, dst: Path) -> None:
             if hasattr(os, "copy_file_range"):
                 offload = [True]
                 for start, end in _data_extents(fh.fileno(), size):
-                    _copy_range(fh.fileno(), fo.fileno(), start, end, src, offload)
+                    _copy_range(fh.fileno(), fo.fileno(), start, end, src, offload, cancel)
                 os.ftruncate(fo.fileno(), size)
             else:
                 shutil.copyfileobj(fh, fo, _CHUNK)
@@ -190,12 +203,14 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> None:
-    """Copy ``src`` to ``dst`` and overwrite the byte ranges of the tensors in ``new``."""
+def _patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor], copied: bool = False) -> None:
+    """Copy ``src`` to ``dst`` (unless ``copied``: already done) and overwrite the byte ranges of the tensors
+    in ``new``."""
     if sys.byteorder != "little":
         raise CheckpointError(f"{dst}: writing safetensors needs a little-endian machine")
     header = parse_header(src)
-    _copy_file(src, dst)
+    if not copied:
+        _copy_file(src, dst)
     with open(dst, "r+b") as fo:
         for key, t in new.items():
             entry = header.tensors[key]
@@ -232,16 +247,17 @@ def _write_pickle(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> None:
         os.fsync(fo.fileno())
 
 
-def _write_file(info: CheckpointInfo, src_file: Path, dst: Path, new: dict[str, torch.Tensor]) -> None:
+def _write_file(info: CheckpointInfo, src_file: Path, dst: Path, new: dict[str, torch.Tensor],
+                copied: bool = False) -> None:
     mine = {k: v for k, v in new.items() if info.tensors is not None and info.tensors.file_of(k) == src_file}
     if info.container == "pickle":
         _write_pickle(src_file, dst, mine)
     else:
-        _patch_safetensors(src_file, dst, mine)
+        _patch_safetensors(src_file, dst, mine, copied)
 
 
 def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set[Path],
-               link: bool = False, not_linked: list[str] | None = None) -> None:
+               link: bool = False, not_linked: list[str] | None = None, cancel: threading.Event | None = None) -> None:
     """Copy every file of checkpoint dir ``src`` but those in ``skip`` into ``dst``.
 
     Symlinks are dereferenced (HF cache snapshots are symlinks into ``blobs``) but must resolve
@@ -253,6 +269,7 @@ def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set
     except OSError as e:
         raise CheckpointError(f"{src}: cannot list directory: {e.strerror or e}") from None
     for e in entries:
+        _check_cancel(cancel)
         path = Path(e.path)
         real = os.path.realpath(path)
         if not any(_is_within(real, r) for r in roots):
@@ -263,7 +280,7 @@ def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set
                 raise CheckpointError(f"{path}: refusing to copy a symlinked or repeated directory")
             seen.add(real)
             os.mkdir(dst / e.name)
-            _copy_tree(path, dst / e.name, roots, seen, skip, link, not_linked)
+            _copy_tree(path, dst / e.name, roots, seen, skip, link, not_linked, cancel)
         elif stat.S_ISREG(st.st_mode):
             if path in skip:
                 continue
@@ -271,7 +288,7 @@ def _copy_tree(src: Path, dst: Path, roots: list[str], seen: set[str], skip: set
             if why is not None:
                 if link and not_linked is not None:
                     not_linked.append(f"{path}: {why}")
-                _copy_file(path, dst / e.name)
+                _copy_file(path, dst / e.name, cancel)
         else:
             raise CheckpointError(f"{path}: refusing to copy: not a regular file or directory")
 
@@ -332,6 +349,111 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class StagedWrite:
+    """A checkpoint write that starts before the repaired projector exists.
+
+    Opening one checks the output path (an existing ``out`` is refused unless ``force``, as is any ``out``
+    inside the source) and, for a checkpoint directory, starts copying it into a hidden temporary sibling of
+    ``out`` in a background thread (``background``): the files without projector tensors (hard-linked with
+    ``link``) and the bytes of those with them, so the copy, which dominates on a multi-GB checkpoint,
+    overlaps the caller's own work. :meth:`finish` then patches the projector tensors' byte ranges, verifies
+    them by reading them back and renames the result into place; :meth:`abort` (also on leaving a ``with``
+    block without finishing) stops the copy and removes it. The source is only ever read.
+    """
+
+    def __init__(self, src: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False,
+                 link: bool = False, background: bool = True, info: CheckpointInfo | None = None) -> None:
+        self.src, self.out, self.force, self.link = Path(src), Path(out), force, link
+        self.info = info if info is not None else detect_format(self.src)
+        _check_paths(self.src, self.out, force)
+        if self.info.root is None and self.src.suffix and self.out.suffix.lower() != self.src.suffix.lower():
+            raise UsageError(f"{self.out}: the output must keep the source's file type ({self.src.suffix})")
+        self.tmp: Path | None = None
+        self._not_linked: list[str] = []
+        self._copied: set[Path] = set()
+        self._error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.info.root is not None:
+            made = _temp_sibling(self.out)
+            try:
+                os.mkdir(made)  # honours the umask, unlike mkdtemp's 0700
+            except OSError as e:
+                raise CheckpointError(f"{self.out}: cannot write output: {e.strerror or e}") from None
+            self.tmp = made
+            if background:
+                self._thread = threading.Thread(target=self._stage, name="projlens-staged-copy", daemon=True)
+                self._thread.start()
+            else:
+                self._stage()
+
+    def _stage(self) -> None:
+        """Copy (or link) the checkpoint dir into the staging dir; errors are kept for :meth:`finish`."""
+        info, tmp = self.info, self.tmp
+        assert info.root is not None and tmp is not None
+        try:
+            root = info.root
+            _copy_tree(root, tmp, allowed_roots(root), {os.path.realpath(root)}, set(info.files), self.link,
+                       self._not_linked, self._cancel)
+            if info.container != "pickle":  # a pickle is re-saved whole by finish
+                for f in info.files:
+                    _copy_file(f, tmp / f.relative_to(root), self._cancel)
+                    self._copied.add(f)
+        except BaseException as e:  # noqa: BLE001  (re-raised by finish, in the caller's thread)
+            self._error = e
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def finish(self, projector: Projector, warnings: list[str] | None = None) -> Path:
+        """Write ``projector`` into the staged copy and commit it atomically as ``out``; returns ``out``."""
+        info, out_p = self.info, self.out
+        try:
+            projector.validate()
+            new = projector.state_dict()
+            _check_projector(info, new, out_p)
+            self._join()
+            if self._error is not None:
+                raise self._error
+            if info.root is not None:
+                assert self.tmp is not None
+                if self._not_linked and warnings is not None:
+                    warnings.append(f"--link: {len(self._not_linked)} file(s) copied instead of hard-linked "
+                                    f"(first: {self._not_linked[0]})")
+                for f in info.files:
+                    _write_file(info, f, self.tmp / f.relative_to(info.root), new, copied=f in self._copied)
+            else:
+                self.tmp = _temp_sibling(out_p, self.src.suffix)  # the writers create it exclusively ("xb")
+                _write_file(info, info.files[0], self.tmp, new)
+            _verify(self.tmp, new, out_p)
+            _commit(self.tmp, out_p, self.force)
+            self.tmp = None
+            _fsync_dir(out_p.parent)
+        except ProjlensError:
+            raise
+        except OSError as e:
+            raise CheckpointError(f"{out_p}: cannot write output: {e.strerror or e}") from None
+        finally:
+            self.abort()
+        return out_p
+
+    def abort(self) -> None:
+        """Stop the staged copy and remove it (nothing is written to ``out``)."""
+        self._cancel.set()
+        self._join()
+        if self.tmp is not None:
+            _remove(self.tmp)
+            self.tmp = None
+
+    def __enter__(self) -> StagedWrite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
 def write_projector(
     src: str | os.PathLike[str], projector: Projector, out: str | os.PathLike[str], force: bool = False,
     link: bool = False, warnings: list[str] | None = None,
@@ -346,46 +468,7 @@ def write_projector(
     ``link``: hard-link the files that need no change instead of copying them (a checkpoint dir only),
     so the output shares them with the input: editing one in place edits the other. Where a link is
     impossible (another filesystem, links not permitted) the file is copied and a line saying so is
-    appended to ``warnings``.
+    appended to ``warnings``. (:class:`StagedWrite` does the same with the copy started earlier.)
     """
-    src_p, out_p = Path(src), Path(out)
-    info = detect_format(src_p)
-    projector.validate()
-    new = projector.state_dict()
-    _check_projector(info, new, out_p)
-    _check_paths(src_p, out_p, force)
-    is_dir = info.root is not None
-    if not is_dir and src_p.suffix and out_p.suffix.lower() != src_p.suffix.lower():
-        raise UsageError(f"{out_p}: the output must keep the source's file type ({src_p.suffix})")
-
-    parent = out_p.parent
-    tmp: Path | None = None
-    try:
-        if is_dir:
-            made = _temp_sibling(out_p)
-            os.mkdir(made)  # honours the umask, unlike mkdtemp's 0700
-            tmp = made
-            root = info.root
-            assert root is not None
-            not_linked: list[str] = []
-            _copy_tree(root, tmp, allowed_roots(root), {os.path.realpath(root)}, set(info.files), link, not_linked)
-            if not_linked and warnings is not None:
-                warnings.append(f"--link: {len(not_linked)} file(s) copied instead of hard-linked "
-                                f"(first: {not_linked[0]})")
-            for f in info.files:
-                _write_file(info, f, tmp / f.relative_to(root), new)
-        else:
-            tmp = _temp_sibling(out_p, src_p.suffix)  # the writers create it exclusively ("xb")
-            _write_file(info, info.files[0], tmp, new)
-        _verify(tmp, new, out_p)
-        _commit(tmp, out_p, force)
-        tmp = None
-        _fsync_dir(parent)
-    except ProjlensError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"{out_p}: cannot write output: {e.strerror or e}") from None
-    finally:
-        if tmp is not None:
-            _remove(tmp)
-    return out_p
+    projector.validate()  # before any copying
+    return StagedWrite(src, out, force, link, background=False).finish(projector, warnings)
