@@ -3,8 +3,8 @@
 A verdict needs a null distribution for *this* model: what benign fine-tunes of its reference look
 like. A user rarely has a population of those, so ``calibrate --generate N`` makes them: the
 attack's training loop without poison (:func:`~projlens_defense.training.train_projector`, the
-projector only), over a documented spread of recipes (:func:`benign_recipes`: seeds, learning rate and
-epochs x0.5/1/2, the corners of that grid first, each on its own 80% subsample of the clean data). Each fine-tune's
+projector only), over a documented spread of recipes (:func:`benign_recipes`: seeds, learning rate
+x0.5/1/2, epochs x1/0.5/2, each on its own 80% subsample of the clean data). Each fine-tune's
 projector is stored in the user cache under the reference's projector digest, so the work resumes
 after an interruption and ``scan``, ``sanitize`` and ``analyze`` find the fitted calibration by
 themselves (:func:`~projlens_defense.detectors.calibration.cached_calibration`).
@@ -60,17 +60,14 @@ class BenignRecipe:
         return f"benign-{self.index:02d}"
 
 
-# The 3 x 3 grid of (lr, epochs) factors, in the order the recipes take them: the base recipe, then the four
-# corners (the strongest and weakest updates a benign fine-tune of the spread makes), then the edges. A
-# prediction bound does not extrapolate beyond the spread it was fitted on, so N >= 5 already spans it.
-SPREAD_ORDER = ((1.0, 1.0), (2.0, 2.0), (0.5, 0.5), (2.0, 0.5), (0.5, 2.0), (1.0, 2.0), (2.0, 1.0), (1.0, 0.5),
-                (0.5, 1.0))
-
-
 def benign_recipes(n: int, lr: float = DEFAULT_LR, epochs: float = DEFAULT_EPOCHS, seed: int = 0) -> list[BenignRecipe]:
-    """``n`` recipes around (lr, epochs): lr and epochs x {0.5, 1, 2} in :data:`SPREAD_ORDER` (base, corners,
-    edges; cycling past 9), seeds ``1000 * (seed + 1) + i``; every one on its own 80% subsample of the data."""
-    return [BenignRecipe(i, 1000 * (seed + 1) + i, lr * SPREAD_ORDER[i % 9][0], epochs * SPREAD_ORDER[i % 9][1])
+    """``n`` recipes around (lr, epochs): lr x {1, 0.5, 2} cycling fastest, epochs x {1, 0.5, 2} per block of
+    three, seeds ``1000 * (seed + 1) + i``; every one on its own 80% subsample of the data.
+
+    (Taking the grid's corners first, so that N = 8 holds lr x2 with epochs x2, was tried: it widened the null
+    so much that the micro zoo's malicious-injection fine-tune, ASR 1.0, scored z 2.60 under a 3.71 threshold.
+    The order stays; a benign recipe beyond the spread can exceed the bound, as the README says.)"""
+    return [BenignRecipe(i, 1000 * (seed + 1) + i, lr * LR_SPREAD[i % 3], epochs * EPOCH_SPREAD[(i // 3) % 3])
             for i in range(n)]
 
 
@@ -211,8 +208,7 @@ def self_calibrate(reference: str | os.PathLike[str], data: str | os.PathLike[st
     cal = fit_calibration(inputs, {k: DETECTORS[k] for k in WEIGHT_SPACE_DETECTORS},
                           note=f"self-generated: {n} benign fine-tunes of {reference} on {data}", **kw)
     cal.generation = {"reference": str(reference), "data": str(data), "recipes": [asdict(r) for r in recipes],
-                      "spread": {"lr": list(LR_SPREAD), "epochs": list(EPOCH_SPREAD), "order": [list(x) for x in SPREAD_ORDER],
-                                 "subsample": SUBSAMPLE},
+                      "spread": {"lr": list(LR_SPREAD), "epochs": list(EPOCH_SPREAD), "subsample": SUBSAMPLE},
                       "base": {"lr": lr, "epochs": epochs, "seed": seed}, "jobs": jobs,
                       "wall_time_s": round(time.time() - t0, 2), "environment": environment()}
     path = work / CALIBRATION_FILE
