@@ -42,8 +42,8 @@ from projlens_defense.conversations import load_conversations
 from projlens_defense.detectors.activation import ActivationDetector, fit_line, output_shift
 from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
-from projlens_defense.detectors.input_level import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.detectors.loading import load_checkpoint
+from projlens_defense.detectors.probes import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
 from projlens_defense.eval.input_detection import run_input_detectors
 from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule

@@ -9,7 +9,6 @@ scan then records that the detector was skipped instead of failing the checkpoin
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from projlens_defense.checkpoint.reader import LmReadout
+from projlens_defense.jsonsafe import finite
 from projlens_defense.projector import Projector
 
 __all__ = [
@@ -173,19 +173,6 @@ class ScanInput:
         return out
 
 
-def _finite(x: Any) -> Any:
-    """JSON-safe copy: NaN/inf floats become None, tuples lists, tensors lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _finite(x.tolist())
-    return x
-
-
 @dataclass
 class DetectorReport:
     """One detector's verdict material for one checkpoint.
@@ -204,7 +191,7 @@ class DetectorReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (NaN/inf become null)."""
-        return _finite(asdict(self))
+        return finite(asdict(self))
 
 
 class Detector:

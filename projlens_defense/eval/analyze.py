@@ -32,9 +32,11 @@ from ..checkpoint import load_projector
 from ..conversations import load_conversations
 from ..detectors.activation import ActivationDetector, fit_line, output_shift
 from ..detectors.base import ScanInput
-from ..detectors.input_level import EXTRA_PROBES, ShiftInputDetector
+from ..detectors.input_level import ShiftInputDetector
 from ..detectors.loading import load_checkpoint
+from ..detectors.probes import EXTRA_PROBES
 from ..errors import UsageError
+from ..jsonsafe import finite
 from ..projector import Projector
 from ..runinfo import environment
 from .evaluate import EvalSet, evaluate, prepare_eval_set
@@ -385,12 +387,13 @@ def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
                      f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA directory")
 
 
-def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Sequence[Path] = (),
-                       variant: str | None = None, test_data: Path | None = None, probe_data: Path | None = None,
-                       options: AnalyzeOptions | None = None, progress: bool = False,
+def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: Path, probe_data: Path,
+                       benign: Sequence[Path] = (), variant: str | None = None,
+                       options: AnalyzeOptions | None = None,
                        device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32",
                        ) -> dict[str, Any]:
-    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``.
+    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``: ASR curves on
+    ``test_data``, shifts on the clean images of ``probe_data`` (both LLaVA conversation JSON).
 
     ``device`` / ``dtype`` place the LLaVA model that runs the curves (see
     :meth:`~projlens_defense.runtime.LlavaRuntime.from_pretrained`); the weight-space analyses stay on the CPU."""
@@ -421,12 +424,6 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
         source = "attack.json" if var is not None else "none (attack.json says benign)"
     else:
         var, source = None, "none"
-    if probe_data is None or test_data is None:
-        from ..zoo.build import get_zoo
-
-        zoo = get_zoo(progress=progress)
-        probe_data = probe_data or zoo.train_data
-        test_data = test_data or zoo.test_data
     rt = LlavaRuntime.from_pretrained(run_dir, device=device, dtype=dtype)
     probes_s = load_conversations(probe_data, limit=opt.n_probes)
     probes = rt.vision_features([s.image for s in probes_s])
@@ -527,20 +524,5 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
     rep["wall_time_s"] = time.perf_counter() - t0
     rep["environment"] = environment()
     (out / "report.md").write_text(_markdown(rep))
-    (out / "report.json").write_text(json.dumps(_jsonable(rep), indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(finite(rep), indent=1) + "\n")
     return rep
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    return x
-

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -92,10 +92,27 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise UsageError(f"--shard expects I/N (e.g. 0/2), got {text!r}") from None
+        raise UsageError(f"`shard` expects I/N (e.g. 0/2), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise UsageError(f"--shard {text}: need 0 <= I < N")
+        raise UsageError(f"`shard` {text}: need 0 <= I < N")
     return i, n
+
+
+def mitigation_params(preset: dict[str, dict], overrides: dict[str, Any], methods: Sequence[str]) -> dict[str, dict]:
+    """The preset's per-method parameters for the ``methods`` run, overridden by ``{"NAME.KEY": value}``; each
+    method is constructed once with its set, so an unknown parameter fails now, not in the middle of the grid."""
+    from ..mitigations import MITIGATIONS
+
+    out = {m: dict(v) for m, v in preset.items() if m in methods}
+    for key, value in overrides.items():
+        name, _, param = key.partition(".")
+        if name not in methods or not param:
+            raise UsageError(f"`mitigation_params` expects NAME.KEY=VALUE with NAME one of {list(methods)}, "
+                             f"got {key!r}")
+        out.setdefault(name, {})[param] = value
+    for name, params in out.items():
+        MITIGATIONS[name](**params)
+    return out
 
 
 def read_results(path: Path) -> dict[str, dict]:

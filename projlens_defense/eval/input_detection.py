@@ -63,7 +63,7 @@ def run_input_detectors(runtime: Any, suspect: Any, reference: Any, names: Seque
 
     from ..detectors import DETECTORS
     from ..detectors.base import ScanInput
-    from ..detectors.input_level import (
+    from ..detectors.probes import (
         EXTRA_INPUT_IMAGES,
         EXTRA_INPUTS,
         EXTRA_PROBE_IMAGES,

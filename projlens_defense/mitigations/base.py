@@ -192,9 +192,9 @@ class Mitigation:
     def check(self, reference: Projector | None, clean: CleanData | None) -> None:
         """Raise :class:`MitigationInputError` when a required input is missing."""
         if self.requires_reference and reference is None:
-            raise MitigationInputError(f"method {self.name!r} needs the reference projector (--reference)")
+            raise MitigationInputError(f"method {self.name!r} needs the reference projector (`reference`)")
         if self.requires_clean and clean is None:
-            raise MitigationInputError(f"method {self.name!r} needs clean samples (--clean-data)")
+            raise MitigationInputError(f"method {self.name!r} needs clean samples (`clean_data`)")
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
