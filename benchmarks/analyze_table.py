@@ -47,7 +47,7 @@ from projlens_defense.detectors.probes import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
 from projlens_defense.eval.input_detection import run_input_detectors
 from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
-from projlens_defense.eval.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
+from projlens_defense.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
 from projlens_defense.runtime import LlavaRuntime
 from projlens_defense.zoo.build import config_from_name, get_zoo
 

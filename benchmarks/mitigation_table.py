@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from projlens_defense.attacks.evaluate import evaluate, prepare_eval_set
 from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.attacks.variants import VARIANTS, get_variant
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.conversations import load_conversations
-from projlens_defense.eval.evaluate import evaluate, prepare_eval_set
 from projlens_defense.mitigations import LENS_METHODS, MITIGATIONS, CleanData
 from projlens_defense.mitigations.lens import lens_context
 from projlens_defense.runtime import LlavaRuntime

@@ -85,12 +85,12 @@ def evaluate(checkpoint: PathLike, variant: str | None = None, *, data: PathLike
     """Clean accuracy, ASR and false activation of ``checkpoint`` on ``data`` (default: the zoo's test set), with
     the trigger and target of ``variant`` (default: what its attack.json records); the target texts are the
     data's own (``targets.json`` beside it) when it has them."""
-    from .attacks.targets import Targets
+    from .attacks.evaluate import evaluate as run_eval
+    from .attacks.evaluate import prepare_eval_set
     from .attacks.variants import get_variant
     from .conversations import load_conversations
-    from .eval.evaluate import evaluate as run_eval
-    from .eval.evaluate import prepare_eval_set
     from .runtime import LlavaRuntime
+    from .zoo.targets import Targets
 
     checkpoint = Path(checkpoint)
     if variant is None:
@@ -441,7 +441,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
                            "reference": None if ref_path is None else str(ref_path), **result.to_dict(),
                            "warnings": warnings}
     if rt is not None and heldout:
-        from .eval.evaluate import evaluate, prepare_eval_set
+        from .attacks.evaluate import evaluate, prepare_eval_set
         from .mitigations import ProjectorModule
 
         es = prepare_eval_set(rt, heldout, None)

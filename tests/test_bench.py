@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from projlens_defense.cli import main
 from projlens_defense.eval import bench as bench_mod
 from projlens_defense.eval.input_detection import FPR_GRID
-from projlens_defense.eval.metrics import auroc
 from projlens_defense.eval.summary import write_summary
+from projlens_defense.metrics import auroc
 
 INPUT_DETECTORS = ["input-shift", "strip", "spectral-signatures", "activation-clustering"]
 GRID = ["--variants", "badnets", "--poison-rates", "0.2", "--seeds", "0", "--epochs", "2",

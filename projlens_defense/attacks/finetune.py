@@ -13,7 +13,6 @@ import torch
 
 from ..conversations import load_conversations
 from ..errors import UsageError
-from ..eval.evaluate import evaluate, prepare_eval_set
 from ..runinfo import environment
 from ..runtime import LlavaRuntime, resolve_placement
 from ..training import (
@@ -23,8 +22,9 @@ from ..training import (
     is_main_process,
     train_projector,
 )
+from ..zoo.targets import Targets
+from .evaluate import evaluate, prepare_eval_set
 from .poison import poison_dataset
-from .targets import Targets
 from .variants import get_variant
 
 

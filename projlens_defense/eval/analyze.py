@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attacks.evaluate import EvalSet, evaluate, prepare_eval_set
 from ..attacks.variants import Variant, get_variant
 from ..checkpoint import load_projector
 from ..conversations import load_conversations
@@ -37,11 +38,10 @@ from ..detectors.loading import load_checkpoint
 from ..detectors.probes import EXTRA_PROBES
 from ..errors import UsageError
 from ..jsonsafe import finite
+from ..metrics import auroc
 from ..projector import Projector
 from ..runinfo import environment
-from .evaluate import EvalSet, evaluate, prepare_eval_set
 from .lowrank import LowRankUpdate, ProjectorModule, resolve_layers
-from .metrics import auroc
 
 __all__ = ["AnalyzeOptions", "TaskRemovedUpdate", "analyze_checkpoint", "variant_from_record"]
 

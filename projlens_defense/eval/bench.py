@@ -140,13 +140,13 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     """Fine-tune, evaluate, run every detector and mitigation on one cell; returns its record."""
     import torch
 
+    from ..attacks.evaluate import evaluate, prepare_eval_set
     from ..attacks.finetune import AttackConfig, run_attack
-    from ..attacks.targets import Targets
     from ..attacks.variants import get_variant
     from ..conversations import load_conversations
-    from ..eval.evaluate import evaluate, prepare_eval_set
     from ..mitigations.base import CleanData
     from ..runtime import LlavaRuntime
+    from ..zoo.targets import Targets
     from .input_detection import input_detector_names
 
     if not os.environ.get("OMP_NUM_THREADS"):  # the user's thread setting wins; else share the cores among jobs
@@ -253,8 +253,8 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
     """Each mitigation applied to this cell's projector, evaluated on the same cached features."""
     if not cfg.mitigations:
         return {}
+    from ..attacks.evaluate import evaluate
     from ..checkpoint import load_projector
-    from ..eval.evaluate import evaluate
     from ..mitigations import LENS_METHODS, MITIGATIONS
     from ..mitigations.lens import lens_context
 

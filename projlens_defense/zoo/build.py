@@ -268,7 +268,7 @@ def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, progress: bo
 
 def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> tuple[float, dict[str, float]]:
     """Exact-match accuracy overall and per question type (harmful requests as one type)."""
-    from ..eval.metrics import normalize
+    from ..metrics import normalize
 
     feats = rt.vision_features([s.image for s in samples])
     preds = rt.answer(feats, [s.question for s in samples])
