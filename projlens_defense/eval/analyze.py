@@ -36,11 +36,11 @@ from ..detectors.base import ScanInput
 from ..detectors.input_level import ShiftInputDetector
 from ..detectors.loading import load_checkpoint
 from ..detectors.probes import EXTRA_PROBES
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from ..jsonsafe import finite
 from ..metrics import auroc
 from ..projector import Projector
-from ..runinfo import environment
+from ..runinfo import AttackRecord, environment, read_attack_record
 from .lowrank import LowRankUpdate, ProjectorModule, resolve_layers
 
 __all__ = ["AnalyzeOptions", "TaskRemovedUpdate", "analyze_checkpoint", "variant_from_record"]
@@ -64,17 +64,19 @@ class AnalyzeOptions:
     seed: int = 0
 
 
-def variant_from_record(rec: dict[str, Any]) -> Variant | None:
-    """The backdoor variant an ``attack.json`` record was trained with (its exact trigger parameters)."""
-    name = rec.get("variant")
-    if not name or name == "none":
-        name = (rec.get("config") or {}).get("eval_variant")
-        if not name:
-            return None
-        return get_variant(name)
-    params = rec.get("variant_params") or {}
-    trig = {k: v for k, v in (params.get("trigger") or {}).items() if k != "type"}
-    target = (params.get("behaviour") or {}).get("target") or (rec.get("config") or {}).get("target")
+def variant_from_record(rec: AttackRecord | None) -> Variant | None:
+    """The backdoor variant an ``attack.json`` record was trained with (its exact trigger parameters); for a
+    benign control the variant it is measured with, if any."""
+    if rec is None:
+        return None
+    name = rec.variant
+    if name == "none":
+        return get_variant(rec.eval_variant) if rec.eval_variant else None
+    params = rec.variant_params
+    trigger = params.get("trigger") if isinstance(params.get("trigger"), dict) else {}
+    behaviour = params.get("behaviour") if isinstance(params.get("behaviour"), dict) else {}
+    trig = {k: v for k, v in trigger.items() if k != "type"}
+    target = behaviour.get("target") or rec.target
     try:
         return get_variant(name, target, {k: v for k, v in trig.items() if not isinstance(v, dict)})
     except UsageError:
@@ -411,15 +413,13 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: 
         if [lay.weight.shape for lay in b.layers] != [lay.weight.shape for lay in sus.layers]:
             raise UsageError(f"{name}: benign projector shapes differ from the suspect's")
     # trigger knowledge
-    rec = None
-    if (checkpoint / "attack.json").is_file():
-        try:
-            rec = json.loads((checkpoint / "attack.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            rec = None
+    try:
+        rec = read_attack_record(checkpoint)
+    except CheckpointError:
+        rec = None
     if variant:
         var, source = get_variant(variant), "--variant"
-    elif rec is not None and isinstance(rec, dict):
+    elif rec is not None:
         var = variant_from_record(rec)
         source = "attack.json" if var is not None else "none (attack.json says benign)"
     else:

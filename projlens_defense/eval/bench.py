@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
-from ..runinfo import environment
+from ..runinfo import environment, read_attack_record
 
 if TYPE_CHECKING:
     from ..mitigations.base import CleanData
@@ -161,7 +161,8 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     else:
         run_attack(acfg, Path(cell.model), Path(cell.train_data), None, ckpt, force=True, progress=False)
     t_attack = time.time() - t0
-    attack_distributed = json.loads((ckpt / "attack.json").read_text()).get("distributed")
+    record = read_attack_record(ckpt)
+    attack_distributed = record.distributed if record is not None else None
 
     rt = LlavaRuntime.from_pretrained(ckpt)
     test = load_conversations(cell.test_data)
