@@ -376,7 +376,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
     ``device`` / ``dtype``: where and in what precision the model runs the clean samples (``auto``: a GPU and
     bfloat16 when available, else the CPU and float32)."""
     from .checkpoint import detect_format, load_projector, write_projector
-    from .mitigations import LENS_METHODS, MITIGATIONS
+    from .mitigations import MITIGATIONS
 
     checkpoint, out = Path(checkpoint), Path(out)
     if method not in MITIGATIONS:
@@ -424,7 +424,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
         if len(samples) < n_clean:
             warnings.append(f"the clean data has only {len(samples)} samples")
     kw: dict[str, Any] = dict(params or {})
-    if method in LENS_METHODS:
+    if cls.uses_lens:
         from .mitigations.lens import lens_context
 
         kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings, calibration)

@@ -94,3 +94,27 @@ def test_python_m_entry_point_and_missing_path_exit_code(tmp_path: Path) -> None
     r = subprocess.run([sys.executable, "-m", "projlens_defense", "scan", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 4 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: path does not exist", r.stderr
+
+
+def test_registries_come_from_the_classes_and_parameters_are_introspectable() -> None:
+    from projlens_defense.detectors import DETECTORS
+    from projlens_defense.detectors.base import Detector
+    from projlens_defense.mitigations import MITIGATIONS
+    from projlens_defense.mitigations.base import Mitigation
+
+    assert all(name == cls.name for name, cls in DETECTORS.items())
+    assert all(name == cls.name for name, cls in MITIGATIONS.items())
+    assert {n for n, c in MITIGATIONS.items() if c.uses_lens} == {"subspace", "target-direction"}
+    assert {n for n, c in DETECTORS.items() if c.learns} == {"logit-lens", "reference-free", "activation"}
+    for cls in DETECTORS.values():
+        det = cls()
+        params = det.get_params()
+        assert list(params) == cls.param_names() and params  # every keyword, by introspection
+        assert type(det)(**params).get_params() == params  # an unfitted copy
+    assert DETECTORS["spectral"](top_k=3).get_params()["top_k"] == 3
+    assert MITIGATIONS["clp"](u=2.5).get_params() == {**MITIGATIONS["clp"].defaults(), "u": 2.5}
+    with pytest.raises(UsageError, match="unknown parameter"):
+        MITIGATIONS["clp"](nope=1)
+    for base in (Detector, Mitigation):  # abstract: a subclass must implement score / apply
+        with pytest.raises(TypeError):
+            base()

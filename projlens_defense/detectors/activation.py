@@ -293,6 +293,7 @@ class ActivationDetector(Detector):
     """
 
     name = "activation"
+    learns = True
     requires_reference = True
     requires_readout = False
 

@@ -161,7 +161,7 @@ class Scanner:
         for name in self.detector_names:
             det = DETECTORS[name]()
             state = cal.detector_states.get(name) if cal is not None else None
-            if state and hasattr(det, "set_state"):
+            if state:
                 det.set_state(state)
             out.append(det)
         return out

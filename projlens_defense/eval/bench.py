@@ -256,18 +256,18 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
         return {}
     from ..attacks.evaluate import evaluate
     from ..checkpoint import load_projector
-    from ..mitigations import LENS_METHODS, MITIGATIONS
+    from ..mitigations import MITIGATIONS
     from ..mitigations.lens import lens_context
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
     lens: dict = {}
-    if set(cfg.mitigations) & set(LENS_METHODS):  # as `sanitize` runs them: logit lens + matching scan calibration
+    if any(MITIGATIONS[m].uses_lens for m in cfg.mitigations):  # as `sanitize` runs them: logit lens + matching scan calibration
         lens["lens"], lens["calibration"] = lens_context(ckpt, reference)
     out = {}
     for name in cfg.mitigations:
         t = time.time()
         params = cfg.mitigation_params.get(name, {})
-        kw = {**params, **(lens if name in LENS_METHODS else {})}
+        kw = {**params, **(lens if MITIGATIONS[name].uses_lens else {})}
         module = MITIGATIONS[name](**kw).apply(suspect, reference, clean).as_module()
         out[name] = {v: evaluate(rt, es, projector=module).to_dict() for v, es in sets.items()}
         out[name]["seconds"] = round(time.time() - t, 2)

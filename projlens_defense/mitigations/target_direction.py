@@ -90,6 +90,7 @@ class TargetDirectionMitigation(LensGuidedMitigation):
     """Remove the update's component along the target-aligned output direction."""
 
     name = "target-direction"
+    uses_lens = True
     uses_clean = True
     summary = "project the target-aligned direction out of the projector's output space"
 
