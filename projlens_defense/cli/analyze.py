@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from ..errors import UsageError
 from .exits import Command
 from .options import device_options, format_option
@@ -38,8 +39,6 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
             test_data: Path | None, probe_data: Path | None, n_probes: int, max_test: int, k_text: str, layers: str,
             no_excite: bool, device: str, dtype: str, fmt: str) -> None:
     """Write a ProjLens report (Markdown + PNG figures) on CHECKPOINT: spectra, top-k curves, shift vs norm, logit lens."""
-    from .. import api
-
     rep = api.analyze(checkpoint, out, reference=reference, benign=benign, variant=variant, data=test_data,
                       probes=probe_data, n_probes=n_probes, max_test=max_test, k_values=parse_ks(k_text),
                       layers=layers, excite=not no_excite, device=device, dtype=dtype)

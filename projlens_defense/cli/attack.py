@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from .exits import Command
 from .options import device_options, format_option, parse_kv, zoo_config_option
 from .render import emit, metrics_line
@@ -35,8 +36,6 @@ from .render import emit, metrics_line
 def attack(variant, poison_rate, poison_mode, seed, epochs, lr, lora_rank, target, trigger_param, eval_variant,
            model, data, test_data, zoo_name, zoo_seed, device, dtype, out, force, fmt) -> None:
     """Fine-tune only the projector on poisoned data; write an HF checkpoint plus attack.json."""
-    from .. import api
-
     rec = api.attack(variant, out, model=model, data=data, test_data=test_data, zoo_preset=zoo_name,
                      zoo_seed=zoo_seed, poison_rate=poison_rate, poison_mode=poison_mode, seed=seed, epochs=epochs,
                      lr=lr, lora_rank=lora_rank, target=target,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from ..errors import UsageError
 from ..eval.bench import PRESETS
 from .exits import Group
@@ -54,8 +55,6 @@ def bench(ctx, preset, zoo_name, variants, poison_rates, seeds, detectors, mitig
         return
     if out is None:
         raise UsageError("bench needs --out DIR")
-    from .. import api
-
     t = time.time()
     recs = api.bench(out, preset=preset, zoo_preset=zoo_name, variants=variants, poison_rates=poison_rates,
                      seeds=seeds, detectors=detectors, mitigations=[] if mitigations == ("none",) else (mitigations or None),
@@ -72,7 +71,5 @@ def bench(ctx, preset, zoo_name, variants, poison_rates, seeds, detectors, mitig
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def bench_merge(shards, out) -> None:
     """Join shard directories' results.jsonl into OUT and write the summary."""
-    from .. import api
-
     recs = api.bench_merge(shards, out)
     click.echo(f"merged {len(recs)} cells into {out}")

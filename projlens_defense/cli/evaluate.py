@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from .exits import Command
 from .options import device_options, format_option, zoo_config_option
 from .render import emit, metrics_line
@@ -23,8 +24,6 @@ from .render import emit, metrics_line
 @format_option()
 def evaluate(checkpoint, variant, test_data, seed, batch_size, device, dtype, zoo_name, zoo_seed, fmt) -> None:
     """Clean accuracy, ASR and false activation of a checkpoint (greedy decoding, batched)."""
-    from .. import api
-
     res = api.evaluate(checkpoint, variant, data=test_data, zoo_preset=zoo_name, zoo_seed=zoo_seed, seed=seed,
                        batch_size=batch_size, device=device, dtype=dtype, progress=True)
     emit(res, fmt, metrics_line(res))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from .exits import Command, guard_code
 from .options import device_options, format_option
 from .render import emit
@@ -33,8 +34,6 @@ def guard(checkpoint: Path, images: Path, reference: Path | None, probe_data: Pa
     The threshold is calibrated on clean probe images only. Exit codes: 0 nothing flagged,
     1 some image flagged, 2 error (unreadable model or images), 3 no images, 4 usage error.
     """
-    from .. import api
-
     rec = api.guard(checkpoint, images, reference=reference, probes=probe_data, n_probes=n_probes, fpr=fpr,
                     threshold=threshold, k=k, device=device, dtype=dtype)
     rows = rec["images"]

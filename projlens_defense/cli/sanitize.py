@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .. import api
 from .exits import Command
 from .options import device_options, format_option, parse_kv
 from .render import emit
@@ -84,8 +85,6 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     target-direction, unlearn, restore, finetune, fine-prune, clp, orthogonal; norm-guard is a run-time
     wrapper (Python API only).
     """
-    from .. import api
-
     rec = api.sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
                        n_eval=n_eval, clean_seed=clean_seed, model=model, params=parse_kv(params, "--param"),
                        calibration=calibration, force=force, link=link, device=device, dtype=dtype)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .. import api
 from .exits import Command, scan_code
 from .options import format_option
 from .render import write
@@ -35,7 +36,6 @@ def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | No
     not clean. Exit codes: 0 all clean, 1 something suspicious, 2 an error, 3 nothing scannable,
     4 usage error, 5 inconclusive (nothing suspicious, but not everything could be declared clean).
     """
-    from .. import api
     from ..eval.scan_report import sarif_report, text_report
 
     results, skipped = api.scan_report(paths, reference, calibration, lens_layers)
@@ -87,8 +87,6 @@ def calibrate(more: tuple[Path, ...], benign: tuple[Path, ...], reference: Path 
     A generated calibration is stored in the user cache under the reference projector's digest, and
     `scan`, `sanitize` and `analyze` use it for checkpoints fine-tuned from that reference.
     """
-    from .. import api
-
     cal = api.calibrate(reference, data, benign=list(benign) + list(more), generate=generate, lr=lr, epochs=epochs,
                         fpr=fpr, rule=rule, lens_layers=lens_layers, jobs=jobs, seed=seed, out=out, force=force,
                         progress=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import api
 from .exits import Group
 from .options import format_option, zoo_config_option
 from .render import emit
@@ -20,8 +21,6 @@ def zoo() -> None:
 @format_option()
 def zoo_build(zoo_name: str, zoo_seed: int, rebuild: bool, fmt: str) -> None:
     """Train the zoo (vision tower, LLM, projector alignment) and cache it; prints its manifest."""
-    from .. import api
-
     z = api.load_zoo(zoo_name, zoo_seed, rebuild=rebuild)
     m = z.manifest
     text = "\n".join([
@@ -39,8 +38,6 @@ def zoo_build(zoo_name: str, zoo_seed: int, rebuild: bool, fmt: str) -> None:
 @zoo_config_option
 def zoo_path(zoo_name: str, zoo_seed: int) -> None:
     """Print the reference model directory (last line), building the zoo if needed."""
-    from .. import api
-
     z = api.load_zoo(zoo_name, zoo_seed)
     click.echo(f"data: {z.train_data}")
     click.echo(str(z.reference))
