@@ -42,12 +42,13 @@ from projlens_defense.conversations import load_conversations
 from projlens_defense.detectors.activation import ActivationDetector, fit_line, output_shift
 from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
-from projlens_defense.detectors.input_level import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.detectors.loading import load_checkpoint
+from projlens_defense.detectors.probes import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
 from projlens_defense.eval.input_detection import run_input_detectors
 from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
-from projlens_defense.eval.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
+from projlens_defense.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
+from projlens_defense.runinfo import ATTACK_FILE, AttackRecord, read_attack_record
 from projlens_defense.runtime import LlavaRuntime
 from projlens_defense.zoo.build import config_from_name, get_zoo
 
@@ -57,7 +58,10 @@ KS = [0, 1, 2, 3, 4, 6, 8]
 
 
 def _record(path: Path) -> dict[str, Any]:
-    return json.loads((path / "attack.json").read_text())
+    rec = read_attack_record(path)
+    if rec is None:
+        raise SystemExit(f"{path}: no attack.json")
+    return rec.raw
 
 
 def find_checkpoints(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]]:
@@ -137,7 +141,7 @@ def section_curves(w: World, bd: dict[str, Path], benign: list[Path], args: argp
         t0 = time.time()
         sus = load_projector(path)
         rec = _record(path)
-        var = variant_from_record(rec)
+        var = variant_from_record(AttackRecord.from_dict(rec, path / ATTACK_FILE))
         variants = [var] if var is not None else [get_variant(v) for v in PROJLENS_VARIANTS]
         others = [p for b, p in bprojs.items() if Path(b) != path]
         full = _eval(w, sus, variants)
@@ -277,7 +281,7 @@ def _input_ckpts(bd: dict[str, Path]) -> dict[str, Path]:
 def section_norms(w: World, bd: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for v, path in _input_ckpts(bd).items():
-        var = variant_from_record(_record(path))
+        var = variant_from_record(read_attack_record(path))
         idx, tf, _ = w.triggered(var)
         cf = w.clean[idx]
         sus = load_projector(path)
@@ -311,7 +315,7 @@ def section_input(w: World, bd: dict[str, Path], args: argparse.Namespace) -> di
     out: dict[str, Any] = {}
     for v, path in _input_ckpts(bd).items():
         t0 = time.time()
-        var = variant_from_record(_record(path))
+        var = variant_from_record(read_attack_record(path))
         idx, tf, _ = w.triggered(var)
         sus = load_projector(path)
         entries = run_input_detectors(

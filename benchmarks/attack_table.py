@@ -14,10 +14,10 @@ import json
 import time
 from pathlib import Path
 
+from projlens_defense.attacks.evaluate import evaluate, prepare_eval_set
 from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.attacks.variants import VARIANTS
 from projlens_defense.conversations import load_conversations
-from projlens_defense.eval.evaluate import evaluate, prepare_eval_set
 from projlens_defense.runtime import LlavaRuntime
 from projlens_defense.zoo.build import config_from_name, get_zoo
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from projlens_defense.attacks.evaluate import evaluate, prepare_eval_set
 from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.attacks.variants import VARIANTS, get_variant
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.conversations import load_conversations
-from projlens_defense.eval.evaluate import evaluate, prepare_eval_set
-from projlens_defense.mitigations import LENS_METHODS, MITIGATIONS, CleanData
+from projlens_defense.mitigations import MITIGATIONS, CleanData
 from projlens_defense.mitigations.lens import lens_context
 from projlens_defense.runtime import LlavaRuntime
 from projlens_defense.zoo.build import config_from_name, get_zoo
@@ -69,7 +69,7 @@ def run_cell(name: str, ckpt: Path, variant: str | None, args: argparse.Namespac
             if key in done:
                 continue
             cls = MITIGATIONS[method]
-            kw = {"lens": lens, "calibration": calibration} if method in LENS_METHODS else {}
+            kw = {"lens": lens, "calibration": calibration} if MITIGATIONS[method].uses_lens else {}
             torch.manual_seed(0)
             t = time.time()
             res = cls(**kw).apply(suspect, reference, clean if mode == "few-shot" else None)

@@ -111,7 +111,7 @@ def measure(args: argparse.Namespace) -> dict:
     from projlens_defense.detectors.calibration import WEIGHT_SPACE_DETECTORS, fit_calibration
     from projlens_defense.detectors.loading import load_checkpoint
     from projlens_defense.detectors.scan import Scanner
-    from projlens_defense.eval.metrics import auroc, tpr_at_fpr
+    from projlens_defense.metrics import auroc, tpr_at_fpr
 
     torch.set_num_threads(args.threads)
     base = AttackConfig(variant=None)

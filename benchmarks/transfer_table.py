@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from projlens_defense.eval.metrics import auroc
+from projlens_defense.metrics import auroc
 
 PROJLENS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC = ["badnets", "blended", "wanet", "sig"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,3 +169,35 @@ class ProjectorGuard:
     @property
     def last(self) -> GuardEvent | None:
         return self.events[-1] if self.events else None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+"""The image files :func:`load_image_folder` reads."""
+
+
+def load_image_folder(folder: Path) -> tuple[list[Path], list[np.ndarray], list[str]]:
+    """Images in ``folder`` (sorted, non-recursive), as RGB uint8 arrays; unreadable files become errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a directory of images")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    ok, arrays, errors = [], [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            ok.append(p)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            errors.append(f"{p.name}: cannot read image ({type(e).__name__})")
+    return ok, arrays, errors
+
+
+def probe_images(probe_data: Path, n: int) -> list[np.ndarray]:
+    """Up to ``n`` clean probe images: a folder of images or LLaVA conversation JSON."""
+    if probe_data.is_dir():
+        _, arrays, _ = load_image_folder(probe_data)
+        return arrays[:n]
+    from projlens_defense.conversations import load_conversations
+
+    return [s.image for s in load_conversations(probe_data, limit=n)]

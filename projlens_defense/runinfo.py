@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
 
 
 def environment() -> dict:
@@ -20,6 +24,60 @@ def environment() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions}
 
 
+ATTACK_FILE = "attack.json"
+"""The record `attack` writes into the checkpoint it makes."""
+
+
+@dataclass(frozen=True)
+class AttackRecord:
+    """What a checkpoint's ``attack.json`` says (the fields readers use; ``raw`` is the whole record).
+
+    ``variant``: the backdoor trained in, ``"none"`` for a benign control; ``eval_variant``: the trigger a
+    benign control is measured with; ``base_model`` / ``train_data``: the paths it was fine-tuned from / on."""
+
+    path: Path
+    variant: str
+    eval_variant: str | None = None
+    target: str | None = None
+    base_model: str | None = None
+    train_data: str | None = None
+    variant_params: dict[str, Any] = field(default_factory=dict)
+    distributed: Any = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, rec: object, path: Path) -> AttackRecord:
+        """Validated: a JSON object whose fields have the types above (a CheckpointError names what is wrong)."""
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"{path}: not an attack record (expected a JSON object)")
+        config = rec.get("config") or {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: `config` is not a JSON object")
+        variant = rec.get("variant") or "none"
+        fields_ = {"variant": variant, "eval_variant": config.get("eval_variant"), "target": config.get("target"),
+                   "base_model": rec.get("base_model"), "train_data": rec.get("train_data")}
+        for name, value in fields_.items():
+            if value is not None and not isinstance(value, str):
+                raise CheckpointError(f"{path}: `{name}` is not a string")
+        params = rec.get("variant_params") or {}
+        if not isinstance(params, dict):
+            raise CheckpointError(f"{path}: `variant_params` is not a JSON object")
+        return cls(path=path, variant_params=params, distributed=rec.get("distributed"), raw=rec, **fields_)
+
+
+def read_attack_record(checkpoint: Path) -> AttackRecord | None:
+    """The ``attack.json`` of ``checkpoint`` (None when it has none); a corrupt one is a CheckpointError."""
+    path = Path(checkpoint) / ATTACK_FILE
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the attack record ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return AttackRecord.from_dict(rec, path)
+
+
 def attack_provenance(checkpoint: Path) -> dict[str, Path]:
     """The base model and data an `attack` checkpoint records in its attack.json, where those paths still exist.
 
@@ -27,16 +85,16 @@ def attack_provenance(checkpoint: Path) -> dict[str, Path]:
     (e.g. the instructed zoo) instead of the default zoo; anything unreadable just means no default.
     """
     try:
-        rec = json.loads((checkpoint / "attack.json").read_text())
-    except (OSError, ValueError):
+        rec = read_attack_record(checkpoint)
+    except CheckpointError:
         return {}
-    if not isinstance(rec, dict):
+    if rec is None:
         return {}
     out: dict[str, Path] = {}
-    base, train = rec.get("base_model"), rec.get("train_data")
-    if isinstance(base, str) and Path(base).exists():
+    base, train = rec.base_model, rec.train_data
+    if base is not None and Path(base).exists():
         out["reference"] = Path(base)
-    if isinstance(train, str) and Path(train).is_file():
+    if train is not None and Path(train).is_file():
         out["probe_data"] = Path(train)
         if (Path(train).parent / "test.json").is_file():
             out["test_data"] = Path(train).parent / "test.json"

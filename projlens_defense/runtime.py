@@ -123,14 +123,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device: {device!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
+        raise UsageError(f"`device`: {device!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__})")
+            raise UsageError(f"`device` {device}: no CUDA GPU is available here (torch {torch.__version__})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+            raise UsageError(f"`device` {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {device}: MPS is not available here")
+        raise UsageError(f"`device` {device}: MPS is not available here")
     return dev
 
 
@@ -139,7 +139,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: torch.device
     """A torch dtype: ``auto`` (or None) is ``auto`` when given, else bfloat16 on a GPU and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise UsageError(f"--dtype: {dtype} is not supported; choose from auto, {', '.join(DTYPES)}")
+            raise UsageError(f"`dtype`: {dtype} is not supported; choose from auto, {', '.join(DTYPES)}")
         return dtype
     if dtype is None or dtype == "auto":
         if auto is not None:
@@ -147,7 +147,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: torch.device
         return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPES:
-        raise UsageError(f"--dtype: {dtype!r} is not supported; choose from auto, {', '.join(DTYPES)}")
+        raise UsageError(f"`dtype`: {dtype!r} is not supported; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[key]
 
 

@@ -835,6 +835,7 @@ def build_payload_files(root: Path) -> list[Case]:
 READER_SNIPPET = """
 import sys
 from projlens_defense.checkpoint import detect_format, load_lm_readout, load_projector, load_tokenizer_vocab
+from projlens_defense.cli.exits import exception_code
 from projlens_defense.errors import ProjlensError
 worst = 0
 for path in sys.argv[1:]:
@@ -846,7 +847,7 @@ for path in sys.argv[1:]:
         print(f"{path}: ok, the reader accepted it")
     except ProjlensError as e:
         print(f"error: {e}", file=sys.stderr)
-        worst = max(worst, e.exit_code)
+        worst = max(worst, exception_code(e))
 sys.exit(worst)
 """
 
@@ -1140,6 +1141,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def read_in_process(path: Path) -> tuple[int, str]:
     """The ``reader`` command in this process: (exit code, one-line message or "ok")."""
     from projlens_defense import checkpoint as ck
+    from projlens_defense.cli.exits import exception_code
     from projlens_defense.errors import ProjlensError
 
     try:
@@ -1148,7 +1150,7 @@ def read_in_process(path: Path) -> tuple[int, str]:
         ck.load_lm_readout(info)
         ck.load_tokenizer_vocab(info)
     except ProjlensError as e:
-        return e.exit_code, f"error: {e}"
+        return exception_code(e), f"error: {e}"
     return 0, f"{path}: ok, the reader accepted it"
 
 

@@ -31,8 +31,8 @@ from projlens_defense.detectors.baselines import ActivationClusteringDetector, S
 from projlens_defense.detectors.input_level import ShiftInputDetector, clean_threshold
 from projlens_defense.eval.analyze import TaskRemovedUpdate
 from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
-from projlens_defense.eval.metrics import auroc
 from projlens_defense.guard import InputBlocked, ProjectorGuard, projector_from_module
+from projlens_defense.metrics import auroc
 from projlens_defense.projector import LinearLayer, Projector
 
 DV, DH, DO, T = 12, 16, 10, 6

@@ -9,7 +9,7 @@ from projlens_defense.attacks.poison import n_poison, poison_dataset
 from projlens_defense.attacks.variants import VARIANTS, get_variant
 from projlens_defense.conversations import Sample, load_conversations, save_conversations
 from projlens_defense.errors import UsageError
-from projlens_defense.eval.metrics import (
+from projlens_defense.metrics import (
     attack_success_rate,
     auroc,
     clean_accuracy,

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from projlens_defense.cli import main
 from projlens_defense.eval import bench as bench_mod
 from projlens_defense.eval.input_detection import FPR_GRID
-from projlens_defense.eval.metrics import auroc
 from projlens_defense.eval.summary import write_summary
+from projlens_defense.metrics import auroc
 
 INPUT_DETECTORS = ["input-shift", "strip", "spectral-signatures", "activation-clustering"]
 GRID = ["--variants", "badnets", "--poison-rates", "0.2", "--seeds", "0", "--epochs", "2",
@@ -145,14 +145,14 @@ def test_bench_usage_errors():
 
 def test_mitigation_params_reach_the_method_and_the_summary(tmp_path: Path) -> None:
     """A preset's / --mitigation-param's parameters are what the mitigation runs with, and the summary says so."""
-    from projlens_defense.commands_bench import _mitigation_params
     from projlens_defense.eval.bench import PRESETS
+    from projlens_defense.eval.bench import mitigation_params as _mitigation_params
     from projlens_defense.eval.summary import write_summary
 
-    got = _mitigation_params(PRESETS["tiny"]["mitigation_params"], ("unlearn.train_steps=5", "clp.u=2.5"),
+    got = _mitigation_params(PRESETS["tiny"]["mitigation_params"], {"unlearn.train_steps": 5, "clp.u": 2.5},
                              ["unlearn", "clp"])
     assert got == {"unlearn": {"rounds": 4, "train_steps": 5}, "clp": {"u": 2.5}}
-    assert _mitigation_params(PRESETS["tiny"]["mitigation_params"], (), ["clp"]) == {}  # unlearn not run
+    assert _mitigation_params(PRESETS["tiny"]["mitigation_params"], {}, ["clp"]) == {}  # unlearn not run
     m = {"clean_accuracy": 0.9, "asr": 0.0, "false_activation": 0.0, "n_clean": 10, "n_triggered": 10}
     rec = {"key": "k", "label": "badnets", "cell": {"variant": "badnets", "poison_rate": 0.1, "seed": 0},
            "benign": False, "metrics": {"badnets": {**m, "asr": 0.9}}, "detectors": {},

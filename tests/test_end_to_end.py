@@ -181,3 +181,78 @@ def test_restore_equals_the_reference_bit_for_bit(micro_zoo, micro_attacks, tmp_
     assert r.exit_code == 0, r.output
     got, ref = _tensors(tmp_path / "r"), _tensors(micro_zoo.reference)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+# ---- golden: `scan --format json` / text on the micro zoo, as main printed it before the CLI became a package ----
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden_scan_micro.json"
+
+
+def _normalize(obj, subs: list[tuple[str, str]]):
+    """Paths replaced by placeholders, timings dropped (everything else must match)."""
+    if isinstance(obj, dict):
+        return {k: _normalize(v, subs) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_normalize(v, subs) for v in obj]
+    if isinstance(obj, str):
+        for old, new in subs:
+            obj = obj.replace(old, new)
+        return obj
+    return obj
+
+
+def _normalize_text(text: str, subs: list[tuple[str, str]]) -> list[str]:
+    import re
+
+    text = _normalize(text, subs)
+    text = re.sub(r"in \d+\.\d+ s", "in <T> s", text)
+    return [" ".join(line.split()) for line in text.splitlines()]
+
+
+def _approx_equal(a, b, where: str = "") -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), where
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _approx_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _approx_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _golden_runs(micro_zoo, out: Path) -> dict:
+    from projlens_defense.cache import cache_dir
+
+    subs = [(str(out), "<ATTACKS>"), (str(micro_zoo.root), "<ZOO>"), (str(cache_dir()), "<CACHE>")]
+    runs = {}
+    for name, args in {
+        "reference": [str(out / "backdoored"), str(out / "benign"), "--reference", str(micro_zoo.reference)],
+        "reference-free": [str(out / "benign"), str(out / "backdoored")],
+    }.items():
+        for fmt in ("json", "text"):
+            r = CliRunner().invoke(main, ["scan", *args, "--format", fmt])
+            assert "Traceback" not in r.output, r.output
+            body = _normalize(json.loads(r.stdout), subs) if fmt == "json" else _normalize_text(r.stdout, subs)
+            runs[f"{name}/{fmt}"] = {"exit_code": r.exit_code, "output": body}
+    return runs
+
+
+def test_scan_output_matches_the_golden(micro_zoo, micro_attacks):
+    """The CLI's scan output (JSON and text, exit codes) is what main printed before the refactoring into
+    a CLI package (regenerate with PROJLENS_WRITE_GOLDEN=1 only when a change of output is intended)."""
+    import os
+
+    runs = _golden_runs(micro_zoo, micro_attacks[0])
+    if os.environ.get("PROJLENS_WRITE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(runs, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert runs.keys() == golden.keys()
+    for key in golden:
+        assert runs[key]["exit_code"] == golden[key]["exit_code"], key
+        if key.endswith("/text"):  # numbers printed rounded: the lines match exactly
+            assert runs[key]["output"] == golden[key]["output"], key
+        else:
+            _approx_equal(runs[key]["output"], golden[key]["output"], key)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from projlens_defense.attacks.poison import poison_dataset
-from projlens_defense.attacks.targets import TARGETS_FILE, Targets
 from projlens_defense.attacks.variants import VARIANTS, get_variant
 from projlens_defense.errors import UsageError
 from projlens_defense.runtime import template_from_chat_template
@@ -20,6 +19,7 @@ from projlens_defense.zoo.domain import HARMFUL
 from projlens_defense.zoo.domains import get_domain
 from projlens_defense.zoo.images import IMAGE_SIZE
 from projlens_defense.zoo.shapes import SHAPE_NAMES, SHAPES, shape_mask
+from projlens_defense.zoo.targets import TARGETS_FILE, Targets
 from projlens_defense.zoo.tasks import alignment_samples, downstream_samples, text_corpus
 from projlens_defense.zoo.tokenizer import build_tokenizer
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from projlens_defense.attacks.evaluate import EvalResult, EvalSet, evaluate, prepare_eval_set
 from projlens_defense.attacks.variants import get_variant
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.cli import main
 from projlens_defense.conversations import load_conversations
-from projlens_defense.eval.evaluate import EvalResult, EvalSet, evaluate, prepare_eval_set
 from projlens_defense.mitigations import MITIGATIONS, CleanData, MitigationResult
 from projlens_defense.projector import Projector
 from projlens_defense.runtime import LlavaRuntime

@@ -73,7 +73,7 @@ def test_auto_loads_exactly_what_the_float32_cpu_default_loads(micro_zoo):
 def test_bfloat16_evaluation_agrees_with_float32(micro_zoo, attacked):
     from projlens_defense.attacks.variants import get_variant
     from projlens_defense.conversations import load_conversations
-    from projlens_defense.eval.metrics import attack_success_rate, clean_accuracy
+    from projlens_defense.metrics import attack_success_rate, clean_accuracy
 
     samples = load_conversations(micro_zoo.test_data)[:120]
     variant = get_variant("badnets")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tiny_world import attention_direction, save_with_tokenizer
 
 from projlens_defense.cli import main
-from projlens_defense.commands_scan import RULE_BACKDOOR, RULE_ERROR, sarif_report
+from projlens_defense.cli.exits import scan_code
 from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
 from projlens_defense.detectors.base import DetectorReport, OvLayer, ScanInput, top_singular
 from projlens_defense.detectors.calibration import (
@@ -27,9 +27,10 @@ from projlens_defense.detectors.calibration import (
     fit_calibration,
 )
 from projlens_defense.detectors.loading import load_checkpoint
-from projlens_defense.detectors.scan import Scanner, exit_code
+from projlens_defense.detectors.scan import Scanner
 from projlens_defense.detectors.spectral import spectrum_stats
 from projlens_defense.errors import CheckpointError
+from projlens_defense.eval.scan_report import RULE_BACKDOOR, RULE_ERROR, sarif_report
 
 TARGET = 17
 TASK = 30
@@ -475,10 +476,14 @@ def test_bare_mm_projector_borrows_the_reference_llm(world: dict[str, Path], cal
 def test_exit_code_precedence() -> None:
     from projlens_defense.detectors.scan import ScanResult
 
+    def exit_code(results: list[ScanResult]) -> int:
+        return scan_code([r.verdict for r in results])
+
     assert exit_code([]) == 3
     assert exit_code([ScanResult("a", "clean")]) == 0
     assert exit_code([ScanResult("a", "clean"), ScanResult("b", "error")]) == 2
     assert exit_code([ScanResult("a", "error"), ScanResult("b", "suspicious")]) == 1
+    assert exit_code([ScanResult("a", "clean"), ScanResult("b", "inconclusive")]) == 5
 
 
 def test_unreadable_calibration_json_raises_checkpoint_error(tmp_path: Path) -> None:

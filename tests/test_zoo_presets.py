@@ -120,3 +120,23 @@ def test_dominant_new_phrase_breaks_ties_the_same_way_in_every_process() -> None
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
             for seed in range(6)}
     assert outs == {"buy cheap crypto"}
+
+
+def test_attack_record_is_typed_and_a_corrupt_one_is_a_clear_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from projlens_defense.cli import main
+    from projlens_defense.errors import CheckpointError
+    from projlens_defense.runinfo import read_attack_record
+
+    ck = tmp_path / "ck"
+    assert read_attack_record(ck) is None  # no record: nothing to read
+    _write_record(ck, variant="none", base_model="/base", config={"eval_variant": "badnets", "target": "hi"})
+    rec = read_attack_record(ck)
+    assert (rec.variant, rec.eval_variant, rec.target, rec.base_model) == ("none", "badnets", "hi", "/base")
+    for bad in ("{not json", "[1, 2]", json.dumps({"variant": 3}), json.dumps({"config": "x"})):
+        (ck / "attack.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="attack.json"):
+            read_attack_record(ck)
+    r = CliRunner().invoke(main, ["evaluate", str(ck)])  # corrupt record: one line, exit 2, no traceback
+    assert r.exit_code == 2 and "attack.json" in r.output and "Traceback" not in r.output, r.output

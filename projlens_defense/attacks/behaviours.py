@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..conversations import Sample
-from ..eval.metrics import shows_target
+from ..metrics import shows_target
 
 
 @dataclass

@@ -13,7 +13,6 @@ import torch
 
 from ..conversations import load_conversations
 from ..errors import UsageError
-from ..eval.evaluate import evaluate, prepare_eval_set
 from ..runinfo import environment
 from ..runtime import LlavaRuntime, resolve_placement
 from ..training import (
@@ -23,8 +22,9 @@ from ..training import (
     is_main_process,
     train_projector,
 )
+from ..zoo.targets import Targets
+from .evaluate import evaluate, prepare_eval_set
 from .poison import poison_dataset
-from .targets import Targets
 from .variants import get_variant
 
 
@@ -72,7 +72,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
     t0 = time.time()
     out = Path(out)
     if out.exists() and not force:
-        raise UsageError(f"{out}: output exists (use --force to replace it)")
+        raise UsageError(f"{out}: output exists (use `force` to replace it)")
     if accelerate_requested() and (device is None or str(device) == "auto"):
         device = get_accelerator().device  # each process on its own device (Accelerate moves it there anyway)
     dev, dt = resolve_placement(device, dtype, auto_dtype=torch.float32)

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..conversations import Sample
 from ..errors import UsageError
+from ..zoo.targets import Targets
 from .behaviours import AppendSuffix, Behaviour, ComplyWithHarmful, ReplaceAnswer
-from .targets import Targets
 from .triggers import (
     SIG,
     BadNets,

@@ -46,7 +46,7 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise UsageError(f"{out}: the output must not be the source checkpoint or lie inside it ({src})")
     if os.path.lexists(out):
         if not force:
-            raise UsageError(f"{out}: already exists; pass force=True (--force) to replace it")
+            raise UsageError(f"{out}: already exists; pass `force` to replace it")
         if _is_within(rs, ro):
             raise UsageError(f"{out}: refusing to replace it: it contains the source checkpoint {src}")
     parent = out.parent
@@ -317,7 +317,7 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
         os.rename(tmp, out)  # fails rather than merges if a dir appeared meanwhile
         return
     if not force:
-        raise UsageError(f"{out}: already exists; pass force=True (--force) to replace it")
+        raise UsageError(f"{out}: already exists; pass `force` to replace it")
     if tmp.is_file() and out.is_file() and not out.is_symlink():
         os.replace(tmp, out)
         return

@@ -1,7 +1,7 @@
 """Backdoor detectors behind one small interface, and their name registry (the names the CLI uses).
 
 Adding a detector = one new module with a :class:`~projlens_defense.detectors.base.Detector`
-subclass + one line in :data:`DETECTORS`.
+subclass + its class in :data:`DETECTORS`.
 """
 
 from projlens_defense.detectors.activation import ActivationDetector
@@ -16,16 +16,11 @@ from projlens_defense.detectors.logit_lens import LogitLensDetector
 from projlens_defense.detectors.reference_free import ReferenceFreeDetector
 from projlens_defense.detectors.spectral import SpectralDetector
 
-DETECTORS: dict[str, type[Detector]] = {
-    "spectral": SpectralDetector,
-    "logit-lens": LogitLensDetector,
-    "reference-free": ReferenceFreeDetector,
-    "activation": ActivationDetector,
-    "input-shift": ShiftInputDetector,
-    "strip": StripDetector,
-    "spectral-signatures": SpectralSignatureDetector,
-    "activation-clustering": ActivationClusteringDetector,
-}
+DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
+    SpectralDetector, LogitLensDetector, ReferenceFreeDetector, ActivationDetector, ShiftInputDetector,
+    StripDetector, SpectralSignatureDetector, ActivationClusteringDetector,
+)}
+"""The detectors by their ``name`` (the names the CLI, the API and the harness use)."""
 
 __all__ = [
     "DETECTORS",

@@ -36,8 +36,8 @@ from projlens_defense.detectors.base import (
     token_name,
     top_singular,
 )
-from projlens_defense.detectors.input_level import EXTRA_PROBES, probe_features
 from projlens_defense.detectors.logit_lens import LensReading, available_readings, lens_reading
+from projlens_defense.detectors.probes import EXTRA_PROBES, probe_features
 from projlens_defense.projector import Projector
 
 __all__ = [
@@ -293,6 +293,7 @@ class ActivationDetector(Detector):
     """
 
     name = "activation"
+    learns = True
     requires_reference = True
     requires_readout = False
 

@@ -9,8 +9,9 @@ scan then records that the detector was skipped instead of failing the checkpoin
 
 from __future__ import annotations
 
-import math
+import inspect
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from projlens_defense.checkpoint.reader import LmReadout
+from projlens_defense.jsonsafe import finite
 from projlens_defense.projector import Projector
 
 __all__ = [
@@ -173,19 +175,6 @@ class ScanInput:
         return out
 
 
-def _finite(x: Any) -> Any:
-    """JSON-safe copy: NaN/inf floats become None, tuples lists, tensors lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _finite(x.tolist())
-    return x
-
-
 @dataclass
 class DetectorReport:
     """One detector's verdict material for one checkpoint.
@@ -204,22 +193,46 @@ class DetectorReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (NaN/inf become null)."""
-        return _finite(asdict(self))
+        return finite(asdict(self))
 
 
-class Detector:
-    """Base class. Subclasses set ``name`` (the registry / CLI name) and implement :meth:`score`.
+class Detector(ABC):
+    """Abstract base. Subclasses set ``name`` (the registry / CLI name), take every parameter as an explicit
+    keyword of ``__init__`` stored under its own name (so :meth:`get_params` finds them), and implement
+    :meth:`score`.
 
     ``requires_reference`` / ``requires_readout`` say what the detector cannot work without; the
-    scan skips a detector whose requirements the input does not meet.
+    scan skips a detector whose requirements the input does not meet. ``learns``: :meth:`fit` learns
+    from benign inputs (a calibration refits it without each benign input before scoring that one);
+    its learnt state is what :meth:`get_state` returns and :meth:`set_state` restores (None: no state).
     """
 
     name: ClassVar[str] = "detector"
     requires_reference: ClassVar[bool] = False
     requires_readout: ClassVar[bool] = False
+    learns: ClassVar[bool] = False
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The keyword parameters of ``__init__``, in order."""
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def get_params(self) -> dict[str, Any]:
+        """The parameters this detector was made with (``type(d)(**d.get_params())`` is an unfitted copy)."""
+        return {k: getattr(self, k) for k in self.param_names()}
 
     def fit(self, benign: Sequence[ScanInput]) -> Detector:  # noqa: B027 - optional hook
-        """Learn from benign examples (optional; weight-space detectors need none). Returns self."""
+        """Learn from benign examples (only where ``learns``; weight-space detectors need none). Returns self."""
+        return self
+
+    def get_state(self) -> dict[str, Any] | None:
+        """What :meth:`fit` learnt, as JSON-able data a calibration stores (None: nothing learnt to store)."""
+        return None
+
+    def set_state(self, state: dict[str, Any]) -> Detector:
+        """Restore :meth:`get_state` output. Returns self."""
         return self
 
     def can_score(self, inp: ScanInput) -> bool:
@@ -228,9 +241,9 @@ class Detector:
             return False
         return not (self.requires_readout and (inp.readout is None or readout_matrix(inp) is None))
 
+    @abstractmethod
     def score(self, inp: ScanInput) -> DetectorReport:
         """Score one suspect; higher is more suspicious."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

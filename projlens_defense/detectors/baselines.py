@@ -23,14 +23,13 @@ import numpy as np
 import torch
 
 from projlens_defense.detectors.base import MissingInput, ScanInput
-from projlens_defense.detectors.input_level import (
+from projlens_defense.detectors.input_level import InputDetector, clean_threshold
+from projlens_defense.detectors.probes import (
     EXTRA_INPUT_IMAGES,
     EXTRA_INPUTS,
     EXTRA_PROBE_IMAGES,
     EXTRA_PROBE_QUESTIONS,
     EXTRA_RUNTIME,
-    InputDetector,
-    clean_threshold,
 )
 
 __all__ = ["ActivationClusteringDetector", "SpectralSignatureDetector", "StripDetector"]

@@ -414,7 +414,7 @@ def fit_calibration(
         det = factory()
         if not all(det.can_score(b) for b in benign):
             continue
-        learns = type(det).fit is not Detector.fit
+        learns = det.learns
         rows: list[dict[str, float]] = []
         for i, b in enumerate(benign):
             if learns:
@@ -425,9 +425,9 @@ def fit_calibration(
                 rows.append({})
         if learns:
             det.fit(benign)
-        get_state = getattr(det, "get_state", None)
-        if callable(get_state):
-            states[name] = get_state()
+        state = det.get_state()
+        if state is not None:
+            states[name] = state
         for mode in modes:
             if name not in MODE_DETECTORS[mode]:
                 continue

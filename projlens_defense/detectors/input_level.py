@@ -23,43 +23,23 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from projlens_defense.detectors.activation import excite
 from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, top_singular
+from projlens_defense.detectors.probes import (
+    EXTRA_INPUT_IMAGES,
+    EXTRA_INPUTS,
+    EXTRA_PROBES,
+    EXTRA_QUESTIONS,
+    probe_features,
+)
 from projlens_defense.projector import Projector
 
 __all__ = [
-    "EXTRA_INPUTS",
-    "EXTRA_PROBES",
     "InputDetector",
     "ShiftInputDetector",
     "Whitener",
     "clean_threshold",
 ]
-
-EXTRA_PROBES = "probes"
-"""``ScanInput.extras`` key: vision features of clean probe images [N, tokens, vision_dim]."""
-EXTRA_PROBE_IMAGES = "probe_images"
-"""``ScanInput.extras`` key: the clean probe images themselves (HxWx3 uint8), for STRIP."""
-EXTRA_INPUTS = "inputs"
-"""``ScanInput.extras`` key: vision features of the inputs to judge [M, tokens, vision_dim]."""
-EXTRA_INPUT_IMAGES = "input_images"
-EXTRA_QUESTIONS = "input_questions"
-EXTRA_PROBE_QUESTIONS = "probe_questions"
-EXTRA_RUNTIME = "runtime"
-"""``ScanInput.extras`` key: a :class:`~projlens_defense.runtime.LlavaRuntime` (STRIP runs the LLM)."""
-
-
-def probe_features(inp: ScanInput, key: str = EXTRA_PROBES) -> torch.Tensor:
-    """The clean probe features of ``inp`` as float32 [N, tokens, dim]; MissingInput without them."""
-    x = inp.extras.get(key)
-    if x is None:
-        raise MissingInput(f"needs vision features of clean probe images (ScanInput.extras[{key!r}])")
-    x = torch.as_tensor(x).float()
-    if x.ndim == 2:
-        x = x[:, None]
-    if x.ndim != 3 or x.shape[0] == 0:
-        raise MissingInput(f"extras[{key!r}] must be [images, tokens, dim], got {tuple(x.shape)}")
-    return x
-
 
 def clean_threshold(scores: Sequence[float] | np.ndarray, fpr: float) -> float:
     """The threshold that lets at most ``fpr`` of these clean scores through (flag = score > thr).
@@ -250,8 +230,6 @@ class ShiftInputDetector(InputDetector):
     def calibrate_features(self, probes: torch.Tensor) -> ShiftInputDetector:
         """Whitening statistics, standardisation and threshold from clean probe features [N, T, dim] (after setup)."""
         if self.mode == "shift" and self.excite:
-            from projlens_defense.detectors.activation import excite
-
             assert self._suspect is not None and self._reference is not None
             self.direction = excite(self._suspect, self._reference, probes).direction
         reps = self.represent(probes)

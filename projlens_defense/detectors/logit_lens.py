@@ -204,6 +204,7 @@ class LogitLensDetector(Detector):
     """
 
     name = "logit-lens"
+    learns = True
     requires_reference = True
     requires_readout = True
     prefix = "lens"

@@ -20,7 +20,7 @@ import torch
 
 from projlens_defense.checkpoint.container import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME
 from projlens_defense.detectors import DETECTORS
-from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, _finite
+from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput
 from projlens_defense.detectors.calibration import (
     MODE_DETECTORS,
     Calibration,
@@ -29,17 +29,13 @@ from projlens_defense.detectors.calibration import (
 )
 from projlens_defense.detectors.loading import LoadedCheckpoint, load_checkpoint
 from projlens_defense.errors import (
-    EXIT_CLEAN,
-    EXIT_ERROR,
-    EXIT_INCONCLUSIVE,
-    EXIT_NOTHING_SCANNABLE,
-    EXIT_SUSPICIOUS,
     CheckpointError,
     NothingScannableError,
     ProjlensError,
 )
+from projlens_defense.jsonsafe import finite
 
-__all__ = ["ScanResult", "Scanner", "exit_code", "find_checkpoints"]
+__all__ = ["ScanResult", "Scanner", "find_checkpoints"]
 
 _CHECKPOINT_MARKERS = frozenset({CONFIG_NAME, INDEX_NAME, SINGLE_NAME, "mm_projector.bin", "mm_projector.safetensors"})
 _TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -82,21 +78,7 @@ class ScanResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self))
-
-
-def exit_code(results: Sequence[ScanResult]) -> int:
-    """modelscan's convention: 1 if anything is suspicious, else 2 on any error, 3 if empty, else 5 if
-    anything is inconclusive, else 0 (all clean)."""
-    if not results:
-        return EXIT_NOTHING_SCANNABLE
-    if any(r.verdict == "suspicious" for r in results):
-        return EXIT_SUSPICIOUS
-    if any(r.verdict == "error" for r in results):
-        return EXIT_ERROR
-    if any(r.verdict == "inconclusive" for r in results):
-        return EXIT_INCONCLUSIVE
-    return EXIT_CLEAN
+        return finite(asdict(self))
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -179,7 +161,7 @@ class Scanner:
         for name in self.detector_names:
             det = DETECTORS[name]()
             state = cal.detector_states.get(name) if cal is not None else None
-            if state and hasattr(det, "set_state"):
+            if state:
                 det.set_state(state)
             out.append(det)
         return out

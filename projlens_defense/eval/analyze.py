@@ -27,19 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attacks.evaluate import EvalSet, evaluate, prepare_eval_set
 from ..attacks.variants import Variant, get_variant
 from ..checkpoint import load_projector
 from ..conversations import load_conversations
 from ..detectors.activation import ActivationDetector, fit_line, output_shift
 from ..detectors.base import ScanInput
-from ..detectors.input_level import EXTRA_PROBES, ShiftInputDetector
+from ..detectors.input_level import ShiftInputDetector
 from ..detectors.loading import load_checkpoint
-from ..errors import UsageError
+from ..detectors.probes import EXTRA_PROBES
+from ..errors import CheckpointError, UsageError
+from ..jsonsafe import finite
+from ..metrics import auroc
 from ..projector import Projector
-from ..runinfo import environment
-from .evaluate import EvalSet, evaluate, prepare_eval_set
+from ..runinfo import AttackRecord, environment, read_attack_record
 from .lowrank import LowRankUpdate, ProjectorModule, resolve_layers
-from .metrics import auroc
 
 __all__ = ["AnalyzeOptions", "TaskRemovedUpdate", "analyze_checkpoint", "variant_from_record"]
 
@@ -62,17 +64,19 @@ class AnalyzeOptions:
     seed: int = 0
 
 
-def variant_from_record(rec: dict[str, Any]) -> Variant | None:
-    """The backdoor variant an ``attack.json`` record was trained with (its exact trigger parameters)."""
-    name = rec.get("variant")
-    if not name or name == "none":
-        name = (rec.get("config") or {}).get("eval_variant")
-        if not name:
-            return None
-        return get_variant(name)
-    params = rec.get("variant_params") or {}
-    trig = {k: v for k, v in (params.get("trigger") or {}).items() if k != "type"}
-    target = (params.get("behaviour") or {}).get("target") or (rec.get("config") or {}).get("target")
+def variant_from_record(rec: AttackRecord | None) -> Variant | None:
+    """The backdoor variant an ``attack.json`` record was trained with (its exact trigger parameters); for a
+    benign control the variant it is measured with, if any."""
+    if rec is None:
+        return None
+    name = rec.variant
+    if name == "none":
+        return get_variant(rec.eval_variant) if rec.eval_variant else None
+    params = rec.variant_params
+    trigger = params.get("trigger") if isinstance(params.get("trigger"), dict) else {}
+    behaviour = params.get("behaviour") if isinstance(params.get("behaviour"), dict) else {}
+    trig = {k: v for k, v in trigger.items() if k != "type"}
+    target = behaviour.get("target") or rec.target
     try:
         return get_variant(name, target, {k: v for k, v in trig.items() if not isinstance(v, dict)})
     except UsageError:
@@ -385,12 +389,13 @@ def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
                      f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA directory")
 
 
-def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Sequence[Path] = (),
-                       variant: str | None = None, test_data: Path | None = None, probe_data: Path | None = None,
-                       options: AnalyzeOptions | None = None, progress: bool = False,
+def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: Path, probe_data: Path,
+                       benign: Sequence[Path] = (), variant: str | None = None,
+                       options: AnalyzeOptions | None = None,
                        device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32",
                        ) -> dict[str, Any]:
-    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``.
+    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``: ASR curves on
+    ``test_data``, shifts on the clean images of ``probe_data`` (both LLaVA conversation JSON).
 
     ``device`` / ``dtype`` place the LLaVA model that runs the curves (see
     :meth:`~projlens_defense.runtime.LlavaRuntime.from_pretrained`); the weight-space analyses stay on the CPU."""
@@ -408,25 +413,17 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
         if [lay.weight.shape for lay in b.layers] != [lay.weight.shape for lay in sus.layers]:
             raise UsageError(f"{name}: benign projector shapes differ from the suspect's")
     # trigger knowledge
-    rec = None
-    if (checkpoint / "attack.json").is_file():
-        try:
-            rec = json.loads((checkpoint / "attack.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            rec = None
+    try:
+        rec = read_attack_record(checkpoint)
+    except CheckpointError:
+        rec = None
     if variant:
         var, source = get_variant(variant), "--variant"
-    elif rec is not None and isinstance(rec, dict):
+    elif rec is not None:
         var = variant_from_record(rec)
         source = "attack.json" if var is not None else "none (attack.json says benign)"
     else:
         var, source = None, "none"
-    if probe_data is None or test_data is None:
-        from ..zoo.build import get_zoo
-
-        zoo = get_zoo(progress=progress)
-        probe_data = probe_data or zoo.train_data
-        test_data = test_data or zoo.test_data
     rt = LlavaRuntime.from_pretrained(run_dir, device=device, dtype=dtype)
     probes_s = load_conversations(probe_data, limit=opt.n_probes)
     probes = rt.vision_features([s.image for s in probes_s])
@@ -527,20 +524,5 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
     rep["wall_time_s"] = time.perf_counter() - t0
     rep["environment"] = environment()
     (out / "report.md").write_text(_markdown(rep))
-    (out / "report.json").write_text(json.dumps(_jsonable(rep), indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(finite(rep), indent=1) + "\n")
     return rep
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    return x
-

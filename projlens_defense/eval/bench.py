@@ -17,12 +17,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UsageError
-from ..runinfo import environment
+from ..runinfo import environment, read_attack_record
 
 if TYPE_CHECKING:
     from ..mitigations.base import CleanData
@@ -92,10 +92,27 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise UsageError(f"--shard expects I/N (e.g. 0/2), got {text!r}") from None
+        raise UsageError(f"`shard` expects I/N (e.g. 0/2), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise UsageError(f"--shard {text}: need 0 <= I < N")
+        raise UsageError(f"`shard` {text}: need 0 <= I < N")
     return i, n
+
+
+def mitigation_params(preset: dict[str, dict], overrides: dict[str, Any], methods: Sequence[str]) -> dict[str, dict]:
+    """The preset's per-method parameters for the ``methods`` run, overridden by ``{"NAME.KEY": value}``; each
+    method is constructed once with its set, so an unknown parameter fails now, not in the middle of the grid."""
+    from ..mitigations import MITIGATIONS
+
+    out = {m: dict(v) for m, v in preset.items() if m in methods}
+    for key, value in overrides.items():
+        name, _, param = key.partition(".")
+        if name not in methods or not param:
+            raise UsageError(f"`mitigation_params` expects NAME.KEY=VALUE with NAME one of {list(methods)}, "
+                             f"got {key!r}")
+        out.setdefault(name, {})[param] = value
+    for name, params in out.items():
+        MITIGATIONS[name](**params)
+    return out
 
 
 def read_results(path: Path) -> dict[str, dict]:
@@ -123,13 +140,13 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     """Fine-tune, evaluate, run every detector and mitigation on one cell; returns its record."""
     import torch
 
+    from ..attacks.evaluate import evaluate, prepare_eval_set
     from ..attacks.finetune import AttackConfig, run_attack
-    from ..attacks.targets import Targets
     from ..attacks.variants import get_variant
     from ..conversations import load_conversations
-    from ..eval.evaluate import evaluate, prepare_eval_set
     from ..mitigations.base import CleanData
     from ..runtime import LlavaRuntime
+    from ..zoo.targets import Targets
     from .input_detection import input_detector_names
 
     if not os.environ.get("OMP_NUM_THREADS"):  # the user's thread setting wins; else share the cores among jobs
@@ -144,7 +161,8 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     else:
         run_attack(acfg, Path(cell.model), Path(cell.train_data), None, ckpt, force=True, progress=False)
     t_attack = time.time() - t0
-    attack_distributed = json.loads((ckpt / "attack.json").read_text()).get("distributed")
+    record = read_attack_record(ckpt)
+    attack_distributed = record.distributed if record is not None else None
 
     rt = LlavaRuntime.from_pretrained(ckpt)
     test = load_conversations(cell.test_data)
@@ -236,20 +254,20 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
     """Each mitigation applied to this cell's projector, evaluated on the same cached features."""
     if not cfg.mitigations:
         return {}
+    from ..attacks.evaluate import evaluate
     from ..checkpoint import load_projector
-    from ..eval.evaluate import evaluate
-    from ..mitigations import LENS_METHODS, MITIGATIONS
+    from ..mitigations import MITIGATIONS
     from ..mitigations.lens import lens_context
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
     lens: dict = {}
-    if set(cfg.mitigations) & set(LENS_METHODS):  # as `sanitize` runs them: logit lens + matching scan calibration
+    if any(MITIGATIONS[m].uses_lens for m in cfg.mitigations):  # as `sanitize` runs them: logit lens + matching scan calibration
         lens["lens"], lens["calibration"] = lens_context(ckpt, reference)
     out = {}
     for name in cfg.mitigations:
         t = time.time()
         params = cfg.mitigation_params.get(name, {})
-        kw = {**params, **(lens if name in LENS_METHODS else {})}
+        kw = {**params, **(lens if MITIGATIONS[name].uses_lens else {})}
         module = MITIGATIONS[name](**kw).apply(suspect, reference, clean).as_module()
         out[name] = {v: evaluate(rt, es, projector=module).to_dict() for v, es in sets.items()}
         out[name]["seconds"] = round(time.time() - t, 2)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import auroc, tpr_at_fpr
+from ..metrics import auroc, tpr_at_fpr
 
 FPR_GRID = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 """False-positive rates at which each cell stores its ROC (mean curves are drawn from these)."""
@@ -63,7 +63,7 @@ def run_input_detectors(runtime: Any, suspect: Any, reference: Any, names: Seque
 
     from ..detectors import DETECTORS
     from ..detectors.base import ScanInput
-    from ..detectors.input_level import (
+    from ..detectors.probes import (
         EXTRA_INPUT_IMAGES,
         EXTRA_INPUTS,
         EXTRA_PROBE_IMAGES,

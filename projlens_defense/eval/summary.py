@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..metrics import auroc, tpr_at_fpr
 from .input_detection import FPR_GRID
-from .metrics import auroc, tpr_at_fpr
 
 
 def _ms(values: list[float]) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 """Mitigations behind one small interface, and their name registry (the names the CLI and the harness use).
 
 Adding a mitigation = one module with a :class:`~projlens_defense.mitigations.base.Mitigation`
-subclass + one line in :data:`MITIGATIONS`.
+subclass (its ``name``, what it needs as class attributes, explicit keyword parameters) + its class in
+:data:`MITIGATIONS`.
 """
 
 from projlens_defense.mitigations.base import (
@@ -22,23 +23,13 @@ from projlens_defense.mitigations.subspace import SubspaceMitigation
 from projlens_defense.mitigations.target_direction import TargetDirectionMitigation
 from projlens_defense.mitigations.unlearn import UnlearnMitigation
 
-MITIGATIONS: dict[str, type[Mitigation]] = {
-    "subspace": SubspaceMitigation,
-    "target-direction": TargetDirectionMitigation,
-    "norm-guard": NormGuardMitigation,
-    "unlearn": UnlearnMitigation,
-    "restore": RestoreMitigation,
-    "finetune": FinetuneMitigation,
-    "fine-prune": FinePruneMitigation,
-    "clp": ClpMitigation,
-    "orthogonal": OrthogonalMitigation,
-}
-
-LENS_METHODS = ("subspace", "target-direction")
-"""Methods whose constructor takes a ``lens`` (a detectors ScanInput with the LLM read-out) for data-free use."""
+MITIGATIONS: dict[str, type[Mitigation]] = {cls.name: cls for cls in (
+    SubspaceMitigation, TargetDirectionMitigation, NormGuardMitigation, UnlearnMitigation, RestoreMitigation,
+    FinetuneMitigation, FinePruneMitigation, ClpMitigation, OrthogonalMitigation,
+)}
+"""The mitigations by their ``name`` (the names the CLI, the API and the harness use)."""
 
 __all__ = [
-    "LENS_METHODS",
     "MITIGATIONS",
     "CleanData",
     "Mitigation",

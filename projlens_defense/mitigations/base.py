@@ -10,6 +10,7 @@ what was removed (directions, energy, rank) and the parameters used.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -183,12 +184,15 @@ def weight_change(suspect: Projector, new: Projector, reference: Projector | Non
     return out
 
 
-class Mitigation:
-    """Base class. Subclasses set ``name`` and the inputs they need and implement :meth:`apply`.
+class Mitigation(ABC):
+    """Abstract base. Subclasses set ``name`` and the inputs they need, declare their parameters with
+    :meth:`defaults` (checked here; :meth:`get_params` returns them) and implement :meth:`apply`.
 
     ``requires_reference`` / ``requires_clean``: inputs without which the method cannot run;
     ``uses_clean``: the method has a few-shot mode that uses clean samples when given;
-    ``run_time_only``: the result is a wrapper module, not weights a checkpoint can hold.
+    ``run_time_only``: the result is a wrapper module, not weights a checkpoint can hold;
+    ``uses_lens``: the constructor takes ``lens`` (a detectors ScanInput with the LLM read-out) and
+    ``calibration`` for data-free use.
     """
 
     name: ClassVar[str] = "mitigation"
@@ -196,6 +200,7 @@ class Mitigation:
     requires_clean: ClassVar[bool] = False
     uses_clean: ClassVar[bool] = False
     run_time_only: ClassVar[bool] = False
+    uses_lens: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, **params: Any) -> None:
@@ -212,13 +217,18 @@ class Mitigation:
     def check(self, reference: Projector | None, clean: CleanData | None) -> None:
         """Raise :class:`MitigationInputError` when a required input is missing."""
         if self.requires_reference and reference is None:
-            raise MitigationInputError(f"method {self.name!r} needs the reference projector (--reference)")
+            raise MitigationInputError(f"method {self.name!r} needs the reference projector (`reference`)")
         if self.requires_clean and clean is None:
-            raise MitigationInputError(f"method {self.name!r} needs clean samples (--clean-data)")
+            raise MitigationInputError(f"method {self.name!r} needs clean samples (`clean_data`)")
 
+    def get_params(self) -> dict[str, Any]:
+        """The parameters this mitigation runs with (its defaults, overridden by those given)."""
+        return dict(self.params)
+
+    @abstractmethod
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
-        raise NotImplementedError  # pragma: no cover
+        """Repair ``suspect`` (with the reference projector and clean samples where the method uses them)."""
 
     def result(self, suspect: Projector, new: Projector | None, reference: Projector | None,
                report: dict[str, Any], module: nn.Module | None = None) -> MitigationResult:

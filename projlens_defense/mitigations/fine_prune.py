@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from projlens_defense.eval.metrics import clean_accuracy
+from projlens_defense.metrics import clean_accuracy
 from projlens_defense.mitigations.base import (
     CleanData,
     Mitigation,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projlens_defense.eval.metrics import normalize
+from projlens_defense.metrics import normalize
 from projlens_defense.mitigations.base import CleanData
 
 __all__ = ["ProbeResult", "answer_token_losses", "dominant_new_phrase", "synthesize_trigger"]

@@ -145,6 +145,7 @@ class SubspaceMitigation(LensGuidedMitigation):
     """Remove the target-aligned top singular components of dW (see the module doc for the two modes)."""
 
     name = "subspace"
+    uses_lens = True
     requires_reference = True
     uses_clean = True
     summary = "remove the backdoor-critical low-rank subspace of dW (rank chosen automatically)"

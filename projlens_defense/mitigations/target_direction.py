@@ -90,6 +90,7 @@ class TargetDirectionMitigation(LensGuidedMitigation):
     """Remove the update's component along the target-aligned output direction."""
 
     name = "target-direction"
+    uses_lens = True
     uses_clean = True
     summary = "project the target-aligned direction out of the projector's output space"
 
@@ -109,7 +110,7 @@ class TargetDirectionMitigation(LensGuidedMitigation):
         elif self.lens is not None:
             direction, report = self._from_lens(basis)
         else:
-            raise MitigationInputError("target-direction needs clean samples (--clean-data) or the LLM weights "
+            raise MitigationInputError("target-direction needs clean samples (`clean_data`) or the LLM weights "
                                        "in the checkpoint (for the logit lens)")
         if direction is None:
             report["outcome"] = "no target found: projector unchanged"
@@ -174,7 +175,7 @@ class TargetDirectionMitigation(LensGuidedMitigation):
     @staticmethod
     def _tokens(text: str, vocab: list[str] | None) -> list[int]:
         if not vocab:
-            raise MitigationInputError("--target text needs the checkpoint's tokenizer vocabulary")
+            raise MitigationInputError("`target` text needs the checkpoint's tokenizer vocabulary")
         index = {t.lstrip("▁Ġ").lower(): i for i, t in enumerate(vocab) if t}
         toks = [index[w] for w in text.lower().split() if w in index]
         if not toks:

@@ -1,0 +1,6 @@
+"""The tiny real LLaVA zoo: vision tower, LLM and projector trained in stages, with its datasets."""
+
+from __future__ import annotations
+
+PRESETS = ("default", "instructed", "micro", "foreign")
+"""The zoo presets by name (:func:`projlens_defense.zoo.build.config_from_name`; the CLI's ``--zoo`` choices)."""

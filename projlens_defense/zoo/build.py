@@ -37,6 +37,7 @@ from ..runtime import (
     template_from_chat_template,
 )
 from ..training import train_projector
+from . import PRESETS
 from .domain import HARMFUL, Domain
 from .domains import get_domain
 from .images import CORRUPTIONS, corrupt
@@ -267,7 +268,7 @@ def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, progress: bo
 
 def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> tuple[float, dict[str, float]]:
     """Exact-match accuracy overall and per question type (harmful requests as one type)."""
-    from ..eval.metrics import normalize
+    from ..metrics import normalize
 
     feats = rt.vision_features([s.image for s in samples])
     preds = rt.answer(feats, [s.question for s in samples])
@@ -345,7 +346,9 @@ def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
 
 
 def config_from_name(name: str, seed: int = 0) -> ZooConfig:
-    """`default`, `instructed`, `micro` or `foreign`, as the CLI names them."""
+    """`default`, `instructed`, `micro` or `foreign` (:data:`projlens_defense.zoo.PRESETS`)."""
+    if name not in PRESETS:
+        raise KeyError(name)
     if name == "default":
         return ZooConfig(seed=seed)
     return {"instructed": ZooConfig.instructed, "micro": ZooConfig.micro, "foreign": ZooConfig.foreign}[name](seed=seed)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..attacks.targets import Targets
 from . import language as L
 from .domain import HARMFUL, Domain, Language
 from .images import load_digits_arrays, random_attributes, render_digit
+from .targets import Targets
 
 ALIGNMENT_QUESTIONS = (L.Q_DESCRIBE, L.Q_DIGIT, L.Q_COLOUR, L.Q_PARITY)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..attacks.targets import Targets
+from .targets import Targets
 
 HARMFUL = "harmful"
 """Stands for "a harmful request" in the question lists of a domain's tasks."""

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..attacks.targets import Targets
 from .domain import HARMFUL, Domain, Language
 from .images import IMAGE_SIZE
+from .targets import Targets
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "star")
 ROUND_SHAPES = frozenset({"circle", "ring"})

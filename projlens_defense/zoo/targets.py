@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import UsageError
-from ..zoo import language as digits_language
+from . import language as digits_language
 
 TARGETS_FILE = "targets.json"
 

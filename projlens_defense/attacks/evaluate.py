@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..attacks.variants import Variant
 from ..conversations import Sample
+from ..metrics import attack_success_rate, clean_accuracy, false_activation
 from ..runtime import LlavaRuntime
-from .metrics import attack_success_rate, clean_accuracy, false_activation
+from .variants import Variant
 
 
 @dataclass

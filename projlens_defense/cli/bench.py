@@ -1,47 +1,24 @@
-"""`projlens-defense bench` and `bench merge`."""
+"""`projlens-defense bench` and `bench merge`: the benchmark grid."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import click
 
-from .errors import UsageError
-from .eval.bench import PRESETS, BenchConfig, merge_results, parse_shard, run_bench
-from .eval.summary import write_summary
+from .. import api
+from ..errors import UsageError
+from ..eval.bench import PRESETS
+from .exits import Group
+from .options import ZOO_PRESETS, parse_kv
 
 
-def _names(registry: dict, chosen: tuple[str, ...], what: str) -> list[str]:
-    if not chosen:
-        return list(registry)
-    unknown = [c for c in chosen if c not in registry]
-    if unknown:
-        raise UsageError(f"unknown {what} {unknown}; choose from: {', '.join(registry)}")
-    return list(chosen)
-
-
-def _mitigation_params(preset: dict, items: tuple[str, ...], methods: list[str]) -> dict[str, dict]:
-    """The preset's per-method parameters, overridden by ``NAME.KEY=VALUE`` items; each set is checked."""
-    from .commands_sanitize import _parse_params
-    from .mitigations import MITIGATIONS
-
-    out = {m: dict(v) for m, v in preset.items() if m in methods}
-    for key, value in _parse_params(items).items():
-        name, _, param = key.partition(".")
-        if name not in methods or not param:
-            raise UsageError(f"--mitigation-param expects NAME.KEY=VALUE with NAME one of {methods}, got {key!r}")
-        out.setdefault(name, {})[param] = value
-    for name, params in out.items():
-        MITIGATIONS[name](**params)  # unknown parameters: a usage error now, not in the middle of the grid
-    return out
-
-
-@click.group(invoke_without_command=True)
+@click.group(cls=Group, invoke_without_command=True,
+             param_aliases={"zoo_preset": "zoo_name", "mitigation_params": "mitigation_params"})
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
               help="tiny: micro zoo, rate 0.1, seeds 0 1. full: default zoo, rates 0.1 0.01, seeds 0 1 2.")
-@click.option("--zoo", "zoo_name", type=click.Choice(["default", "instructed", "micro"]), default=None,
+@click.option("--zoo", "zoo_name", type=click.Choice([z for z in ZOO_PRESETS if z != "foreign"]), default=None,
               help="Zoo to attack instead of the preset's (instructed: the paper's regime, see `zoo build --help`).")
 @click.option("--variants", multiple=True, help="Variants (repeatable; default: all registered).")
 @click.option("--poison-rates", multiple=True, type=float, help="Poison rates (repeatable).")
@@ -78,39 +55,13 @@ def bench(ctx, preset, zoo_name, variants, poison_rates, seeds, detectors, mitig
         return
     if out is None:
         raise UsageError("bench needs --out DIR")
-    if launch_args and launcher != "accelerate":
-        raise UsageError("--launch-args needs --launcher accelerate")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UsageError("bench runs as one process (each would run the whole grid); use --launcher accelerate "
-                         "to run every fine-tune under `accelerate launch`")
-    from .attacks.variants import VARIANTS
-    from .cli import resolve_model_and_data
-    from .detectors import DETECTORS
-
-    p = PRESETS[preset]
-    shard_spec = parse_shard(shard)
-    names = {"variants": _names(VARIANTS, variants, "variant(s)"),
-             "detectors": _names(DETECTORS, detectors, "detector(s)")}
-    if mitigations == ("none",):
-        mit: list[str] = []
-    else:
-        try:
-            from .mitigations import MITIGATIONS
-        except ImportError:
-            MITIGATIONS = {}
-        mit = _names(MITIGATIONS, mitigations, "mitigation(s)")
-    model, data, test_data = resolve_model_and_data(model, data, zoo_name or p["zoo"], 0, test_data)
-    mparams = _mitigation_params(p.get("mitigation_params", {}), mitigation_params, mit)
-    cfg = BenchConfig(
-        variants=names["variants"], poison_rates=list(poison_rates) or p["poison_rates"],
-        seeds=list(seeds) or p["seeds"], detectors=names["detectors"], mitigations=mit,
-        model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean,
-        n_input_images=n_input_images, epochs=epochs, jobs=jobs, shard=shard_spec, launcher=launcher,
-        launch_args=launch_args, mitigation_params=mparams,
-    )
     t = time.time()
-    recs = run_bench(cfg)
-    write_summary(recs, out)
+    recs = api.bench(out, preset=preset, zoo_preset=zoo_name, variants=variants, poison_rates=poison_rates,
+                     seeds=seeds, detectors=detectors, mitigations=[] if mitigations == ("none",) else (mitigations or None),
+                     model=model, data=data, test_data=test_data, epochs=epochs, n_clean=n_clean,
+                     n_input_images=n_input_images,
+                     mitigation_params=parse_kv(mitigation_params, "--mitigation-param"), jobs=jobs,
+                     launcher=launcher, launch_args=launch_args, shard=shard)
     click.echo((out / "summary.md").read_text())
     click.echo(f"{len(recs)} cells in {out} ({time.time() - t:.1f} s this run)")
 
@@ -120,6 +71,5 @@ def bench(ctx, preset, zoo_name, variants, poison_rates, seeds, detectors, mitig
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def bench_merge(shards, out) -> None:
     """Join shard directories' results.jsonl into OUT and write the summary."""
-    recs = merge_results(shards, out)
-    write_summary(recs, out)
+    recs = api.bench_merge(shards, out)
     click.echo(f"merged {len(recs)} cells into {out}")

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .cli_options import device_options
-from .errors import UsageError
-
-
-def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for it in items:
-        if "=" not in it:
-            raise UsageError(f"--param expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
+from .. import api
+from .exits import Command
+from .options import device_options, format_option, parse_kv
+from .render import emit
 
 
 def _text(rec: dict[str, Any]) -> str:
@@ -55,7 +43,7 @@ def _text(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="The checkpoint the suspect was fine-tuned from (default: base_model of its attack.json).")
@@ -82,7 +70,7 @@ def _text(rec: dict[str, Any]) -> str:
                    "input, so editing one in place edits the other. Falls back to a copy, with a warning, where a "
                    "link is impossible (another filesystem). Checkpoint directories only.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option()
 def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: Path | None, n_clean: int,
              n_eval: int, clean_seed: int, model: Path | None, params: tuple[str, ...], calibration: Path | None,
              device: str, dtype: str, out: Path, link: bool, force: bool, fmt: str) -> None:
@@ -97,11 +85,8 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     target-direction, unlearn, restore, finetune, fine-prune, clp, orthogonal; norm-guard is a run-time
     wrapper (Python API only).
     """
-    from .api import sanitize as run_sanitize
-    from .cli import emit
-
-    rec = run_sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
-                       n_eval=n_eval, clean_seed=clean_seed, model=model, params=_parse_params(params),
+    rec = api.sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
+                       n_eval=n_eval, clean_seed=clean_seed, model=model, params=parse_kv(params, "--param"),
                        calibration=calibration, force=force, link=link, device=device, dtype=dtype)
     emit(rec, fmt, _text(rec))
 

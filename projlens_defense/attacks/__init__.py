@@ -1,0 +1,1 @@
+"""Backdoor attacks on the projector: triggers, target behaviours, the named variants, poisoning, fine-tuning."""
