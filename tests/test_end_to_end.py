@@ -60,12 +60,17 @@ def test_attack_checkpoint_changes_only_the_projector(micro_zoo, micro_attacks):
     assert rec["config"]["seed"] == 0 and rec["wall_time_s"] > 0 and rec["environment"]["versions"]["torch"]
 
 
-def test_attack_is_deterministic_for_a_seed(micro_zoo, micro_attacks, tmp_path):
-    out, _ = micro_attacks
-    run_attack(AttackConfig(variant="badnets", poison_rate=0.2, seed=0), micro_zoo.reference,
-               micro_zoo.train_data, None, tmp_path / "again", progress=False)
-    a, b = _tensors(out / "backdoored"), _tensors(tmp_path / "again")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_attack_is_deterministic_for_a_seed(micro_zoo, tmp_path):
+    """Two runs of one seed give the same bytes (2 of the recipe's 20 epochs: the poisoning draw, the init and two
+    epochs' shuffles and steps, in a fifth of the time a full rerun took); another seed gives other bytes."""
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_attack(AttackConfig(variant="badnets", poison_rate=0.2, seed=seed, epochs=2), micro_zoo.reference,
+                   micro_zoo.train_data, None, tmp_path / name, progress=False)
+        runs.append(_tensors(tmp_path / name))
+    a, b, c = runs
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[f"{PROJ}linear_2.weight"], c[f"{PROJ}linear_2.weight"])
 
 
 def test_cli_evaluate_json_and_refusals(micro_zoo, micro_attacks):
