@@ -219,6 +219,11 @@ class LlavaRuntime:
         """
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+        from .qwen2vl_runtime import QWEN2VL_MODEL_TYPES, Qwen2VLRuntime, model_type
+
+        if cls is LlavaRuntime and model_type(path) in QWEN2VL_MODEL_TYPES:  # the merger is the projector there
+            return Qwen2VLRuntime.from_pretrained(path, template=template, dtype=dtype, device=device,
+                                                  device_map=device_map)
         quiet_transformers()
         path = Path(path)
         if not (path / "config.json").is_file():
