@@ -64,7 +64,7 @@ def emit(obj: dict | list, fmt: str, text: str, output: Path | None = None) -> N
 
 def zoo_config_option(f):
     f = click.option("--zoo-seed", type=int, default=0, show_default=True, help="Seed of the zoo to use or build.")(f)
-    return click.option("--zoo", "zoo_name", type=click.Choice(["default", "instructed", "micro", "foreign"]),
+    return click.option("--zoo", "zoo_name", type=click.Choice(["default", "instructed", "micro", "foreign", "qwen2vl"]),
                         default="default", show_default=True,
                         help="Which zoo preset: default (the downstream task teaches new question types), instructed "
                              "(the reference already does every downstream question type, the paper's regime), "

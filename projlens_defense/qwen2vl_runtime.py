@@ -124,8 +124,13 @@ class Qwen2VLRuntime(LlavaRuntime):
         """LLM image tokens per image (patches / merge_size**2): of the images seen by :meth:`vision_features`,
         else of a square image at the image processor's ``max_pixels`` (the zoo's images; features computed
         elsewhere, e.g. the cached ones of ``calibrate --generate``, must match it, which the loss checks)."""
-        t, h, w = self.grid if self.grid is not None else self.default_grid()
+        t, h, w = self.image_grid
         return t * h * w // self.merge_size**2
+
+    @property
+    def image_grid(self) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of every image: seen by :meth:`vision_features`, else :meth:`default_grid`."""
+        return self.grid if self.grid is not None else self.default_grid()
 
     def default_grid(self) -> tuple[int, int, int]:
         """The (t, h, w) patch grid the image processor makes of a square image of ``max_pixels`` pixels."""
@@ -187,7 +192,7 @@ class Qwen2VLRuntime(LlavaRuntime):
     def _mrope(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mm_token_type_ids, image_grid_thw) for a batch of one-image prompts."""
         types = (input_ids == self.image_token_id).to(torch.int)
-        grid = torch.tensor([list(self.grid)] * input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        grid = torch.tensor([list(self.image_grid)] * input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         return types, grid
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,16 @@ def test_sanitize_changes_only_merger_tensors(tiny_qwen, tmp_path):
     assert torch.equal(loaded.model.visual.merger.mlp[2].weight, Qwen2VLForConditionalGeneration.from_pretrained(
         tiny_qwen).model.visual.merger.mlp[2].weight)
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_vl"
+
+
+def test_features_computed_elsewhere_use_the_processor_grid(tiny_qwen):
+    """`calibrate --generate` trains in worker processes on cached features: a fresh runtime that has seen no
+    image still encodes prompts and trains on them (the grid of a square image at max_pixels), and refuses
+    features of another patch count."""
+    feats = LlavaRuntime.from_pretrained(tiny_qwen).vision_features(_images(2))
+    rt = LlavaRuntime.from_pretrained(tiny_qwen)
+    assert rt.grid is None and rt.image_grid == (1, 8, 8)
+    batch = rt.encode(["what digit is this ?"] * 2, ["one", "two"])
+    assert torch.isfinite(rt.loss(feats, batch))
+    with pytest.raises(ValueError, match="patches per image"):
+        rt.loss(feats[:, :32], batch)

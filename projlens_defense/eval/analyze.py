@@ -379,10 +379,13 @@ def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
     """
     if ck.info.format == "hf-llava" and ck.info.root is not None:
         return checkpoint
+    if ck.info.format == "qwen2-vl-merger" and (checkpoint / "config.json").is_file():  # a whole Qwen2-VL model dir
+        return checkpoint
     if (reference / "config.json").is_file():
         return reference
-    raise UsageError(f"{checkpoint}: analyze runs the projector inside a LLaVA model, but neither this "
-                     f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA directory")
+    raise UsageError(f"{checkpoint}: analyze runs the projector inside its model, but neither this "
+                     f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA or "
+                     "Qwen2-VL directory")
 
 
 def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Sequence[Path] = (),
