@@ -180,3 +180,39 @@ def test_features_computed_elsewhere_use_the_processor_grid(tiny_qwen):
     assert torch.isfinite(rt.loss(feats, batch))
     with pytest.raises(ValueError, match="patches per image"):
         rt.loss(feats[:, :32], batch)
+
+
+# ----------------------------------------------------------------------------- the qwen2vl zoo (slow)
+@pytest.fixture(scope="module")
+def qwen_zoo():
+    """The qwen2vl preset, built and self-calibrated once per cache (minutes on 2 cores the first time)."""
+    from projlens_defense.zoo.build import ZooConfig, get_zoo
+
+    return get_zoo(ZooConfig.qwen2vl(), progress=False, jobs=1)
+
+
+@pytest.mark.slow
+def test_qwen2vl_attack_scan_and_data_free_sanitize(qwen_zoo, tmp_path):
+    """Merger-only poisoning implants the backdoor (ASR far above the benign control at about its clean
+    accuracy); scan with the reference flags it against the zoo's own calibration and calls the benign control
+    clean; data-free sanitize writes a Qwen2-VL checkpoint that removes most of it, changed only in the merger."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import projlens_defense as pld
+
+    bd = pld.attack("malicious-injection", tmp_path / "bd", zoo_preset="qwen2vl")
+    ok = pld.attack("none", tmp_path / "ok", zoo_preset="qwen2vl", eval_variant="malicious-injection")
+    assert bd["metrics"]["asr"] >= 0.9 > 0.05 >= ok["metrics"]["asr"]
+    assert bd["metrics"]["clean_accuracy"] >= ok["metrics"]["clean_accuracy"] - 0.03
+
+    res = {Path(r.path).name: r for r in pld.scan([tmp_path / "bd", tmp_path / "ok"], reference=qwen_zoo.reference)}
+    assert res["bd"].verdict == "suspicious" and res["ok"].verdict == "clean"
+
+    fixed = pld.sanitize(tmp_path / "bd", tmp_path / "fixed")
+    assert fixed["report"]
+    after = pld.evaluate(tmp_path / "fixed", "malicious-injection", zoo_preset="qwen2vl")
+    assert after["asr"] <= 0.1 and after["clean_accuracy"] >= ok["metrics"]["clean_accuracy"] - 0.05
+    before_t, after_t = _tensors(tmp_path / "bd"), _tensors(tmp_path / "fixed")
+    changed = {k for k in before_t if not torch.equal(before_t[k], after_t[k])}
+    assert changed and all("merger.mlp." in k for k in changed)
+    Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "fixed")
