@@ -59,6 +59,8 @@ class Qwen2VLRuntime(LlavaRuntime):
 
     lora_targets = ("mlp.0", "mlp.2")
     """The merger's Linear layers, by the names peft matches (``--lora-rank``)."""
+    projector_prefix = "visual.merger."
+    """Key prefix of the merger's tensors in a saved projector file (what the checkpoint reader detects)."""
 
     def __init__(self, model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE,
                  template_source: str | None = None):

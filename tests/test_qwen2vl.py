@@ -216,3 +216,27 @@ def test_qwen2vl_attack_scan_and_data_free_sanitize(qwen_zoo, tmp_path):
     changed = {k for k in before_t if not torch.equal(before_t[k], after_t[k])}
     assert changed and all("merger.mlp." in k for k in changed)
     Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "fixed")
+
+
+def test_self_calibration_fine_tune_of_a_merger_is_readable(tiny_qwen, tmp_path):
+    """`calibrate --generate` on a Qwen2-VL reference: a benign fine-tune (a worker that has seen no image)
+    writes the merger under its `visual.merger.` keys, which the reader takes as a qwen2-vl-merger projector
+    that differs from the reference's in the MLP."""
+    from dataclasses import asdict
+
+    from projlens_defense.conversations import save_conversations
+    from projlens_defense.self_calibration import BenignRecipe, _train_one
+    from projlens_defense.zoo.tasks import downstream_samples
+
+    samples = downstream_samples(8, QWEN2VL_DIGITS.split_pools(0)[0], 0, "t", QWEN2VL_DIGITS)
+    save_conversations(samples, tmp_path / "data.json")
+    torch.save(LlavaRuntime.from_pretrained(tiny_qwen).vision_features([s.image for s in samples]),
+               tmp_path / "features.pt")
+    recipe = BenignRecipe(index=0, seed=1, lr=1e-2, epochs=1.0, subsample=1.0, batch_size=4)
+    out = tmp_path / "benign-00.safetensors"
+    _train_one(str(tiny_qwen), str(tmp_path / "data.json"), str(tmp_path / "features.pt"), asdict(recipe), str(out),
+               1)
+    info = detect_format(out)
+    assert (info.format, info.prefix) == ("qwen2-vl-merger", "visual.merger.")
+    tuned, ref = load_projector(info), load_projector(detect_format(tiny_qwen))
+    assert tuned.merge_size == 2 and any(float(d.abs().max()) > 0 for d in tuned.delta(ref))
