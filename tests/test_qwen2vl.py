@@ -240,3 +240,12 @@ def test_self_calibration_fine_tune_of_a_merger_is_readable(tiny_qwen, tmp_path)
     assert (info.format, info.prefix) == ("qwen2-vl-merger", "visual.merger.")
     tuned, ref = load_projector(info), load_projector(detect_format(tiny_qwen))
     assert tuned.merge_size == 2 and any(float(d.abs().max()) > 0 for d in tuned.delta(ref))
+
+
+def test_qwen2vl_preset_by_name():
+    from projlens_defense.zoo.build import ZooConfig, config_from_name
+
+    cfg = config_from_name("qwen2vl")
+    assert cfg.family == "qwen2vl" and cfg.domain == "digits" and cfg.dims.patch_size == 4
+    assert cfg.key() != ZooConfig(dims=cfg.dims).key()  # the family is part of the key
+    assert cfg.key() not in {config_from_name(n).key() for n in ("default", "instructed", "micro", "foreign")}

@@ -30,7 +30,7 @@ import torch
 from ..attacks.variants import Variant, get_variant
 from ..checkpoint import load_projector
 from ..conversations import load_conversations
-from ..detectors.activation import ActivationDetector, fit_line, output_shift
+from ..detectors.activation import ActivationDetector, _align, fit_line, output_shift
 from ..detectors.base import ScanInput
 from ..detectors.input_level import EXTRA_PROBES, ShiftInputDetector
 from ..detectors.loading import load_checkpoint
@@ -499,8 +499,8 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
         rep["model_score"] = {"score": report.signals["act.score"], "threshold": report.evidence["threshold"],
                               "verdict": report.evidence["verdict"], "n_benign": len(binps)}
     # shift along the dominant direction vs input norm
-    proj_p = output_shift(sus, ref, probes) @ direction
-    norm_p = probes.norm(dim=-1)
+    shift_p, norm_p = _align(output_shift(sus, ref, probes), probes.float())  # a merger: 4 patches per token
+    proj_p = shift_p @ direction
     shift_rep = a.summary()
     shift_rep["per_token"] = fit_line(norm_p, proj_p).to_dict()
     shift_rep["per_image"] = fit_line(norm_p.mean(1), proj_p.mean(1)).to_dict()
