@@ -506,13 +506,19 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, benign: Seq
     shift_rep["per_image"] = fit_line(norm_p.mean(1), proj_p.mean(1)).to_dict()
     rep["shift"] = shift_rep
     scatter: dict[str, Any] = {"probe": {"norm": norm_p.numpy(), "proj": proj_p.numpy()}}
+    def token_norm_proj(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per LLM image token: input norm and shift along the direction, [N, T'] each (a merger joins 4 patches)."""
+        sh, nrm = _align(output_shift(sus, ref, x), x.float())
+        return nrm, sh @ direction
+
     cf = es.clean_features
-    scatter["clean"] = {"norm": cf.norm(dim=-1).numpy(), "proj": (output_shift(sus, ref, cf) @ direction).numpy()}
+    c_norm, c_proj = token_norm_proj(cf)
+    scatter["clean"] = {"norm": c_norm.numpy(), "proj": c_proj.numpy()}
     if es.triggered_features is not None:
         tf = es.triggered_features
-        scatter["triggered"] = {"norm": tf.norm(dim=-1).numpy(), "proj": (output_shift(sus, ref, tf) @ direction).numpy()}
-        c_el = cf[es.eligible]
-        cn, tn = c_el.norm(dim=-1), tf.norm(dim=-1)
+        t_norm, t_proj = token_norm_proj(tf)
+        scatter["triggered"] = {"norm": t_norm.numpy(), "proj": t_proj.numpy()}
+        cn, tn = c_norm[es.eligible], t_norm
         cp, tp = scatter["clean"]["proj"][es.eligible], scatter["triggered"]["proj"]
         rep["norms"] = {
             "clean_token_mean": float(cn.mean()), "triggered_token_mean": float(tn.mean()),
