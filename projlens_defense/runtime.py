@@ -183,6 +183,26 @@ def quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _model_type(path: str | Path) -> str | None:
+    """The ``model_type`` of a model directory's ``config.json`` (None if unreadable); reads JSON only."""
+    try:
+        value = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+RUNTIMES: dict[str, str] = {"qwen2_vl": "projlens_defense.qwen2vl_runtime:Qwen2VLRuntime"}
+"""``config.json`` model type -> ``module:class`` of the runtime for a family other than LLaVA (a plugin by
+name: the family's module builds on this one and is imported only when such a model is loaded)."""
+
+
+def _plugin(spec: str) -> Any:
+    """The object a ``module:attribute`` plugin name points at."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 class LlavaRuntime:
     """A loaded LLaVA model with its tokenizer and image processor, in eval mode on CPU by default.
 
@@ -219,6 +239,9 @@ class LlavaRuntime:
         """
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+        spec = RUNTIMES.get(_model_type(path) or "") if cls is LlavaRuntime else None
+        if spec is not None:  # another family (e.g. Qwen2-VL, whose merger is the projector)
+            return _plugin(spec).from_pretrained(path, template=template, dtype=dtype, device=device, device_map=device_map)
         quiet_transformers()
         path = Path(path)
         if not (path / "config.json").is_file():

@@ -99,7 +99,8 @@ def _train_one(reference: str, data: str, features: str, recipe: dict, out: str,
     losses = train_projector(rt, feats[idx], [samples[i].question for i in idx], [samples[i].answer for i in idx],
                              epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed, progress=False,
                              accelerate=False)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in rt.projector.state_dict().items()}
+    prefix = getattr(rt, "projector_prefix", "")  # a Qwen2-VL merger keeps its `visual.merger.` keys (the reader's format)
+    state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in rt.projector.state_dict().items()}
     tmp = f"{out}.tmp-{os.getpid()}"
     save_file(state, tmp, metadata={"format": "pt", "recipe": json.dumps(recipe)})
     os.replace(tmp, out)

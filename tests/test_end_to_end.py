@@ -210,6 +210,7 @@ def _normalize_text(text: str, subs: list[tuple[str, str]]) -> list[str]:
 
     text = _normalize(text, subs)
     text = re.sub(r"in \d+\.\d+ s", "in <T> s", text)
+    text = re.sub(r"-{3,}", "---", text)  # rule widths follow the (machine-dependent) path column's width
     return [" ".join(line.split()) for line in text.splitlines()]
 
 

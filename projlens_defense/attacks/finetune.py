@@ -49,11 +49,11 @@ class AttackConfig:
         return self.variant in (None, "none") or self.poison_rate == 0
 
 
-def _lora_wrap(projector: torch.nn.Module, rank: int, seed: int):
+def _lora_wrap(projector: torch.nn.Module, rank: int, seed: int, targets: tuple[str, ...] = ("linear_1", "linear_2")):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["linear_1", "linear_2"], lora_dropout=0.0)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
     return get_peft_model(projector, cfg)
 
 
@@ -89,7 +89,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
     feats = rt.vision_features([s.image for s in train])
     proj = rt.projector
     if cfg.lora_rank:
-        proj = _lora_wrap(proj, cfg.lora_rank, cfg.seed)
+        proj = _lora_wrap(proj, cfg.lora_rank, cfg.seed, getattr(rt, "lora_targets", ("linear_1", "linear_2")))
     t_train = time.time()
     losses = train_projector(rt, feats, [s.question for s in train], [s.answer for s in train], epochs=cfg.epochs,
                              lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, projector=proj,

@@ -209,11 +209,12 @@ class ShiftInputDetector(InputDetector):
         x = features.float()
         if x.ndim == 2:
             x = x[:, None]
-        out = self._suspect.forward(x) if outputs is None else outputs.float().reshape(*x.shape[:2], -1)
+        n, width = x.shape[0], self._suspect.out_dim  # [N, T', out]: a merger returns one row per 4 patches, flat
+        out = (self._suspect.forward(x) if outputs is None else outputs.float()).reshape(n, -1, width)
         if self.mode != "shift":
             return [out]
         assert self._reference is not None and self.basis is not None
-        shift = out - self._reference.forward(x)
+        shift = out - self._reference.forward(x).reshape(n, -1, width)
         reps = [shift @ self.basis]
         if self.direction is not None:
             reps.append((shift @ self.direction)[..., None])

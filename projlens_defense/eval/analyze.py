@@ -31,7 +31,7 @@ from ..attacks.evaluate import EvalSet, evaluate, prepare_eval_set
 from ..attacks.variants import Variant, get_variant
 from ..checkpoint import load_projector
 from ..conversations import load_conversations
-from ..detectors.activation import ActivationDetector, fit_line, output_shift
+from ..detectors.activation import ActivationDetector, _align, fit_line, output_shift
 from ..detectors.base import ScanInput
 from ..detectors.input_level import ShiftInputDetector
 from ..detectors.loading import load_checkpoint
@@ -383,10 +383,13 @@ def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
     """
     if ck.info.format == "hf-llava" and ck.info.root is not None:
         return checkpoint
+    if ck.info.format == "qwen2-vl-merger" and (checkpoint / "config.json").is_file():  # a whole Qwen2-VL model dir
+        return checkpoint
     if (reference / "config.json").is_file():
         return reference
-    raise UsageError(f"{checkpoint}: analyze runs the projector inside a LLaVA model, but neither this "
-                     f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA directory")
+    raise UsageError(f"{checkpoint}: analyze runs the projector inside its model, but neither this "
+                     f"{ck.info.format} checkpoint nor the reference {reference} is a Hugging Face LLaVA or "
+                     "Qwen2-VL directory")
 
 
 def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: Path, probe_data: Path,
@@ -493,20 +496,26 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: 
         rep["model_score"] = {"score": report.signals["act.score"], "threshold": report.evidence["threshold"],
                               "verdict": report.evidence["verdict"], "n_benign": len(binps)}
     # shift along the dominant direction vs input norm
-    proj_p = output_shift(sus, ref, probes) @ direction
-    norm_p = probes.norm(dim=-1)
+    shift_p, norm_p = _align(output_shift(sus, ref, probes), probes.float())  # a merger: 4 patches per token
+    proj_p = shift_p @ direction
     shift_rep = a.summary()
     shift_rep["per_token"] = fit_line(norm_p, proj_p).to_dict()
     shift_rep["per_image"] = fit_line(norm_p.mean(1), proj_p.mean(1)).to_dict()
     rep["shift"] = shift_rep
     scatter: dict[str, Any] = {"probe": {"norm": norm_p.numpy(), "proj": proj_p.numpy()}}
+    def token_norm_proj(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per LLM image token: input norm and shift along the direction, [N, T'] each (a merger joins 4 patches)."""
+        sh, nrm = _align(output_shift(sus, ref, x), x.float())
+        return nrm, sh @ direction
+
     cf = es.clean_features
-    scatter["clean"] = {"norm": cf.norm(dim=-1).numpy(), "proj": (output_shift(sus, ref, cf) @ direction).numpy()}
+    c_norm, c_proj = token_norm_proj(cf)
+    scatter["clean"] = {"norm": c_norm.numpy(), "proj": c_proj.numpy()}
     if es.triggered_features is not None:
         tf = es.triggered_features
-        scatter["triggered"] = {"norm": tf.norm(dim=-1).numpy(), "proj": (output_shift(sus, ref, tf) @ direction).numpy()}
-        c_el = cf[es.eligible]
-        cn, tn = c_el.norm(dim=-1), tf.norm(dim=-1)
+        t_norm, t_proj = token_norm_proj(tf)
+        scatter["triggered"] = {"norm": t_norm.numpy(), "proj": t_proj.numpy()}
+        cn, tn = c_norm[es.eligible], t_norm
         cp, tp = scatter["clean"]["proj"][es.eligible], scatter["triggered"]["proj"]
         rep["norms"] = {
             "clean_token_mean": float(cn.mean()), "triggered_token_mean": float(tn.mean()),

@@ -2,5 +2,5 @@
 
 from __future__ import annotations
 
-PRESETS = ("default", "instructed", "micro", "foreign")
+PRESETS = ("default", "instructed", "micro", "foreign", "qwen2vl")
 """The zoo presets by name (:func:`projlens_defense.zoo.build.config_from_name`; the CLI's ``--zoo`` choices)."""

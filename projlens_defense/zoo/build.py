@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,8 @@ class ZooConfig:
     reference_tasks: str = "alignment"
     domain: str = "digits"
     """The images, words, tasks and targets (see :mod:`.domain`): ``digits`` or ``shapes``."""
+    family: str = "llava"
+    """The model family: ``llava`` (CLIP + Llama + MLP projector) or ``qwen2vl`` (see :mod:`.qwen2vl`)."""
 
     @classmethod
     def micro(cls, seed: int = 0) -> ZooConfig:
@@ -109,11 +112,23 @@ class ZooConfig:
                    vision_steps=3500, lm_steps=800, lm_batch=48, n_text=16000, n_align=2400, align_epochs=6.0,
                    align_lr=3e-3, n_train=800, n_test=400)
 
+    @classmethod
+    def qwen2vl(cls, seed: int = 0) -> ZooConfig:
+        """A tiny real Qwen2-VL on the digits domain (see :mod:`.qwen2vl`): vision 64 wide, 4 px patches merged 2x2
+        (16 image tokens), merger ln_q(64) -> 256 -> 256 -> 128, LLM 128 wide; sized to build in minutes on 2 cores."""
+        return cls(seed=seed, family="qwen2vl",
+                   dims=ModelDims(vision_hidden=64, vision_layers=3, vision_heads=4, patch_size=4, text_hidden=128,
+                                  text_layers=2, text_heads=4),
+                   vision_steps=500, vision_batch=48, lm_steps=800, n_text=16000, n_align=2400, align_epochs=6.0,
+                   align_lr=3e-3)
+
     def key(self) -> str:
         """Hash of the config, the zoo format and :func:`build_platform` (what determines the bytes)."""
         fields = asdict(self)
         if fields["domain"] == "digits":  # the digits zoos' keys predate the field
             del fields["domain"]
+        if fields["family"] == "llava":  # so do the LLaVA zoos' keys
+            del fields["family"]
         blob = json.dumps({"v": ZOO_FORMAT_VERSION, "platform": build_platform(), **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -236,7 +251,8 @@ def _pretrain_llm(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, progress: bo
             continue
         prompt = rt.template.format(question=q).replace(IMAGE_SLOT, desc)  # the words stand where the image will
         texts.append(f"{prompt} {a}")
-    seqs = [[rt.bos_id] + tok(t, add_special_tokens=False).input_ids + [rt.eos_id] for t in texts]
+    head = [rt.bos_id] if rt.bos_id is not None else []  # Qwen2-VL has no BOS
+    seqs = [head + tok(t, add_special_tokens=False).input_ids + [rt.eos_id] for t in texts]
     lm = rt.model
     params = list(lm.model.language_model.parameters()) + list(lm.lm_head.parameters())
     for q in params:
@@ -279,14 +295,25 @@ def _accuracy(rt: LlavaRuntime, samples: list[Sample]) -> tuple[float, dict[str,
     return float(np.mean(hits)), {k: round(float(np.mean(v)), 4) for k, v in kinds.items()}
 
 
+FAMILY_BUILDERS: dict[str, Callable[..., Path] | str] = {"qwen2vl": "projlens_defense.zoo.qwen2vl:build_qwen2vl_zoo"}
+"""Zoo model family -> builder ``(cfg, out, progress) -> out``: ``llava`` is this module's; another family's is
+named ``module:function`` (its module builds on this one and is imported only to build such a zoo)."""
+
+
 def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
     """Train all stages and write the reference model, the downstream data and `zoo.json` into `out`
     (single-threaded, so the bytes depend only on the config and :func:`build_platform`)."""
+    builder = FAMILY_BUILDERS.get(cfg.family)
+    if builder is None:
+        raise ValueError(f"unknown zoo model family {cfg.family!r} ({', '.join(FAMILY_BUILDERS)})")
+    if isinstance(builder, str):
+        module, _, attr = builder.partition(":")
+        builder = getattr(importlib.import_module(module), attr)
     with single_threaded():
-        return _build_zoo(cfg, out, progress)
+        return builder(cfg, out, progress)
 
 
-def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
+def _build_llava_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
     quiet_transformers()
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -346,9 +373,13 @@ def _build_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
 
 
 def config_from_name(name: str, seed: int = 0) -> ZooConfig:
-    """`default`, `instructed`, `micro` or `foreign` (:data:`projlens_defense.zoo.PRESETS`)."""
+    """`default`, `instructed`, `micro`, `foreign` or `qwen2vl` (:data:`projlens_defense.zoo.PRESETS`)."""
     if name not in PRESETS:
         raise KeyError(name)
     if name == "default":
         return ZooConfig(seed=seed)
-    return {"instructed": ZooConfig.instructed, "micro": ZooConfig.micro, "foreign": ZooConfig.foreign}[name](seed=seed)
+    return {"instructed": ZooConfig.instructed, "micro": ZooConfig.micro, "foreign": ZooConfig.foreign,
+            "qwen2vl": ZooConfig.qwen2vl}[name](seed=seed)
+
+
+FAMILY_BUILDERS["llava"] = _build_llava_zoo
