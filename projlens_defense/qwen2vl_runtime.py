@@ -21,24 +21,18 @@ refused with a clear error, since the features are one [N, patches, dim] tensor.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UsageError
+from .errors import UsageError
 from .runtime import (
     DEFAULT_TEMPLATE,
     LlavaRuntime,
     _model_type,
-    quiet_transformers,
-    resolve_device,
-    resolve_dtype,
-    resolve_template,
 )
 
 QWEN2VL_MODEL_TYPES = ("qwen2_vl",)
@@ -53,6 +47,9 @@ def model_type(path: str | Path) -> str | None:
 class Qwen2VLRuntime(LlavaRuntime):
     """A loaded ``Qwen2VLForConditionalGeneration`` with its tokenizer and image processor (see module doc)."""
 
+    model_class = "Qwen2VLForConditionalGeneration"
+    family = "Qwen2-VL"
+    load_errors = (*LlavaRuntime.load_errors, TypeError)
     lora_targets = ("mlp.0", "mlp.2")
     """The merger's Linear layers, by the names peft matches (``--lora-rank``)."""
     projector_prefix = "visual.merger."
@@ -72,41 +69,6 @@ class Qwen2VLRuntime(LlavaRuntime):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, template: str | None = None, dtype: str | torch.dtype = torch.float32,
-                        device: str | torch.device | None = "cpu", device_map: str | dict | None = None
-                        ) -> Qwen2VLRuntime:
-        """Load a Qwen2-VL model directory (model, tokenizer, image processor; the prompt from its chat template)."""
-        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
-
-        quiet_transformers()
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
-        kw: dict[str, Any] = {}
-        dev = None
-        if device_map is not None:
-            kw["device_map"] = device_map
-        else:
-            dev = resolve_device(device)
-        kw["dtype"] = resolve_dtype(dtype, dev or torch.device("cuda"))
-        try:
-            model = Qwen2VLForConditionalGeneration.from_pretrained(path, **kw)
-            tok = AutoTokenizer.from_pretrained(path)
-            proc = AutoImageProcessor.from_pretrained(path)
-        except pickle.UnpicklingError:
-            raise CheckpointError(f"{path}: refused to load: a weights pickle references globals that torch's "
-                                  "weights_only loader blocks, it may try to run code") from None
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: cannot load as a Qwen2-VL model ({first})") from None
-        if dev is not None and dev.type != "cpu":
-            model = model.to(dev)
-        rt = cls(model, tok, proc, template or DEFAULT_TEMPLATE, "explicit" if template is not None else None)
-        if template is None:
-            rt.template, rt.template_source = resolve_template(path, tok, rt.image_token_id)
-        return rt
 
     # ---- projector access -------------------------------------------------------------------
     @property

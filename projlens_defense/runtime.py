@@ -210,6 +210,12 @@ class LlavaRuntime:
     where the model's modules are, and what the runtime returns (vision features, answers) is on the CPU.
     """
 
+    model_class = "LlavaForConditionalGeneration"
+    """The transformers class :meth:`from_pretrained` loads (a subclass for another family names its own)."""
+    family = "LLaVA"
+    load_errors: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError)
+    """What transformers raises for a directory that is not a loadable model of this family (-> CheckpointError)."""
+
     def __init__(self, model, tokenizer, image_processor, template: str = DEFAULT_TEMPLATE,
                  template_source: str | None = None):
         self.model = model.eval()
@@ -237,7 +243,8 @@ class LlavaRuntime:
         ``device_map="auto"`` (inference only); an explicit ``device_map`` is passed to transformers as is.
         The CPU float32 default loads exactly as transformers does without either.
         """
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer
 
         spec = RUNTIMES.get(_model_type(path) or "") if cls is LlavaRuntime else None
         if spec is not None:  # another family (e.g. Qwen2-VL, whose merger is the projector)
@@ -256,15 +263,15 @@ class LlavaRuntime:
         elif dev is not None and dev.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
             kw["device_map"] = {"": str(dev)}  # straight onto the device, without a full copy in CPU memory
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(path, **kw)
+            model = getattr(transformers, cls.model_class).from_pretrained(path, **kw)
             tok = AutoTokenizer.from_pretrained(path)
             proc = AutoImageProcessor.from_pretrained(path)
         except pickle.UnpicklingError:  # transformers' torch.load(weights_only=True) met a forbidden global
             raise CheckpointError(f"{path}: refused to load: a weights pickle references globals that torch's "
                                   "weights_only loader blocks, it may try to run code") from None
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except cls.load_errors as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: cannot load as a LLaVA model ({first})") from None
+            raise CheckpointError(f"{path}: cannot load as a {cls.family} model ({first})") from None
         if dev is not None and "device_map" not in kw and dev.type != "cpu":
             model = model.to(dev)
         rt = cls(model, tok, proc, template or DEFAULT_TEMPLATE, "explicit" if template is not None else None)
