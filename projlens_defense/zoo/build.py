@@ -313,6 +313,40 @@ def build_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
         return builder(cfg, out, progress)
 
 
+def train_stages(rt: LlavaRuntime, cfg: ZooConfig, domain: Domain, pretrain_vision: Callable[..., dict], projector: str,
+                 progress: bool) -> tuple[dict, dict, list, list]:
+    """The staged recipe every zoo family shares, on an untrained runtime ``rt``: the family's vision pretraining,
+    LLM pretraining, ``projector`` alignment (the other weights frozen) and the evaluation of the reference.
+    Returns (stages, timings, downstream train samples, downstream test samples)."""
+    train_pool, test_pool = domain.split_pools(cfg.seed)
+    timings, stages = {}, {}
+
+    t = time.time()
+    stages["vision"] = pretrain_vision(rt, cfg, domain, train_pool, progress)
+    timings["vision"] = time.time() - t
+    t = time.time()
+    stages["llm"] = _pretrain_llm(rt, cfg, domain, progress)
+    timings["llm"] = time.time() - t
+
+    t = time.time()
+    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4, cfg.reference_tasks, domain)
+    feats = rt.vision_features([s.image for s in align])
+    losses = train_projector(rt, feats, [s.question for s in align], [s.answer for s in align],
+                             epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 5,
+                             desc=f"zoo 3/3 {projector} alignment", progress=progress)
+    stages["alignment"] = {"final_loss": float(np.mean(losses[-10:]))}
+    timings["alignment"] = time.time() - t
+
+    train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train", domain)
+    test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test", domain)
+    t = time.time()
+    acc, by_question = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8, cfg.reference_tasks, domain))
+    stages["alignment"].update({"accuracy": acc, "accuracy_by_question": by_question})
+    stages["downstream_zero_shot_accuracy"], stages["downstream_zero_shot_by_question"] = _accuracy(rt, test)
+    timings["evaluation"] = time.time() - t
+    return stages, timings, train, test
+
+
 def _build_llava_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
     quiet_transformers()
     t0 = time.time()
@@ -326,32 +360,7 @@ def _build_llava_zoo(cfg: ZooConfig, out: Path, progress: bool) -> Path:
     template, source = ((template_from_chat_template(tok.chat_template, tok, domain.language.image), "chat_template")
                         if tok.chat_template else (DEFAULT_TEMPLATE, "default"))
     rt = LlavaRuntime(model, tok, build_image_processor(domain.image_mean, domain.image_std), template, source)
-    train_pool, test_pool = domain.split_pools(cfg.seed)
-    timings, stages = {}, {}
-
-    t = time.time()
-    stages["vision"] = _pretrain_vision(rt, cfg, domain, train_pool, progress)
-    timings["vision"] = time.time() - t
-    t = time.time()
-    stages["llm"] = _pretrain_llm(rt, cfg, domain, progress)
-    timings["llm"] = time.time() - t
-
-    t = time.time()
-    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4, cfg.reference_tasks, domain)
-    feats = rt.vision_features([s.image for s in align])
-    losses = train_projector(rt, feats, [s.question for s in align], [s.answer for s in align],
-                             epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 5,
-                             desc="zoo 3/3 projector alignment", progress=progress)
-    stages["alignment"] = {"final_loss": float(np.mean(losses[-10:]))}
-    timings["alignment"] = time.time() - t
-
-    train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train", domain)
-    test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test", domain)
-    t = time.time()
-    acc, by_question = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8, cfg.reference_tasks, domain))
-    stages["alignment"].update({"accuracy": acc, "accuracy_by_question": by_question})
-    stages["downstream_zero_shot_accuracy"], stages["downstream_zero_shot_by_question"] = _accuracy(rt, test)
-    timings["evaluation"] = time.time() - t
+    stages, timings, train, test = train_stages(rt, cfg, domain, _pretrain_vision, "projector", progress)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "reference")

@@ -33,13 +33,11 @@ from ..conversations import save_conversations
 from ..qwen2vl_runtime import Qwen2VLRuntime
 from ..runinfo import environment
 from ..runtime import quiet_transformers, resolve_template, template_from_chat_template
-from ..training import train_projector
-from .build import ZooConfig, _accuracy, _pretrain_llm, build_platform
+from .build import ZooConfig, build_platform, train_stages
 from .digits import DIGITS
 from .domain import Domain
 from .images import CORRUPTIONS, IMAGE_SIZE, corrupt
 from .model import ModelDims
-from .tasks import alignment_samples, downstream_samples
 from .tokenizer import build_tokenizer
 
 MERGE_SIZE = 2
@@ -179,32 +177,7 @@ def build_qwen2vl_zoo(cfg: ZooConfig, out: Path, progress: bool = True) -> Path:
     template = template_from_chat_template(QWEN2VL_CHAT_TEMPLATE, tok, domain.language.image)
     rt = Qwen2VLRuntime(model, tok, build_image_processor(cfg.dims, domain.image_mean, domain.image_std), template,
                         "chat_template")
-    train_pool, test_pool = domain.split_pools(cfg.seed)
-    timings, stages = {}, {}
-
-    t = time.time()
-    stages["vision"] = _pretrain_vision(rt, cfg, domain, train_pool, progress)
-    timings["vision"] = time.time() - t
-    t = time.time()
-    stages["llm"] = _pretrain_llm(rt, cfg, domain, progress)
-    timings["llm"] = time.time() - t
-
-    t = time.time()
-    align = alignment_samples(cfg.n_align, train_pool, cfg.seed + 4, cfg.reference_tasks, domain)
-    feats = rt.vision_features([s.image for s in align])
-    losses = train_projector(rt, feats, [s.question for s in align], [s.answer for s in align],
-                             epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 5,
-                             desc="zoo 3/3 merger alignment", progress=progress)
-    stages["alignment"] = {"final_loss": float(np.mean(losses[-10:]))}
-    timings["alignment"] = time.time() - t
-
-    train = downstream_samples(cfg.n_train, train_pool, cfg.seed + 6, "train", domain)
-    test = downstream_samples(cfg.n_test, test_pool, cfg.seed + 7, "test", domain)
-    t = time.time()
-    acc, by_question = _accuracy(rt, alignment_samples(200, test_pool, cfg.seed + 8, cfg.reference_tasks, domain))
-    stages["alignment"].update({"accuracy": acc, "accuracy_by_question": by_question})
-    stages["downstream_zero_shot_accuracy"], stages["downstream_zero_shot_by_question"] = _accuracy(rt, test)
-    timings["evaluation"] = time.time() - t
+    stages, timings, train, test = train_stages(rt, cfg, domain, _pretrain_vision, "merger", progress)
 
     out.mkdir(parents=True, exist_ok=True)
     ref = out / "reference"
