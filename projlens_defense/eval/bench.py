@@ -256,6 +256,7 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
         return {}
     from ..attacks.evaluate import evaluate
     from ..checkpoint import load_projector
+    from ..detectors.scan import repair_judge
     from ..mitigations import MITIGATIONS
     from ..mitigations.lens import lens_context
 
@@ -263,6 +264,7 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
     lens: dict = {}
     if any(MITIGATIONS[m].uses_lens for m in cfg.mitigations):  # as `sanitize` runs them: logit lens + matching scan calibration
         lens["lens"], lens["calibration"] = lens_context(ckpt, reference)
+        lens["judge"] = repair_judge(lens["lens"], lens["calibration"])
     out = {}
     for name in cfg.mitigations:
         t = time.time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from projlens_defense.errors import CheckpointError
@@ -14,13 +15,18 @@ class LensGuidedMitigation(Mitigation):
     """A mitigation that can name the target through the logit lens when given the LLM read-out.
 
     ``lens``: the :func:`lens_context` ScanInput (or None: no LLM weights); ``calibration``: the
-    scan calibration that gives benign token novelty for this model (or None).
+    scan calibration that gives benign token novelty for this model (or None); ``judge``: the calibrated
+    reference-mode scan of this model as a function of a candidate projector (or None), which a repair
+    may use to check itself (``detectors.scan.repair_judge`` makes one; injected so that mitigations do
+    not depend on the scan).
     """
 
-    def __init__(self, lens: Any = None, calibration: Any = None, **params: Any) -> None:
+    def __init__(self, lens: Any = None, calibration: Any = None, judge: Callable[[Projector], Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(**params)
         self.lens = lens
         self.calibration = calibration
+        self.judge = judge
 
 
 def lens_context(checkpoint: str | os.PathLike[str], reference: Projector | None,
