@@ -34,24 +34,44 @@ def test_the_self_check_reports_what_a_scan_of_the_output_says(micro_zoo, micro_
     assert after["score"] < after["threshold"] < before["score"]
 
 
-def test_scan_guided_removal_clears_a_flag_the_share_test_left(micro_zoo, micro_attacks):
-    """Starting from nothing removed (as when the benign-share test finds no component, e.g. a weak 1% backdoor):
-    the repair takes the fewest components outside the task subspace whose removal ends the real scan's flag."""
+def test_scan_guided_removal_finishes_a_repair_the_share_test_stopped_short(micro_zoo, micro_attacks):
+    """The benign-share test's repair cut short by three components (as when a weak backdoor's later components
+    look benign-sized): the scan still flags it, and the repair takes further components outside the task
+    subspace, each lowering the real scan's score, until the flag ends."""
     out, _ = micro_attacks
     ref = load_projector(micro_zoo.reference)
     lens, cal = lens_context(out / "backdoored", ref)
     judge = repair_judge(lens, cal)
     assert judge is not None
-    m = SubspaceMitigation(lens=lens, calibration=cal, judge=judge)
     delta = lens.projector.delta(ref)
-    extra, report = m._scan_guided(lens.projector, delta, [], fitted_task_subspace(cal, delta))
+    task = fitted_task_subspace(cal, delta)
+    full, _ = SubspaceMitigation(lens=lens, calibration=cal)._null_calibrated(lens.projector, delta, task)
+    assert len(full) >= 4
+    short = full[:-3]
+    assert judge(remove_components(lens.projector, short)).verdict == "suspicious"
+    m = SubspaceMitigation(lens=lens, calibration=cal, judge=judge)
+    extra, report = m._scan_guided(lens.projector, delta, short, task)
     assert report["verdict"] == "suspicious" and report["removed"] == len(extra) >= 1, report
-    assert len(report["scores"]) == len(extra) + 1
-    assert all(s > report["threshold"] for s in report["scores"][:-1]) and report["scores"][-1] < report["threshold"]
-    assert judge(remove_components(lens.projector, extra)).verdict == "clean"
-    assert judge(remove_components(lens.projector, extra[:-1])).verdict == "suspicious"
+    scores = report["scores"]
+    assert len(scores) == len(extra) + 1 and all(b < a for a, b in zip(scores, scores[1:], strict=False)), scores
+    assert scores[-1] < report["threshold"] < scores[0]
+    assert judge(remove_components(lens.projector, short + extra)).verdict == report["verdict_after"] == "clean"
     # the judge is the scan: the same score as a Scanner in reference mode on the same input
-    assert Scanner(calibration=cal, mode="reference").judge(lens).score == report["score"]
+    assert Scanner(calibration=cal, mode="reference").judge(lens).score == judge(lens.projector).score
+
+
+def test_a_removal_that_raises_the_score_is_not_kept(micro_zoo, micro_attacks):
+    """From nothing removed, the micro backdoor's second component outside the task subspace raises the scan's
+    score: the self-check stops there and keeps nothing rather than cut blindly."""
+    out, _ = micro_attacks
+    ref = load_projector(micro_zoo.reference)
+    lens, cal = lens_context(out / "backdoored", ref)
+    delta = lens.projector.delta(ref)
+    m = SubspaceMitigation(lens=lens, calibration=cal, judge=repair_judge(lens, cal))
+    extra, report = m._scan_guided(lens.projector, delta, [], fitted_task_subspace(cal, delta))
+    scores = report["scores"]
+    assert extra == [] and report["verdict_after"] == "suspicious", report
+    assert scores[-1] >= scores[-2] and all(s > report["threshold"] for s in scores), scores
 
 
 def test_no_judge_without_a_calibration(micro_zoo, micro_attacks):

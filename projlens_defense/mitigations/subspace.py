@@ -255,8 +255,8 @@ class SubspaceMitigation(LensGuidedMitigation):
                 f"no component outside the benign task subspace exceeds the benign bound at FPR {fpr} in any layer"
                 + (": the update looks like a benign fine-tune of this model" if check.get("verdict") != "suspicious"
                    else f"; the calibrated scan flags the update (z {check.get('score')} > {check.get('threshold')}), "
-                        f"and removing up to {self.params['k']} components outside the task subspace does not end "
-                        "that, so no low-rank piece to remove was found"))
+                        "but removing components outside the task subspace does not lower its score, so no low-rank "
+                        "piece to remove was found"))
             return [], report
         report["selection"] = (f"components above the benign bound (FPR {fpr}, {n} benign fine-tunes) per layer: "
                                + ", ".join(f"{x['layer']} {x['removed']}" for x in layers)
@@ -275,10 +275,12 @@ class SubspaceMitigation(LensGuidedMitigation):
 
     def _scan_guided(self, suspect: Projector, delta: list[torch.Tensor], comps: list[Component],
                      task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
-        """When the calibrated scan still flags the update after ``comps`` are removed: the fewest next components
-        of the last layer outside the two-sided task subspace (up to ``k``) whose removal ends the flag (a
-        backdoor is a low-rank piece, finding 1, so removing it ends the scan's evidence); none if no such
-        number clears it. Returns the extra components and what the scan said at each step."""
+        """When the calibrated scan still flags the update after ``comps`` are removed: the last layer's next
+        components outside the two-sided task subspace, one at a time (up to ``k``), as long as each lowers the
+        scan's score, kept only if the last one ends the flag. A backdoor is a low-rank piece (finding 1) whose
+        removal takes the scan's evidence with it; a removal that raises the score is not removing what the
+        scan sees (on the default zoo, the one benign fine-tune the scan flags is such a case), so then nothing
+        more is removed. Returns the extra components and the scan's scores along the way."""
         assert self.judge is not None
         first = self.judge(remove_components(suspect, comps))
         report: dict[str, Any] = {"verdict": first.verdict, "score": first.score, "threshold": first.threshold,
@@ -298,13 +300,14 @@ class SubspaceMitigation(LensGuidedMitigation):
             if not len(s) or float(s[0]) <= 0.0:
                 break
             c = (li, len(comps) + len(extra), float(s[0]), u[:, 0].clone(), v[:, 0].clone())
+            res = self.judge(remove_components(suspect, comps + extra + [c]))
+            scores.append(res.score)
+            if res.score is None or res.score >= scores[-2]:
+                break
             m -= c[2] * torch.outer(c[3], c[4])
             extra.append(c)
-            res = self.judge(remove_components(suspect, comps + extra))
-            scores.append(res.score)
             if res.verdict != "suspicious":
-                report.update({"scores": scores, "removed": len(extra), "verdict_after": res.verdict,
-                               "score_after": res.score})
+                report.update({"scores": scores, "removed": len(extra), "verdict_after": res.verdict})
                 return extra, report
         report["scores"] = scores
         return [], report
