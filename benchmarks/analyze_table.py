@@ -40,16 +40,17 @@ from projlens_defense.attacks.variants import CLASSIC_VARIANTS, PROJLENS_VARIANT
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.conversations import load_conversations
 from projlens_defense.detectors.activation import ActivationDetector, fit_line, output_shift
-from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
 from projlens_defense.detectors.loading import load_checkpoint
 from projlens_defense.detectors.probes import EXTRA_INPUTS, EXTRA_PROBES
-from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
+from projlens_defense.eval.analyze import variant_from_record
 from projlens_defense.eval.input_detection import run_input_detectors
-from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
+from projlens_defense.eval.lowrank import LowRankUpdate, TaskRemovedUpdate
 from projlens_defense.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
+from projlens_defense.projector import ProjectorModule
 from projlens_defense.runinfo import ATTACK_FILE, AttackRecord, read_attack_record
 from projlens_defense.runtime import LlavaRuntime
+from projlens_defense.scan_input import ScanInput
 from projlens_defense.zoo.build import config_from_name, get_zoo
 
 ALL_VARIANTS = PROJLENS_VARIANTS + CLASSIC_VARIANTS

@@ -26,14 +26,13 @@ from projlens_defense.detectors.activation import (
     fit_line,
     output_shift,
 )
-from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
 from projlens_defense.detectors.input_level import ShiftInputDetector, clean_threshold
-from projlens_defense.eval.analyze import TaskRemovedUpdate
-from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
+from projlens_defense.eval.lowrank import LowRankUpdate, TaskRemovedUpdate
 from projlens_defense.guard import InputBlocked, ProjectorGuard, projector_from_module
 from projlens_defense.metrics import auroc
-from projlens_defense.projector import LinearLayer, Projector
+from projlens_defense.projector import LinearLayer, Projector, ProjectorModule
+from projlens_defense.scan_input import ScanInput
 
 DV, DH, DO, T = 12, 16, 10, 6
 

@@ -10,7 +10,6 @@ from projlens_defense.mitigations.base import (
     Mitigation,
     MitigationInputError,
     MitigationResult,
-    ProjectorModule,
     weight_change,
 )
 from projlens_defense.mitigations.clp import ClpMitigation
@@ -36,6 +35,5 @@ __all__ = [
     "MitigationInputError",
     "MitigationResult",
     "NormGuard",
-    "ProjectorModule",
     "weight_change",
 ]

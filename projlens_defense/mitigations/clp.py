@@ -7,8 +7,6 @@ bound exceeds ``mean + u * std`` of the layer are pruned by zeroing the next lay
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationInputError, MitigationResult
@@ -29,9 +27,9 @@ class ClpMitigation(Mitigation):
     name = "clp"
     summary = "data-free channel Lipschitz pruning of the hidden channels"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"u": 3.0, "path": False}
+    def __init__(self, u: float = 3.0, path: bool = False) -> None:
+        self.u = u
+        self.path = path
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
@@ -39,9 +37,9 @@ class ClpMitigation(Mitigation):
             raise MitigationInputError("clp needs a projector with a hidden layer (at least two Linear layers)")
         w1, w2 = suspect.layers[0].weight.float(), suspect.layers[1].weight.float()
         uclc = w1.norm(dim=1)
-        if self.params["path"]:
+        if self.path:
             uclc = uclc * w2.norm(dim=0)
-        thr = float(uclc.mean() + self.params["u"] * uclc.std())
+        thr = float(uclc.mean() + self.u * uclc.std())
         pruned = [int(i) for i in torch.nonzero(uclc > thr).flatten()]
         new = prune_channels(suspect, pruned)
         report = {"threshold": round(thr, 6), "pruned_channels": pruned, "n_pruned": len(pruned),
