@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
-from ..runinfo import environment, read_attack_record
+from ..runinfo import environment, has_attack_record, read_attack_record
 
 if TYPE_CHECKING:
     from ..mitigations.base import CleanData
@@ -211,7 +211,7 @@ def launch_attack(cell: Cell, ckpt: Path, launch_args: str = "") -> None:
     from ..errors import ProjlensError
 
     r = subprocess.run(attack_command(cell, ckpt, launch_args), capture_output=True, text=True)
-    if r.returncode != 0 or not (ckpt / "attack.json").is_file():
+    if r.returncode != 0 or not has_attack_record(ckpt):
         tail = "\n".join((r.stderr or "").replace("\r", "\n").splitlines()[-15:])
         raise ProjlensError(f"{cell.label}: `accelerate launch ... attack` failed (exit {r.returncode}):\n{tail}")
 
