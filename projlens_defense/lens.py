@@ -19,7 +19,7 @@ import torch
 
 from projlens_defense.errors import CheckpointError
 from projlens_defense.linalg import matmul32
-from projlens_defense.scan_input import MissingInput, ScanInput
+from projlens_defense.scan_input import MissingInput, ScanInput, readout_matrix
 from projlens_defense.tokens import token_name
 
 __all__ = ["DEFAULT_STD_FLOOR", "READINGS", "LensReading", "available_readings", "default_readings",
@@ -50,18 +50,11 @@ def _logits(head: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _head(inp: ScanInput) -> torch.Tensor | None:
-    r = inp.readout
-    if r is None:
-        return None
-    return r.lm_head if r.lm_head is not None else r.embed_tokens
-
-
 def available_readings(inp: ScanInput) -> list[str]:
     """Readings ``inp`` supports, best first."""
     r = inp.readout
     out = []
-    if inp.ov_layers and _head(inp) is not None:
+    if inp.ov_layers and readout_matrix(inp, "lm_head") is not None:
         out.append("attention")
     if r is not None and r.embed_tokens is not None:
         out.append("embed")
@@ -120,7 +113,7 @@ def lens_reading(inp: ScanInput, directions: torch.Tensor, names: Sequence[str],
     if not readings:
         raise MissingInput("needs the LLM input embeddings or lm_head (not in the checkpoint)")
     hidden = directions.shape[0]
-    head = _head(inp)
+    head = readout_matrix(inp, "lm_head")
     r = inp.readout
     assert r is not None
     size = min(m.shape[0] for m in (r.embed_tokens, r.lm_head) if m is not None)

@@ -118,9 +118,11 @@ class ScanInput:
         return out
 
 
-def readout_matrix(inp: ScanInput) -> torch.Tensor | None:
-    """The first available LLM read-out matrix [vocab, hidden] (input embeddings, else lm_head)."""
+def readout_matrix(inp: ScanInput, prefer: str = "embed_tokens") -> torch.Tensor | None:
+    """The first available LLM read-out matrix [vocab, hidden]: the input embeddings, else ``lm_head``
+    (``prefer="lm_head"``: the other way round); None without a read-out."""
     r = inp.readout
     if r is None:
         return None
-    return r.embed_tokens if r.embed_tokens is not None else r.lm_head
+    first, second = (r.lm_head, r.embed_tokens) if prefer == "lm_head" else (r.embed_tokens, r.lm_head)
+    return first if first is not None else second

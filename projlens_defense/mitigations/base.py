@@ -142,10 +142,10 @@ def weight_change(suspect: Projector, new: Projector, reference: Projector | Non
 
 
 class Mitigation(Configurable, ABC):
-    """Abstract base. Subclasses set ``name`` and the inputs they need, take every parameter as an explicit
-    keyword of ``__init__`` stored under its own name (``get_params`` / ``defaults`` find them by
-    introspection, ``from_params`` checks a ``KEY=VALUE`` dict first; see
-    :class:`~projlens_defense.params.Configurable`) and implement :meth:`apply`.
+    """Abstract base. Subclasses are ``@dataclass(eq=False)`` classes: they set ``name`` and the inputs they need
+    as class attributes, declare every parameter as a typed field with its default (so it is an explicit keyword
+    of ``__init__``, which ``get_params`` / ``defaults`` find by introspection and ``from_params`` checks a
+    ``KEY=VALUE`` dict against; see :class:`~projlens_defense.params.Configurable`) and implement :meth:`apply`.
 
     ``requires_reference`` / ``requires_clean``: inputs without which the method cannot run;
     ``uses_clean``: the method has a few-shot mode that uses clean samples when given;
@@ -181,5 +181,3 @@ class Mitigation(Configurable, ABC):
             report = {**report, "weight_change": weight_change(suspect, new, reference)}
         return MitigationResult(self.name, new, report, self.get_params(), module)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"

@@ -7,6 +7,8 @@ bound exceeds ``mean + u * std`` of the layer are pruned by zeroing the next lay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationInputError, MitigationResult
@@ -21,15 +23,15 @@ def prune_channels(proj: Projector, channels: list[int], layer: int = 0) -> Proj
     return proj.with_weights(weights)
 
 
+@dataclass(eq=False)
 class ClpMitigation(Mitigation):
     """Prune first-layer hidden channels with outlying Lipschitz upper bounds (no data, no reference)."""
 
     name = "clp"
     summary = "data-free channel Lipschitz pruning of the hidden channels"
 
-    def __init__(self, u: float = 3.0, path: bool = False) -> None:
-        self.u = u
-        self.path = path
+    u: float = 3.0
+    path: bool = False
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:

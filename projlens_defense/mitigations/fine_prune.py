@@ -12,6 +12,8 @@ points of clean accuracy (benchmarks/results/mitigation_table.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from projlens_defense.metrics import clean_accuracy
@@ -32,6 +34,7 @@ def few_shot_accuracy(clean: CleanData, module: torch.nn.Module) -> float:
     return clean_accuracy(out, clean.answers)
 
 
+@dataclass(eq=False)
 class FinePruneMitigation(Mitigation):
     """Prune dormant hidden channels until clean accuracy drops, then fine-tune."""
 
@@ -40,15 +43,13 @@ class FinePruneMitigation(Mitigation):
     uses_clean = True
     summary = "prune hidden channels dormant on clean data, then clean fine-tuning"
 
-    def __init__(self, step: float = 0.05, max_fraction: float = 0.9, acc_tol: float = 0.04,
-                 epochs: float = 5.0, lr: float = 0.001, batch_size: int = 16, seed: int = 0) -> None:
-        self.step = step
-        self.max_fraction = max_fraction
-        self.acc_tol = acc_tol
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.seed = seed
+    step: float = 0.05
+    max_fraction: float = 0.9
+    acc_tol: float = 0.04
+    epochs: float = 5.0
+    lr: float = 0.001
+    batch_size: int = 16
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:

@@ -8,6 +8,8 @@ projector backdoor. Measured: badnets on the micro zoo (64 samples), ASR 0.92 ->
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult
 from projlens_defense.projector import Projector, ProjectorModule
 
@@ -22,6 +24,7 @@ def finetune_module(module: ProjectorModule, clean: CleanData, epochs: float, lr
                            desc="clean fine-tune")
 
 
+@dataclass(eq=False)
 class FinetuneMitigation(Mitigation):
     """AdamW on the clean samples' answers, every projector parameter trainable."""
 
@@ -30,11 +33,10 @@ class FinetuneMitigation(Mitigation):
     uses_clean = True
     summary = "clean fine-tuning on the given samples"
 
-    def __init__(self, epochs: float = 10.0, lr: float = 0.001, batch_size: int = 16, seed: int = 0) -> None:
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.seed = seed
+    epochs: float = 10.0
+    lr: float = 0.001
+    batch_size: int = 16
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:

@@ -4,12 +4,14 @@ makes both from a checkpoint)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from projlens_defense.mitigations.base import Mitigation
 from projlens_defense.scan_input import ScanInput
 
 
+@dataclass(eq=False)
 class LensGuidedMitigation(Mitigation):
     """A mitigation that can name the target through the logit lens when given the LLM read-out.
 
@@ -19,6 +21,5 @@ class LensGuidedMitigation(Mitigation):
 
     inputs = ("lens", "calibration")
 
-    def __init__(self, *, lens: ScanInput | None = None, calibration: Any = None) -> None:
-        self.lens = lens
-        self.calibration = calibration
+    lens: ScanInput | None = field(default=None, kw_only=True, repr=False)
+    calibration: Any = field(default=None, kw_only=True, repr=False)

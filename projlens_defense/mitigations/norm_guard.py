@@ -16,6 +16,7 @@ result is an ``nn.Module`` to run in place of the projector, not a checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ class NormGuard(nn.Module):
         return y - excess @ self.gains.T
 
 
+@dataclass(eq=False)
 class NormGuardMitigation(Mitigation):
     """Fit the clean ranges on the clean samples; return the guarded projector as a module."""
 
@@ -63,11 +65,10 @@ class NormGuardMitigation(Mitigation):
     run_time_only = True
     summary = "run-time guard bounding input norm and update-direction shifts to the clean range"
 
-    def __init__(self, mode: str = "both", k: int = 8, q: float = 0.001, margin: float = 0.1) -> None:
-        self.mode = mode
-        self.k = k
-        self.q = q
-        self.margin = margin
+    mode: str = "both"
+    k: int = 8
+    q: float = 0.001
+    margin: float = 0.1
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:

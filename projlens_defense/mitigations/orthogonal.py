@@ -15,6 +15,7 @@ targeted-refusal and malicious-injection at ASR 1.00 and costs up to 13 points o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,7 @@ def principal_angle(x: torch.Tensor, basis: torch.Tensor) -> float:
     return math.degrees(math.acos(c))
 
 
+@dataclass(eq=False)
 class OrthogonalMitigation(Mitigation):
     """Remove top update components far from a benign update's top subspaces."""
 
@@ -39,16 +41,14 @@ class OrthogonalMitigation(Mitigation):
     uses_clean = True
     summary = "remove top update directions far (principal angle) from a short benign fine-tune"
 
-    def __init__(self, layers: str = "last", k: int = 8, benign_k: int = 8, max_angle: float = 60.0,
-                 epochs: float = 5.0, lr: float = 0.005, batch_size: int = 16, seed: int = 0) -> None:
-        self.layers = layers
-        self.k = k
-        self.benign_k = benign_k
-        self.max_angle = max_angle
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.seed = seed
+    layers: str = "last"
+    k: int = 8
+    benign_k: int = 8
+    max_angle: float = 60.0
+    epochs: float = 5.0
+    lr: float = 0.005
+    batch_size: int = 16
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:

@@ -26,7 +26,7 @@ are removed (the rank) is chosen automatically:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,7 +43,6 @@ from projlens_defense.mitigations.probe import (
     target_batch,
 )
 from projlens_defense.projector import Projector, ProjectorModule
-from projlens_defense.scan_input import ScanInput
 from projlens_defense.stats import prediction_bound
 from projlens_defense.tokens import token_name
 
@@ -139,6 +138,7 @@ def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[s
             "energy": round(s * s / energy[li], 6) if energy[li] > 0 else 0.0}
 
 
+@dataclass(eq=False)
 class SubspaceMitigation(LensGuidedMitigation):
     """Remove the target-aligned top singular components of dW (see the module doc for the two modes)."""
 
@@ -148,30 +148,23 @@ class SubspaceMitigation(LensGuidedMitigation):
     uses_clean = True
     summary = "remove the backdoor-critical low-rank subspace of dW (rank chosen automatically)"
 
-    def __init__(self, k: int = 8, layers: str = "auto", rank: int | str = "auto", task_rank: int = 6,
-                 task_removed_rank: int = 1, lens_sigma: float = 1.25, min_energy: float = 0.05,
-                 min_novelty: float = 2.5, n_random: int = 256, fallback_rank: int = 1, eps: float = 0.5,
-                 probe_steps: int = 30, min_support: float = 0.25, off_support: float = 0.05,
-                 clean_tol: float = 0.03, verify: bool = True, seed: int = 0, *,
-                 lens: ScanInput | None = None, calibration: Any = None) -> None:
-        super().__init__(lens=lens, calibration=calibration)
-        self.k = k
-        self.layers = layers
-        self.rank = rank
-        self.task_rank = task_rank
-        self.task_removed_rank = task_removed_rank
-        self.lens_sigma = lens_sigma
-        self.min_energy = min_energy
-        self.min_novelty = min_novelty
-        self.n_random = n_random
-        self.fallback_rank = fallback_rank
-        self.eps = eps
-        self.probe_steps = probe_steps
-        self.min_support = min_support
-        self.off_support = off_support
-        self.clean_tol = clean_tol
-        self.verify = verify
-        self.seed = seed
+    k: int = 8
+    layers: str = "auto"
+    rank: int | str = "auto"
+    task_rank: int = 6
+    task_removed_rank: int = 1
+    lens_sigma: float = 1.25
+    min_energy: float = 0.05
+    min_novelty: float = 2.5
+    n_random: int = 256
+    fallback_rank: int = 1
+    eps: float = 0.5
+    probe_steps: int = 30
+    min_support: float = 0.25
+    off_support: float = 0.05
+    clean_tol: float = 0.03
+    verify: bool = True
+    seed: int = 0
 
     def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
         spec = self.layers

@@ -16,6 +16,7 @@ without a reference the whole output component is (``W2 = (I - t t^T) W2``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,6 @@ from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import best_probe, target_batch
 from projlens_defense.mitigations.subspace import component_novelty, lens_peaks, lens_threshold
 from projlens_defense.projector import Projector, ProjectorModule
-from projlens_defense.scan_input import ScanInput
 from projlens_defense.tokens import token_name
 
 
@@ -83,6 +83,7 @@ class _Fixed(nn.Module):
         return self.y
 
 
+@dataclass(eq=False)
 class TargetDirectionMitigation(LensGuidedMitigation):
     """Remove the update's component along the target-aligned output direction."""
 
@@ -91,20 +92,15 @@ class TargetDirectionMitigation(LensGuidedMitigation):
     uses_clean = True
     summary = "project the target-aligned direction out of the projector's output space"
 
-    def __init__(self, target_text: str | None = None, k: int = 8, lens_sigma: float = 1.25,
-                 min_novelty: float = 2.5, n_random: int = 256, eps: float = 0.5, probe_steps: int = 30,
-                 min_support: float = 0.25, seed: int = 0, *, lens: ScanInput | None = None,
-                 calibration: Any = None) -> None:
-        super().__init__(lens=lens, calibration=calibration)
-        self.target_text = target_text
-        self.k = k
-        self.lens_sigma = lens_sigma
-        self.min_novelty = min_novelty
-        self.n_random = n_random
-        self.eps = eps
-        self.probe_steps = probe_steps
-        self.min_support = min_support
-        self.seed = seed
+    target_text: str | None = None
+    k: int = 8
+    lens_sigma: float = 1.25
+    min_novelty: float = 2.5
+    n_random: int = 256
+    eps: float = 0.5
+    probe_steps: int = 30
+    min_support: float = 0.25
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:

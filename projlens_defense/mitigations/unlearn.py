@@ -17,6 +17,7 @@ control is left unchanged (no fixed target found) (tests/test_mitigations_behavi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from projlens_defense.mitigations.probe import best_probe, resynthesize, support
 from projlens_defense.projector import Projector, ProjectorModule
 
 
+@dataclass(eq=False)
 class UnlearnMitigation(Mitigation):
     """Probe, then alternate targeted trigger re-synthesis and distillation-anchored unlearning."""
 
@@ -34,24 +36,20 @@ class UnlearnMitigation(Mitigation):
     uses_clean = True
     summary = "synthesize the trigger from clean samples, unlearn it, keep clean outputs (few-shot)"
 
-    def __init__(self, eps: float = 0.5, probe_steps: int = 30, min_support: float = 0.25, rounds: int = 12,
-                 min_rounds: int = 3, resynth_eps: float = 0.75, resynth_bound: str = "token",
-                 resynth_steps: int = 15, train_steps: int = 15, lr: float = 0.0005, distill: float = 5.0,
-                 clean_ce: float = 1.0, stop_support: float = 0.02, seed: int = 0) -> None:
-        self.eps = eps
-        self.probe_steps = probe_steps
-        self.min_support = min_support
-        self.rounds = rounds
-        self.min_rounds = min_rounds
-        self.resynth_eps = resynth_eps
-        self.resynth_bound = resynth_bound
-        self.resynth_steps = resynth_steps
-        self.train_steps = train_steps
-        self.lr = lr
-        self.distill = distill
-        self.clean_ce = clean_ce
-        self.stop_support = stop_support
-        self.seed = seed
+    eps: float = 0.5
+    probe_steps: int = 30
+    min_support: float = 0.25
+    rounds: int = 12
+    min_rounds: int = 3
+    resynth_eps: float = 0.75
+    resynth_bound: str = "token"
+    resynth_steps: int = 15
+    train_steps: int = 15
+    lr: float = 0.0005
+    distill: float = 5.0
+    clean_ce: float = 1.0
+    stop_support: float = 0.02
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
