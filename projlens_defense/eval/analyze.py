@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,43 @@ class AnalyzeOptions:
 
 @dataclass
 class Analysis:
-    """What :func:`analyze_checkpoint` measured: ``report``, the JSON-able report data (trigger, data, options,
-    spectra, curves and criteria, activation, shift, norms, input level); ``scatter``, the per-token input norms
-    and shifts the shift-vs-norm figure plots (arrays by ``probe`` / ``clean`` / ``triggered``); ``seconds``, the
-    time it took."""
+    """What :func:`analyze_checkpoint` measured (each section JSON-able; :meth:`to_dict` is ``report.json``
+    without the figures, wall time and environment the writer adds).
 
-    report: dict[str, Any]
-    scatter: dict[str, Any] = field(default_factory=dict)
+    ``trigger``: where the trigger knowledge came from; ``data``: probe and test data used; ``spectra``: dW
+    singular values per layer, suspect and benign; ``fine_tuned`` / ``reference_metrics``: metrics of the two
+    projectors on the test set; ``curves`` / ``criteria``: top-k injection / ablation curves and the smallest k
+    meeting each ProjLens criterion, per decomposition (``plain``, ``task-removed``); ``notes``; ``activation``:
+    the dominant shift direction and its lens reading; ``model_score``: the calibrated activation verdict (with
+    >= 3 benign fine-tunes); ``shift``: shift-vs-norm regressions; ``norms`` / ``input_level``: triggered vs clean
+    inputs (with a known trigger). ``scatter``: the per-token input norms and shifts the figure plots (arrays by
+    ``probe`` / ``clean`` / ``triggered``); ``seconds``: the time it took.
+    """
+
+    checkpoint: str
+    reference: str
+    benign: list[str]
+    trigger: dict[str, Any]
+    data: dict[str, Any]
+    options: dict[str, Any]
+    spectra: dict[str, Any] = field(default_factory=dict)
+    fine_tuned: dict[str, Any] = field(default_factory=dict)
+    reference_metrics: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)
+    criteria: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] | None = None
+    activation: dict[str, Any] = field(default_factory=dict)
+    model_score: dict[str, Any] | None = None
+    shift: dict[str, Any] = field(default_factory=dict)
+    norms: dict[str, Any] | None = None
+    input_level: dict[str, Any] | None = None
+    scatter: dict[str, Any] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report data, in report.json's order (sections that were not measured left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("scatter", "seconds") and getattr(self, f.name) is not None}
 
 
 def variant_from_record(rec: AttackRecord | None) -> Variant | None:
@@ -290,4 +319,4 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, test_data: Path, probe
         sc, st = idet.score_features(cf), idet.score_features(tf)
         rep["input_level"] = {"auroc": auroc(st.tolist(), sc.tolist()), "threshold": idet.threshold,
                               "tpr": float((st > idet.threshold).mean()), "fpr": float((sc > idet.threshold).mean())}
-    return Analysis(rep, scatter, time.perf_counter() - t0)
+    return Analysis(**rep, scatter=scatter, seconds=time.perf_counter() - t0)

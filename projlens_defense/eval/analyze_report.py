@@ -22,8 +22,9 @@ def write_report(analysis: Analysis, out: Path) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    figures = plot_figures(out, analysis.report, analysis.scatter)
-    rep = {**analysis.report, "figures": figures, "wall_time_s": analysis.seconds + time.perf_counter() - t0,
+    data = analysis.to_dict()
+    figures = plot_figures(out, data, analysis.scatter)
+    rep = {**data, "figures": figures, "wall_time_s": analysis.seconds + time.perf_counter() - t0,
            "environment": environment()}
     (out / "report.md").write_text(render_markdown(rep))
     (out / "report.json").write_text(json.dumps(finite(rep), indent=1) + "\n")
