@@ -255,6 +255,10 @@ def test_analyze_report_files_and_numbers(analyze_zoo, tmp_path: Path) -> None:
         assert im.size[0] > 300
     rep = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
+    order = ["checkpoint", "reference", "benign", "trigger", "data", "options", "spectra", "fine_tuned",
+             "reference_metrics", "curves", "criteria", "notes", "activation", "model_score", "shift", "norms",
+             "input_level", "figures", "wall_time_s", "environment"]
+    assert list(rep) == [k for k in order if k in rep] and "notes" not in rep  # the order the sections always had
     assert rep["trigger"] == {"source": "attack.json", "variant": "badnets", "target": "buy cheap crypto now"}
     assert rep["data"]["n_test"] == 50 and rep["data"]["subsampled"] and "subsampled" in md
     ft = rep["fine_tuned"]
