@@ -374,7 +374,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
     :class:`~projlens_defense.errors.NothingRemovedError` (and writes nothing) when the method removes
     nothing. With ``clean_data`` the method may use ``n_clean`` samples, and ``n_eval`` others measure
     the clean accuracy before and after. ``params``: the method's parameters by name
-    (``MITIGATIONS[method].get_params()`` lists them with their defaults; an unknown one is a UsageError).
+    (``MITIGATIONS[method].defaults()`` lists them; an unknown one is a UsageError).
     Returns the record the CLI prints (method report, removed rank and energy, weight change, warnings).
 
     ``link``: hard-link the unchanged files of a checkpoint directory into ``out`` instead of copying them
