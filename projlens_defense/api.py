@@ -447,14 +447,21 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
     inputs: dict[str, Any] = {}
     if cls.uses_lens:
         from .detectors.lens_context import lens_context
+        from .detectors.scan import repair_judge
 
         inputs["lens"], inputs["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
+        inputs["judge"] = repair_judge(inputs["lens"], inputs["calibration"])
     result = cls.from_params(params, **inputs).apply(suspect, ref, clean)
     assert result.projector is not None
     if _unchanged(suspect, result.projector):
         why = result.report.get("selection") or "the method selected nothing"
         raise NothingRemovedError(f"{method}: nothing removed ({why}); no output written"
                                   + "".join(f" [{w}]" for w in warnings))
+    check = result.report.get("scan_check") or (result.report.get("task_removed_step") or {}).get("scan_check") or {}
+    if check.get("verdict_after") == "suspicious":
+        warnings.append(f"the calibrated scan still flags the repaired projector (z {check.get('score')} > "
+                        f"{check.get('threshold')}): the repair may be incomplete; check it with `evaluate` or "
+                        "repair few-shot with clean data")
     staged.finish(result.projector, warnings)
 
     rec: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "format": info.format, "method": method,

@@ -11,8 +11,8 @@ import math
 import os
 import stat
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ from projlens_defense.errors import (
     ProjlensError,
 )
 from projlens_defense.jsonsafe import finite
+from projlens_defense.projector import Projector
 from projlens_defense.scan_input import MissingInput, ScanInput
 
-__all__ = ["ScanResult", "Scanner", "find_checkpoints"]
+__all__ = ["ScanResult", "Scanner", "find_checkpoints", "repair_judge"]
 
 _CHECKPOINT_MARKERS = frozenset({CONFIG_NAME, INDEX_NAME, SINGLE_NAME, "mm_projector.bin", "mm_projector.safetensors"})
 _TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -143,14 +144,17 @@ class Scanner:
     """
 
     def __init__(self, calibration: Calibration | None = None, reference: str | os.PathLike[str] | None = None,
-                 detectors: Sequence[str] | None = None, ov_layers: int = 2) -> None:
+                 detectors: Sequence[str] | None = None, ov_layers: int = 2, mode: str | None = None) -> None:
         self.calibration = calibration
         self.ov_layers = ov_layers
         self.reference_path = None if reference is None else str(reference)
         self.reference: LoadedCheckpoint | None = None
         if reference is not None:
             self.reference = load_checkpoint(reference, readout=True, ov_layers=ov_layers)
-        self.mode = "reference" if reference is not None else "reference-free"
+        # ``mode``: for judge() on inputs that already carry their reference projector
+        self.mode = mode or ("reference" if reference is not None else "reference-free")
+        if self.mode not in MODE_DETECTORS:
+            raise ProjlensError(f"unknown scan mode {self.mode!r}; known: {', '.join(MODE_DETECTORS)}")
         names = list(detectors) if detectors else MODE_DETECTORS[self.mode]
         unknown = [n for n in names if n not in DETECTORS]
         if unknown:
@@ -214,6 +218,12 @@ class Scanner:
     def calibration_of(self, inp: ScanInput) -> Calibration | None:
         """The calibration to judge ``inp`` with: the one given, else the cached one of its model."""
         return self.calibration if self.calibration is not None else calibration_for(inp)
+
+    def judge(self, inp: ScanInput) -> ScanResult:
+        """The verdict on an input already in memory (e.g. a repaired projector with its model's read-out)."""
+        res = ScanResult(path=inp.path or "<in memory>", verdict="error", mode=self.mode, reference=self.reference_path)
+        self._judge(inp, res)
+        return res
 
     def _judge(self, inp: ScanInput, res: ScanResult) -> None:
         if inp.reference is not None and all(
@@ -304,3 +314,16 @@ class Scanner:
             detail = "; ".join(skipped[:3]) if skipped else "no checkpoints found"
             raise NothingScannableError(f"{where}: nothing scannable ({detail})")
         return results, skipped
+
+
+def repair_judge(lens: ScanInput | None, calibration: Calibration | None) -> Callable[[Projector], ScanResult] | None:
+    """A repair's self-check: the reference-mode verdict, against ``calibration``, of ``lens``'s model with its
+    projector replaced by a candidate; None without a calibration, the LLM read-out or the reference projector."""
+    if lens is None or calibration is None or lens.reference is None or "reference" not in calibration.null:
+        return None
+    scanner = Scanner(calibration=calibration, mode="reference")
+
+    def judge(projector: Projector) -> ScanResult:
+        return scanner.judge(replace(lens, projector=projector, _cache={}))
+
+    return judge

@@ -257,12 +257,14 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
     from ..attacks.evaluate import evaluate
     from ..checkpoint import load_projector
     from ..detectors.lens_context import lens_context
+    from ..detectors.scan import repair_judge
     from ..mitigations import MITIGATIONS
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
     lens: dict = {}
     if any(MITIGATIONS[m].uses_lens for m in cfg.mitigations):  # as `sanitize` runs them: logit lens + matching scan calibration
         lens["lens"], lens["calibration"] = lens_context(ckpt, reference)
+        lens["judge"] = repair_judge(lens["lens"], lens["calibration"])
     out = {}
     for name in cfg.mitigations:
         t = time.time()

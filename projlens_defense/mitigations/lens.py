@@ -4,10 +4,12 @@ makes both from a checkpoint)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from projlens_defense.mitigations.base import Mitigation
+from projlens_defense.projector import Projector
 from projlens_defense.scan_input import ScanInput
 
 
@@ -16,10 +18,14 @@ class LensGuidedMitigation(Mitigation):
     """A mitigation that can name the target through the logit lens when given the LLM read-out.
 
     Keyword inputs (not parameters): ``lens``, the ``lens_context`` ScanInput (or None: no LLM weights);
-    ``calibration``, the scan calibration that gives benign token novelty for this model (or None).
+    ``calibration``, the scan calibration that gives benign token novelty for this model (or None); ``judge``,
+    the calibrated reference-mode scan of this model as a function of a candidate projector (or None), which a
+    repair may use to check itself (``detectors.scan.repair_judge`` makes one; injected so that mitigations do
+    not depend on the scan).
     """
 
-    inputs = ("lens", "calibration")
+    inputs = ("lens", "calibration", "judge")
 
     lens: ScanInput | None = field(default=None, kw_only=True, repr=False)
     calibration: Any = field(default=None, kw_only=True, repr=False)
+    judge: Callable[[Projector], Any] | None = field(default=None, kw_only=True, repr=False)

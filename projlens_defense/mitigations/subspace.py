@@ -250,19 +250,66 @@ class SubspaceMitigation(LensGuidedMitigation):
         n = len(task[0][2])
         report: dict[str, Any] = {"mode": "data-free", "task_rank": int(task[0][0].shape[1]), "fpr": fpr,
                                   "n_benign": n, "layers": layers}
-        if not comps:
-            report["selection"] = (f"no component outside the benign task subspace exceeds the benign bound at FPR {fpr} "
-                                   "in any layer: the update looks like a benign fine-tune of this model")
+        extra: list[Component] = []
+        if self.judge is not None:
+            extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task)
+        if not comps and not extra:
+            check = report.get("scan_check", {})
+            report["selection"] = (
+                f"no component outside the benign task subspace exceeds the benign bound at FPR {fpr} in any layer"
+                + (": the update looks like a benign fine-tune of this model" if check.get("verdict") != "suspicious"
+                   else f"; the calibrated scan flags the update (z {check.get('score')} > {check.get('threshold')}), "
+                        f"and removing up to {self.k} components outside the task subspace does not end "
+                        "that, so no low-rank piece to remove was found"))
             return [], report
         report["selection"] = (f"components above the benign bound (FPR {fpr}, {n} benign fine-tunes) per layer: "
                                + ", ".join(f"{x['layer']} {x['removed']}" for x in layers)
+                               + (f", then {len(extra)} more until the calibrated scan no longer flags it"
+                                  if extra else "")
                                + f"; removed outside the two-sided task subspace (rank {task[0][0].shape[1]})")
+        comps = comps + extra
         last = [c for c in comps if c[0] == suspect.num_layers - 1]
         if self.lens is not None and last:
             _, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in last], dim=1))
             report["components"] = [{"component": c[1], "token": token_name(getattr(self.lens, "vocab", None), t)}
                                     for c, t in zip(last, tokens, strict=True)]
         return comps, report
+
+    def _scan_guided(self, suspect: Projector, delta: list[torch.Tensor], comps: list[Component],
+                     task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
+        """When the calibrated scan still flags the update after ``comps`` are removed: the fewest next components
+        of the last layer outside the two-sided task subspace (up to ``k``) whose removal ends the flag (a
+        backdoor is a low-rank piece, finding 1, so removing it ends the scan's evidence); none if no such
+        number clears it. Returns the extra components and what the scan said at each step."""
+        assert self.judge is not None
+        first = self.judge(remove_components(suspect, comps))
+        report: dict[str, Any] = {"verdict": first.verdict, "score": first.score, "threshold": first.threshold,
+                                  "removed": 0, "verdict_after": first.verdict}
+        if first.verdict != "suspicious" or first.score is None:
+            return [], report
+        li = suspect.num_layers - 1
+        left, right, _ = task[li]
+        m = delta[li].float().clone()
+        for c in comps:
+            if c[0] == li:
+                m -= c[2] * torch.outer(c[3], c[4])
+        extra: list[Component] = []
+        scores = [first.score]
+        for _ in range(int(self.k)):
+            u, s, v = top_singular(m - left @ (left.T @ m) @ (right @ right.T), 1)
+            if not len(s) or float(s[0]) <= 0.0:
+                break
+            c = (li, len(comps) + len(extra), float(s[0]), u[:, 0].clone(), v[:, 0].clone())
+            m -= c[2] * torch.outer(c[3], c[4])
+            extra.append(c)
+            res = self.judge(remove_components(suspect, comps + extra))
+            scores.append(res.score)
+            if res.verdict != "suspicious":
+                report.update({"scores": scores, "removed": len(extra), "verdict_after": res.verdict,
+                               "score_after": res.score})
+                return extra, report
+        report["scores"] = scores
+        return [], report
 
     def _task_removed(self, suspect: Projector, delta: list[torch.Tensor],
                       basis: torch.Tensor) -> tuple[list[Component], dict[str, Any]]:
