@@ -40,16 +40,17 @@ from projlens_defense.attacks.variants import CLASSIC_VARIANTS, PROJLENS_VARIANT
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.conversations import load_conversations
 from projlens_defense.detectors.activation import ActivationDetector, fit_line, output_shift
-from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
 from projlens_defense.detectors.loading import load_checkpoint
 from projlens_defense.detectors.probes import EXTRA_INPUTS, EXTRA_PROBES
-from projlens_defense.eval.analyze import TaskRemovedUpdate, variant_from_record
+from projlens_defense.eval.analyze import variant_from_record
 from projlens_defense.eval.input_detection import run_input_detectors
-from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
+from projlens_defense.eval.lowrank import LowRankUpdate, TaskRemovedUpdate
 from projlens_defense.metrics import attack_success_rate, auroc, clean_accuracy, tpr_at_fpr
-from projlens_defense.runinfo import ATTACK_FILE, AttackRecord, read_attack_record
+from projlens_defense.projector import ProjectorModule
+from projlens_defense.runinfo import AttackRecord, has_attack_record, read_attack_record
 from projlens_defense.runtime import LlavaRuntime
+from projlens_defense.scan_input import ScanInput
 from projlens_defense.zoo.build import config_from_name, get_zoo
 
 ALL_VARIANTS = PROJLENS_VARIANTS + CLASSIC_VARIANTS
@@ -57,11 +58,11 @@ FIRST_WORDS = sorted({get_variant(v).behaviour.target.split()[0] for v in ALL_VA
 KS = [0, 1, 2, 3, 4, 6, 8]
 
 
-def _record(path: Path) -> dict[str, Any]:
+def _record(path: Path) -> AttackRecord:
     rec = read_attack_record(path)
     if rec is None:
         raise SystemExit(f"{path}: no attack.json")
-    return rec.raw
+    return rec
 
 
 def find_checkpoints(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]]:
@@ -70,18 +71,18 @@ def find_checkpoints(args: argparse.Namespace) -> tuple[dict[str, Path], list[Pa
     for pattern in args.backdoored:
         for p in sorted(glob.glob(pattern)):
             path = Path(p)
-            if not (path / "attack.json").is_file():
+            if not has_attack_record(path):
                 continue
             rec = _record(path)
-            if rec.get("benign"):
+            if rec.benign:
                 continue
-            c = rec["config"]
-            name = f"{rec['variant']}-p{c['poison_rate']:g}-s{c['seed']}"
+            c = rec.config
+            name = f"{rec.variant}-p{c['poison_rate']:g}-s{c['seed']}"
             bd.setdefault(name, path)
     benign = []
     for pattern in args.benign:
-        benign += [Path(p) for p in sorted(glob.glob(pattern)) if (Path(p) / "attack.json").is_file()
-                   and _record(Path(p)).get("benign")]
+        benign += [Path(p) for p in sorted(glob.glob(pattern)) if has_attack_record(Path(p))
+                   and _record(Path(p)).benign]
     return bd, benign
 
 
@@ -140,8 +141,7 @@ def section_curves(w: World, bd: dict[str, Path], benign: list[Path], args: argp
     for name, path in jobs:
         t0 = time.time()
         sus = load_projector(path)
-        rec = _record(path)
-        var = variant_from_record(AttackRecord.from_dict(rec, path / ATTACK_FILE))
+        var = variant_from_record(_record(path))
         variants = [var] if var is not None else [get_variant(v) for v in PROJLENS_VARIANTS]
         others = [p for b, p in bprojs.items() if Path(b) != path]
         full = _eval(w, sus, variants)

@@ -18,6 +18,7 @@ from projlens_defense.attacks.evaluate import evaluate, prepare_eval_set
 from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.attacks.variants import VARIANTS
 from projlens_defense.conversations import load_conversations
+from projlens_defense.runinfo import read_attack_record
 from projlens_defense.runtime import LlavaRuntime
 from projlens_defense.zoo.build import config_from_name, get_zoo
 
@@ -37,8 +38,9 @@ def main() -> None:
 
     def cell(name: str, cfg: AttackConfig) -> dict:
         d = args.out / name
-        if (d / "attack.json").is_file():
-            return json.loads((d / "attack.json").read_text())
+        done = read_attack_record(d)
+        if done is not None:
+            return done.raw
         t = time.time()
         rec = run_attack(cfg, zoo.reference, zoo.train_data, zoo.test_data, d)
         print(f"{name}: {time.time() - t:.1f} s (attack + evaluation)", flush=True)

@@ -28,8 +28,9 @@ from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.attacks.variants import VARIANTS, get_variant
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.conversations import load_conversations
+from projlens_defense.detectors.lens_context import lens_context
 from projlens_defense.mitigations import MITIGATIONS, CleanData
-from projlens_defense.mitigations.lens import lens_context
+from projlens_defense.runinfo import has_attack_record
 from projlens_defense.runtime import LlavaRuntime
 from projlens_defense.zoo.build import config_from_name, get_zoo
 
@@ -139,7 +140,7 @@ def main() -> None:
                   for v in args.variants]
         for name, variant, cfg in cells:
             ckpt = args.ckpts / name
-            if not (ckpt / "attack.json").is_file():
+            if not has_attack_record(ckpt):
                 if not args.generate_missing:
                     print(f"skip {name}: no checkpoint in {args.ckpts}", flush=True)
                     continue

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from projlens_defense.runinfo import AttackRecord, has_attack_record, read_attack_record
+
 PROJLENS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC = ["badnets", "blended", "wanet", "sig"]
 FIRST_WORD = {
@@ -78,7 +80,7 @@ def generate(args: argparse.Namespace) -> None:
     base = AttackConfig(variant=None)
     lr = args.lr if args.lr is not None else base.lr
     epochs = args.epochs if args.epochs is not None else base.epochs
-    todo = [s for s in specs(tuple(args.rates)) if not (out / s.name / "attack.json").is_file()]
+    todo = [s for s in specs(tuple(args.rates)) if not has_attack_record(out / s.name)]
     if args.only:
         todo = [s for s in todo if any(o in s.name for o in args.only)]
     print(f"recipe: lr={lr} epochs={epochs}; {len(todo)} checkpoint(s) to generate", flush=True)
@@ -93,12 +95,12 @@ def generate(args: argparse.Namespace) -> None:
               f"({time.time() - t0:.0f} s)", flush=True)
 
 
-def _groups(out: Path) -> dict[str, list[tuple[Spec, dict]]]:
-    groups: dict[str, list[tuple[Spec, dict]]] = {}
+def _groups(out: Path) -> dict[str, list[tuple[Spec, AttackRecord]]]:
+    groups: dict[str, list[tuple[Spec, AttackRecord]]] = {}
     for s in specs((0.1, 0.01)):
-        f = out / s.name / "attack.json"
-        if f.is_file():
-            groups.setdefault(s.group, []).append((s, json.loads(f.read_text())))
+        rec = read_attack_record(out / s.name)
+        if rec is not None:
+            groups.setdefault(s.group, []).append((s, rec))
     return groups
 
 
@@ -141,8 +143,8 @@ def measure(args: argparse.Namespace) -> dict:
             continue
         for s, rec in items:
             r = {"name": s.name, "group": group, "variant": s.variant or "none", "rate": s.poison_rate,
-                 "asr": (rec.get("metrics") or {}).get("asr"), "first_word": FIRST_WORD.get(s.variant or "", None),
-                 "target_words": (((rec.get("variant_params") or {}).get("behaviour") or {}).get("target") or "").split()}
+                 "asr": (rec.metrics or {}).get("asr"), "first_word": FIRST_WORD.get(s.variant or "", None),
+                 "target_words": (rec.behaviour_target or "").split()}
             for mode, sc in scanners.items():
                 res = sc.scan(out / s.name)
                 if res.errors:

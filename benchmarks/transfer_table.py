@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from projlens_defense.metrics import auroc
+from projlens_defense.runinfo import has_attack_record, read_attack_record
 
 PROJLENS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC = ["badnets", "blended", "wanet", "sig"]
@@ -58,7 +59,7 @@ def evaluate(ckpt: Path, variant: str | None, zoo: str) -> dict:
 def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
     """The spec's fine-tune (attack or benign control), made once and reused."""
     ck = out / "ckpt" / spec["name"]
-    if not (ck / "attack.json").is_file():
+    if not has_attack_record(ck):
         cmd = [*CLI, "attack", "--zoo", zoo, "--variant", spec["variant"] or "none", "--seed", str(spec["seed"]),
                "--out", str(ck), "--force", "--format", "json"]
         if spec["variant"]:
@@ -72,10 +73,10 @@ def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
 def one(spec: dict, zoo: str, out: Path, clean_data: str, few_shot: bool = True) -> dict:
     t0 = time.time()
     ck = make_checkpoint(spec, zoo, out)
-    rec = json.loads((ck / "attack.json").read_text())
-    target = ((rec.get("variant_params") or {}).get("behaviour") or {}).get("target")
-    row = {**spec, "metrics": rec["metrics"], "target": target}
-    for mode, extra in (("reference", ["--reference", rec["base_model"]]), ("reference-free", [])):
+    rec = read_attack_record(ck)
+    assert rec is not None and rec.base_model is not None and rec.metrics is not None
+    row = {**spec, "metrics": rec.metrics, "target": rec.behaviour_target}
+    for mode, extra in (("reference", ["--reference", rec.base_model]), ("reference-free", [])):
         r = run([*CLI, "scan", str(ck), *extra, "--format", "json"], ok=(0, 1, 5))
         res = json.loads(r.stdout)[0]
         row[f"scan_{mode}"] = {k: res.get(k) for k in ("verdict", "score", "threshold", "p_value", "reason",
@@ -87,7 +88,7 @@ def one(spec: dict, zoo: str, out: Path, clean_data: str, few_shot: bool = True)
         san.parent.mkdir(parents=True, exist_ok=True)
         r = run([*CLI, "sanitize", str(ck), "--out", str(san), "--force", "--format", "json", *extra], ok=(0, 6))
         if r.returncode == 6:
-            row[how] = {"removed": 0, "message": r.stderr.strip()[-300:], **_m(rec["metrics"])}
+            row[how] = {"removed": 0, "message": r.stderr.strip()[-300:], **_m(rec.metrics)}
             continue
         rep = json.loads(r.stdout)["report"]
         m = evaluate(san, ev_variant, zoo)

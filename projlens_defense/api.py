@@ -196,6 +196,7 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
     in the result says where they came from)."""
     from .attacks.variants import VARIANTS
     from .eval.analyze import AnalyzeOptions, analyze_checkpoint
+    from .eval.analyze_report import write_report
 
     checkpoint, out = Path(checkpoint), Path(out)
     if variant is not None and variant not in VARIANTS:
@@ -223,8 +224,9 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
         z = load_zoo(progress=False)
         test_data, probe_data = test_data or z.test_data, probe_data or z.train_data
     opts = AnalyzeOptions(k_values=ks, layers=layers, n_probes=n_probes, max_test=max_test, excite=excite)
-    rep = analyze_checkpoint(checkpoint, ref, out, test_data, probe_data, benign=benign, variant=variant,
-                             options=opts, device=device, dtype=dtype)
+    analysis = analyze_checkpoint(checkpoint, ref, test_data, probe_data, benign=benign, variant=variant,
+                                  options=opts, device=device, dtype=dtype)
+    rep = write_report(analysis, out)
     return {**rep, "benign_source": benign_source, "report": str(out / "report.md")}
 
 
@@ -371,8 +373,9 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
     Atomic; never touches the input; refuses an existing ``out`` unless ``force``. Raises
     :class:`~projlens_defense.errors.NothingRemovedError` (and writes nothing) when the method removes
     nothing. With ``clean_data`` the method may use ``n_clean`` samples, and ``n_eval`` others measure
-    the clean accuracy before and after. Returns the record the CLI prints (method report, removed rank
-    and energy, weight change, warnings).
+    the clean accuracy before and after. ``params``: the method's parameters by name
+    (``MITIGATIONS[method].defaults()`` lists them; an unknown one is a UsageError).
+    Returns the record the CLI prints (method report, removed rank and energy, weight change, warnings).
 
     ``link``: hard-link the unchanged files of a checkpoint directory into ``out`` instead of copying them
     (the output then shares them with the input; a copy, with a warning, where a link is impossible).
@@ -441,14 +444,14 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
         clean = CleanData.from_samples(rt, used, None, clean_seed) if cls.uses_clean else None
         if len(samples) < n_clean:
             warnings.append(f"the clean data has only {len(samples)} samples")
-    kw: dict[str, Any] = dict(params or {})
+    inputs: dict[str, Any] = {}
     if cls.uses_lens:
+        from .detectors.lens_context import lens_context
         from .detectors.scan import repair_judge
-        from .mitigations.lens import lens_context
 
-        kw["lens"], kw["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
-        kw["judge"] = repair_judge(kw["lens"], kw["calibration"])
-    result = cls(**kw).apply(suspect, ref, clean)
+        inputs["lens"], inputs["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
+        inputs["judge"] = repair_judge(inputs["lens"], inputs["calibration"])
+    result = cls.from_params(params, **inputs).apply(suspect, ref, clean)
     assert result.projector is not None
     if _unchanged(suspect, result.projector):
         why = result.report.get("selection") or "the method selected nothing"
@@ -467,7 +470,7 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
                            "warnings": warnings}
     if rt is not None and heldout:
         from .attacks.evaluate import evaluate, prepare_eval_set
-        from .mitigations import ProjectorModule
+        from .projector import ProjectorModule
 
         es = prepare_eval_set(rt, heldout, None)
         before = evaluate(rt, es, projector=ProjectorModule(suspect).eval()).clean_accuracy

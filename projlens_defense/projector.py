@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from projlens_defense.errors import CheckpointError
 
-__all__ = ["ACTIVATIONS", "LinearLayer", "Projector"]
+__all__ = ["ACTIVATIONS", "LinearLayer", "Projector", "ProjectorModule"]
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -302,3 +303,41 @@ class Projector:
             return None
         m = math.isqrt(in_features // norm_dim)
         return m if m * m * norm_dim == in_features else None
+
+
+class ProjectorModule(nn.Module):
+    """An ``nn.Module`` of a :class:`Projector` with its weights as float32 parameters (same math; the merger
+    norm stays fixed).
+
+    Runs in place of a model's own projector (``LlavaRuntime.answer(..., projector=module)``: analysis curves,
+    evaluations, repairs) and trains with :func:`~projlens_defense.training.train_projector`;
+    :meth:`to_projector` gives the weights back with the source's keys and dtypes.
+    """
+
+    def __init__(self, projector: Projector) -> None:
+        super().__init__()
+        self.template = projector
+        self.weights = nn.ParameterList([nn.Parameter(layer.weight.detach().float().clone()) for layer in projector.layers])
+        self.biases = nn.ParameterList(
+            [nn.Parameter(layer.bias.detach().float().clone()) for layer in projector.layers if layer.bias is not None]
+        )
+        self._has_bias = [layer.bias is not None for layer in projector.layers]
+
+    def _layers(self) -> list[LinearLayer]:
+        it = iter(self.biases)
+        return [LinearLayer(w, next(it) if hb else None) for w, hb in zip(self.weights, self._has_bias, strict=True)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return replace(self.template, layers=self._layers()).forward(x)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Input of the last layer (after the activation): the channels pruning and guards act on."""
+        layers = self._layers()
+        proj = replace(self.template, layers=layers[:-1])
+        return proj._act()(proj.forward(x)) if len(layers) > 1 else x
+
+    def to_projector(self) -> Projector:
+        """The current weights as a Projector with the template's keys, dtypes and format."""
+        layers = self._layers()
+        return self.template.with_weights([layer.weight.detach() for layer in layers],
+                                          [None if layer.bias is None else layer.bias.detach() for layer in layers])

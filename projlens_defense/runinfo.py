@@ -32,8 +32,10 @@ ATTACK_FILE = "attack.json"
 class AttackRecord:
     """What a checkpoint's ``attack.json`` says (the fields readers use; ``raw`` is the whole record).
 
-    ``variant``: the backdoor trained in, ``"none"`` for a benign control; ``eval_variant``: the trigger a
-    benign control is measured with; ``base_model`` / ``train_data``: the paths it was fine-tuned from / on."""
+    ``variant``: the backdoor trained in, ``"none"`` for a benign control (``benign``); ``eval_variant``: the
+    trigger a benign control is measured with; ``base_model`` / ``train_data``: the paths it was fine-tuned from /
+    on; ``config``: the attack configuration (poison rate, seed, lr, epochs...); ``metrics``: clean accuracy, ASR
+    and false activation on the test data it was evaluated on (None: not evaluated)."""
 
     path: Path
     variant: str
@@ -43,7 +45,16 @@ class AttackRecord:
     train_data: str | None = None
     variant_params: dict[str, Any] = field(default_factory=dict)
     distributed: Any = None
+    benign: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def behaviour_target(self) -> str | None:
+        """The target text the trained-in behaviour produces (None for a benign control)."""
+        behaviour = self.variant_params.get("behaviour")
+        return behaviour.get("target") if isinstance(behaviour, dict) else None
 
     @classmethod
     def from_dict(cls, rec: object, path: Path) -> AttackRecord:
@@ -62,7 +73,19 @@ class AttackRecord:
         params = rec.get("variant_params") or {}
         if not isinstance(params, dict):
             raise CheckpointError(f"{path}: `variant_params` is not a JSON object")
-        return cls(path=path, variant_params=params, distributed=rec.get("distributed"), raw=rec, **fields_)
+        metrics = rec.get("metrics")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise CheckpointError(f"{path}: `metrics` is not a JSON object")
+        benign = rec.get("benign", variant == "none")
+        if not isinstance(benign, bool):
+            raise CheckpointError(f"{path}: `benign` is not a boolean")
+        return cls(path=path, variant_params=params, distributed=rec.get("distributed"), benign=benign,
+                   config=config, metrics=metrics, raw=rec, **fields_)
+
+
+def has_attack_record(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` has an ``attack.json``: a finished `attack` output (its directory appears whole)."""
+    return (Path(checkpoint) / ATTACK_FILE).is_file()
 
 
 def read_attack_record(checkpoint: Path) -> AttackRecord | None:

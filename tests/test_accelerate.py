@@ -89,8 +89,9 @@ def test_in_process_accelerate_loop_matches_plain(micro_zoo, tmp_path, monkeypat
     projector (attack --lora-rank) and an external projector module (the finetune/unlearn mitigations)."""
     from projlens_defense.checkpoint import load_projector
     from projlens_defense.conversations import load_conversations
-    from projlens_defense.mitigations.base import CleanData, ProjectorModule
+    from projlens_defense.mitigations.base import CleanData
     from projlens_defense.mitigations.finetune import finetune_module
+    from projlens_defense.projector import ProjectorModule
     from projlens_defense.runtime import LlavaRuntime
 
     results = []

@@ -26,14 +26,13 @@ from projlens_defense.detectors.activation import (
     fit_line,
     output_shift,
 )
-from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
 from projlens_defense.detectors.input_level import ShiftInputDetector, clean_threshold
-from projlens_defense.eval.analyze import TaskRemovedUpdate
-from projlens_defense.eval.lowrank import LowRankUpdate, ProjectorModule
+from projlens_defense.eval.lowrank import LowRankUpdate, TaskRemovedUpdate
 from projlens_defense.guard import InputBlocked, ProjectorGuard, projector_from_module
 from projlens_defense.metrics import auroc
-from projlens_defense.projector import LinearLayer, Projector
+from projlens_defense.projector import LinearLayer, Projector, ProjectorModule
+from projlens_defense.scan_input import ScanInput
 
 DV, DH, DO, T = 12, 16, 10, 6
 
@@ -256,6 +255,10 @@ def test_analyze_report_files_and_numbers(analyze_zoo, tmp_path: Path) -> None:
         assert im.size[0] > 300
     rep = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
+    order = ["checkpoint", "reference", "benign", "trigger", "data", "options", "spectra", "fine_tuned",
+             "reference_metrics", "curves", "criteria", "notes", "activation", "model_score", "shift", "norms",
+             "input_level", "figures", "wall_time_s", "environment"]
+    assert list(rep) == [k for k in order if k in rep] and "notes" not in rep  # the order the sections always had
     assert rep["trigger"] == {"source": "attack.json", "variant": "badnets", "target": "buy cheap crypto now"}
     assert rep["data"]["n_test"] == 50 and rep["data"]["subsampled"] and "subsampled" in md
     ft = rep["fine_tuned"]

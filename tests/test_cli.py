@@ -112,8 +112,16 @@ def test_registries_come_from_the_classes_and_parameters_are_introspectable() ->
         assert list(params) == cls.param_names() and params  # every keyword, by introspection
         assert type(det)(**params).get_params() == params  # an unfitted copy
     assert DETECTORS["spectral"](top_k=3).get_params()["top_k"] == 3
+    for cls in MITIGATIONS.values():  # the same contract: explicit keywords, found by introspection
+        mit = cls()
+        assert list(mit.get_params()) == cls.param_names() and mit.get_params() == cls.defaults()
+        assert type(mit)(**mit.get_params()).get_params() == mit.get_params()
+    assert "lens" not in MITIGATIONS["subspace"].param_names()  # an input, not a parameter
     assert MITIGATIONS["clp"](u=2.5).get_params() == {**MITIGATIONS["clp"].defaults(), "u": 2.5}
-    with pytest.raises(UsageError, match="unknown parameter"):
+    assert MITIGATIONS["clp"].from_params({"u": 2.5}).u == 2.5
+    with pytest.raises(UsageError, match="unknown parameter"):  # what --param / the bench harness pass through
+        MITIGATIONS["clp"].from_params({"nope": 1})
+    with pytest.raises(TypeError):
         MITIGATIONS["clp"](nope=1)
     for base in (Detector, Mitigation):  # abstract: a subclass must implement score / apply
         with pytest.raises(TypeError):

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.cli import main
+from projlens_defense.detectors.lens_context import lens_context
 from projlens_defense.detectors.scan import Scanner, repair_judge
-from projlens_defense.mitigations.lens import lens_context
 from projlens_defense.mitigations.subspace import SubspaceMitigation, fitted_task_subspace, remove_components
 
 

@@ -18,15 +18,15 @@ from tiny_world import attention_direction, save_with_tokenizer
 
 from projlens_defense.checkpoint import load_projector
 from projlens_defense.cli import main
-from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.loading import load_checkpoint
 from projlens_defense.errors import UsageError
-from projlens_defense.mitigations import MITIGATIONS, CleanData, ProjectorModule
+from projlens_defense.mitigations import MITIGATIONS, CleanData
 from projlens_defense.mitigations.clp import ClpMitigation
 from projlens_defense.mitigations.norm_guard import NormGuardMitigation
 from projlens_defense.mitigations.subspace import SubspaceMitigation
 from projlens_defense.mitigations.target_direction import TargetDirectionMitigation
-from projlens_defense.projector import LinearLayer, Projector
+from projlens_defense.projector import LinearLayer, Projector, ProjectorModule
+from projlens_defense.scan_input import ScanInput
 
 TARGET = 17
 PROJ = "multi_modal_projector."
@@ -112,7 +112,7 @@ def test_norm_guard_keeps_clean_inputs_and_clamps_out_of_range_ones() -> None:
 def test_unknown_parameter_and_missing_inputs_are_usage_errors() -> None:
     ref, sus, *_ = _planted()
     with pytest.raises(UsageError, match="unknown parameter"):
-        SubspaceMitigation(nope=1)
+        SubspaceMitigation.from_params({"nope": 1})
     with pytest.raises(UsageError, match="reference"):
         MITIGATIONS["restore"]().apply(sus, None)
     with pytest.raises(UsageError, match="clean samples"):

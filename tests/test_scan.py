@@ -20,7 +20,7 @@ from tiny_world import attention_direction, save_with_tokenizer
 from projlens_defense.cli import main
 from projlens_defense.cli.exits import scan_code
 from projlens_defense.detectors import DETECTORS, LogitLensDetector, ReferenceFreeDetector, SpectralDetector
-from projlens_defense.detectors.base import DetectorReport, OvLayer, ScanInput, top_singular
+from projlens_defense.detectors.base import DetectorReport
 from projlens_defense.detectors.calibration import (
     WEIGHT_SPACE_DETECTORS,
     Calibration,
@@ -31,6 +31,8 @@ from projlens_defense.detectors.scan import Scanner
 from projlens_defense.detectors.spectral import spectrum_stats
 from projlens_defense.errors import CheckpointError
 from projlens_defense.eval.scan_report import RULE_BACKDOOR, RULE_ERROR, sarif_report
+from projlens_defense.linalg import top_singular
+from projlens_defense.scan_input import OvLayer, ScanInput
 
 TARGET = 17
 TASK = 30
@@ -544,8 +546,8 @@ def test_data_free_subspace_removes_the_backdoor_outside_the_task_subspace(
     outside it (the backdoor toward TARGET) and keeps the task's piece (toward TASK) whole."""
     from projlens_defense.checkpoint import load_projector
     from projlens_defense.detectors.calibration import load_calibration
+    from projlens_defense.detectors.lens_context import lens_context
     from projlens_defense.mitigations import MITIGATIONS
-    from projlens_defense.mitigations.lens import lens_context
 
     ref, sus = load_projector(world["reference"]), load_projector(world["suspect_task"])
     lens, cal = lens_context(world["suspect_task"], ref, [], calibration_file)

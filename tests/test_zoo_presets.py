@@ -134,7 +134,14 @@ def test_attack_record_is_typed_and_a_corrupt_one_is_a_clear_error(tmp_path: Pat
     _write_record(ck, variant="none", base_model="/base", config={"eval_variant": "badnets", "target": "hi"})
     rec = read_attack_record(ck)
     assert (rec.variant, rec.eval_variant, rec.target, rec.base_model) == ("none", "badnets", "hi", "/base")
-    for bad in ("{not json", "[1, 2]", json.dumps({"variant": 3}), json.dumps({"config": "x"})):
+    assert rec.benign and rec.metrics is None and rec.config["target"] == "hi" and rec.behaviour_target is None
+    _write_record(ck, variant="badnets", benign=False, config={"poison_rate": 0.1, "seed": 0},
+                  metrics={"asr": 1.0}, variant_params={"behaviour": {"target": "buy cheap crypto now"}})
+    rec = read_attack_record(ck)  # what the benchmarks read: the typed fields, not the JSON
+    assert not rec.benign and rec.config["poison_rate"] == 0.1 and rec.metrics == {"asr": 1.0}
+    assert rec.behaviour_target == "buy cheap crypto now"
+    for bad in ("{not json", "[1, 2]", json.dumps({"variant": 3}), json.dumps({"config": "x"}),
+                json.dumps({"metrics": [1]}), json.dumps({"benign": "yes"})):
         (ck / "attack.json").write_text(bad)
         with pytest.raises(CheckpointError, match="attack.json"):
             read_attack_record(ck)

@@ -13,7 +13,7 @@ import torch
 
 from ..conversations import load_conversations
 from ..errors import UsageError
-from ..runinfo import environment
+from ..runinfo import ATTACK_FILE, environment
 from ..runtime import LlavaRuntime, resolve_placement
 from ..training import (
     accelerate_requested,
@@ -137,7 +137,7 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
         rt.tokenizer.save_pretrained(tmp)
         rt.image_processor.save_pretrained(tmp)
         record["wall_time_s"] = round(time.time() - t0, 2)
-        (tmp / "attack.json").write_text(json.dumps(record, indent=2))
+        (tmp / ATTACK_FILE).write_text(json.dumps(record, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

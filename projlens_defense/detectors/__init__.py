@@ -5,7 +5,7 @@ subclass + its class in :data:`DETECTORS`.
 """
 
 from projlens_defense.detectors.activation import ActivationDetector
-from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, OvLayer, ScanInput
+from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.detectors.baselines import (
     ActivationClusteringDetector,
     SpectralSignatureDetector,
@@ -15,6 +15,7 @@ from projlens_defense.detectors.input_level import ShiftInputDetector
 from projlens_defense.detectors.logit_lens import LogitLensDetector
 from projlens_defense.detectors.reference_free import ReferenceFreeDetector
 from projlens_defense.detectors.spectral import SpectralDetector
+from projlens_defense.scan_input import MissingInput, OvLayer, ScanInput
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
     SpectralDetector, LogitLensDetector, ReferenceFreeDetector, ActivationDetector, ShiftInputDetector,

@@ -28,17 +28,13 @@ from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import (
-    Detector,
-    DetectorReport,
-    MissingInput,
-    ScanInput,
-    token_name,
-    top_singular,
-)
-from projlens_defense.detectors.logit_lens import LensReading, available_readings, lens_reading
+from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.detectors.probes import EXTRA_PROBES, probe_features
+from projlens_defense.lens import LensReading, available_readings, lens_reading
+from projlens_defense.linalg import top_singular
 from projlens_defense.projector import Projector
+from projlens_defense.scan_input import MissingInput, ScanInput
+from projlens_defense.tokens import token_name
 
 __all__ = [
     "MAX_PROBES",

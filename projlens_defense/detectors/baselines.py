@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from projlens_defense.detectors.base import MissingInput, ScanInput
 from projlens_defense.detectors.input_level import InputDetector, clean_threshold
 from projlens_defense.detectors.probes import (
     EXTRA_INPUT_IMAGES,
@@ -31,6 +30,8 @@ from projlens_defense.detectors.probes import (
     EXTRA_PROBE_QUESTIONS,
     EXTRA_RUNTIME,
 )
+from projlens_defense.linalg import svd
+from projlens_defense.scan_input import MissingInput, ScanInput
 
 __all__ = ["ActivationClusteringDetector", "SpectralSignatureDetector", "StripDetector"]
 
@@ -77,8 +78,8 @@ class SpectralSignatureDetector(_BatchOutputDetector):
                      questions: Sequence[str] | None = None) -> np.ndarray:
         r = self.outputs(inp, features)
         r = r - r.mean(0)
-        _, _, vt = np.linalg.svd(r, full_matrices=False)
-        scores = (r @ vt[0]) ** 2
+        top = svd(r)[2][:, 0].numpy()
+        scores = (r @ top) ** 2
         self.threshold = float(np.quantile(scores, 1 - self.remove_frac)) if len(scores) else None
         return scores
 

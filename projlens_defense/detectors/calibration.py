@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import Detector, MissingInput, ScanInput, top_singular
+from projlens_defense.detectors.base import Detector
 from projlens_defense.errors import CheckpointError, UsageError
+from projlens_defense.linalg import column_basis, residual_shares, top_singular
 from projlens_defense.projector import Projector
+from projlens_defense.scan_input import MissingInput, ScanInput
 
 __all__ = [
     "DEFAULT_COMBINE",
@@ -330,36 +332,13 @@ TASK_RANK = 6
 repairs on the default zoo's first build; the foreign preset is the held-out check)."""
 
 
-def prediction_bound(values: Sequence[float], fpr: float) -> float:
-    """One-sided Student-t prediction bound: a new draw from the benign values' distribution exceeds it
-    with probability ``fpr`` (normal model, small-sample corrected); inf with fewer than 2 values."""
-    from scipy.stats import t
-
-    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
-    n = len(vals)
-    if n < 2:
-        return math.inf
-    mean = sum(vals) / n
-    sd = max(math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)), 1e-6)
-    return mean + float(t.isf(fpr, n - 1)) * sd * math.sqrt(1 + 1 / n)
-
-
 def _side_basis(mats: Sequence[torch.Tensor], side: str, rank: int) -> torch.Tensor:
     """Top ``rank`` shared output (``left``) or input (``right``) directions of several updates."""
     cols = []
     for m in mats:
         u, s, v = top_singular(m, 8)
         cols.append((u if side == "left" else v) * s)
-    u, _, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
-    return u[:, :rank].contiguous()
-
-
-def residual_shares(m: torch.Tensor, left: torch.Tensor, k: int = 4) -> list[float]:
-    """Energy shares (of the whole update) of the top ``k`` singular components of ``m`` outside ``left``."""
-    rest = m - left @ (left.T @ m)
-    total = float(m.pow(2).sum())
-    sv = top_singular(rest, k)[1]
-    return [float(x) ** 2 / total if total > 0 else 0.0 for x in sv]
+    return column_basis(cols, rank)
 
 
 NULL_RANKS = 8  # residual shares per benign update kept for the data-free repair's rank-by-rank null

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from projlens_defense.detectors.activation import excite
-from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput, top_singular
+from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.detectors.probes import (
     EXTRA_INPUT_IMAGES,
     EXTRA_INPUTS,
@@ -32,7 +32,9 @@ from projlens_defense.detectors.probes import (
     EXTRA_QUESTIONS,
     probe_features,
 )
+from projlens_defense.linalg import top_singular
 from projlens_defense.projector import Projector
+from projlens_defense.scan_input import MissingInput, ScanInput
 
 __all__ = [
     "InputDetector",

@@ -25,9 +25,9 @@ from projlens_defense.checkpoint.reader import (
     load_projector,
     load_tokenizer_vocab,
 )
-from projlens_defense.detectors.base import OvLayer
 from projlens_defense.errors import CheckpointError
 from projlens_defense.projector import Projector, all_finite
+from projlens_defense.scan_input import OvLayer
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "load_ov_layers"]
 

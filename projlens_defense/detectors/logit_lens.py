@@ -1,8 +1,8 @@
-"""Logit lens on the LLM side of the projector: which tokens do its dominant directions point at?
+"""Logit-lens detector: which tokens do the dominant directions of the projector's update point at?
 
 ProjLens finding 2: a backdoored projector shifts its outputs toward a direction aligned with the
-backdoor target. A direction ``w`` in the LLM's input space is read in one of three ways, each a
-score per vocabulary token:
+backdoor target. A direction ``w`` in the LLM's input space is read (:mod:`projlens_defense.lens`) in
+one of three ways, each a score per vocabulary token:
 
 * ``attention`` (default when the LLM's first layers are in the checkpoint): what an image token
   moved along ``w`` writes into the answer position through the first attention layers' value ->
@@ -23,168 +23,26 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import (
-    SVD_RANK,
-    Detector,
-    DetectorReport,
-    MissingInput,
-    ScanInput,
-    matmul32,
-    token_name,
-    top_singular,
+from projlens_defense.detectors.base import Detector, DetectorReport
+from projlens_defense.lens import (
+    DEFAULT_STD_FLOOR,
+    LensReading,
+    lens_reading,
+    stored_task_basis,
+    token_novelty,
 )
-from projlens_defense.errors import CheckpointError
+from projlens_defense.linalg import column_basis, top_singular
+from projlens_defense.scan_input import SVD_RANK, MissingInput, ScanInput
+from projlens_defense.tokens import token_name
 
-__all__ = ["LensReading", "LogitLensDetector", "lens_reading"]
+__all__ = ["LogitLensDetector"]
 
-READINGS = ("attention", "embed", "lm_head")
 TASK_BASIS_STORED = 8
 """Task directions a fitted lens keeps (best first); it removes its first ``task_rank`` of them."""
-_CHUNK = 8192
-
-
-def _cosines(matrix: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """cos(row_t, direction_j) for every vocabulary row: [V, k], streaming the matrix in chunks."""
-    d = directions.float()
-    d = d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    out = torch.empty(matrix.shape[0], d.shape[1])
-    for s in range(0, matrix.shape[0], _CHUNK):
-        rows = matrix[s : s + _CHUNK]
-        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=torch.float32)
-        out[s : s + _CHUNK] = matmul32(rows, d) / norms.clamp_min(1e-12)
-    return out
-
-
-def _logits(head: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(head.shape[0], x.shape[1])
-    for s in range(0, head.shape[0], _CHUNK):
-        out[s : s + _CHUNK] = matmul32(head[s : s + _CHUNK], x)
-    return out
-
-
-def _head(inp: ScanInput) -> torch.Tensor | None:
-    r = inp.readout
-    if r is None:
-        return None
-    return r.lm_head if r.lm_head is not None else r.embed_tokens
-
-
-def available_readings(inp: ScanInput) -> list[str]:
-    """Readings ``inp`` supports, best first."""
-    r = inp.readout
-    out = []
-    if inp.ov_layers and _head(inp) is not None:
-        out.append("attention")
-    if r is not None and r.embed_tokens is not None:
-        out.append("embed")
-    if r is not None and r.lm_head is not None and not r.tied:
-        out.append("lm_head")
-    return out
-
-
-def default_readings(inp: ScanInput) -> list[str]:
-    """``attention`` when possible, else the plain embedding / unembedding lens."""
-    avail = available_readings(inp)
-    return ["attention"] if "attention" in avail else avail
-
-
-@dataclass
-class LensReading:
-    """Per-token z-scores [V, columns] of some directions under some readings.
-
-    ``labels[c]`` names column c (``reading:direction sign``); ``mask`` marks word tokens (others
-    are -inf); ``raw`` holds the unnormalised scores (cosine or logit); ``influence`` [V] is each
-    token's share of the weighted directions' total reading, ``||raw_t * weights||`` over the
-    first reading's positive columns, relative to its root mean square over word tokens.
-    """
-
-    z: torch.Tensor
-    raw: torch.Tensor
-    labels: list[str]
-    mask: torch.Tensor
-    influence: torch.Tensor | None = None
-
-    def token_scores(self) -> torch.Tensor:
-        """Each token's best z over all columns (-inf for non-word tokens)."""
-        return self.z.max(dim=1).values
-
-    def best_column(self) -> torch.Tensor:
-        return self.z.max(dim=1).indices
-
-    def column_tops(self, vocab: Sequence[str] | None, n: int = 5) -> dict[str, list[str]]:
-        """The ``n`` best tokens of each column."""
-        out = {}
-        n = min(n, int(self.mask.sum()))
-        top = torch.topk(self.z, n, dim=0).indices
-        for c, label in enumerate(self.labels):
-            order = top[:, c].tolist()
-            out[label] = [token_name(vocab, t) for t in order]
-        return out
-
-
-def lens_reading(inp: ScanInput, directions: torch.Tensor, names: Sequence[str],
-                 readings: Sequence[str] | None = None, weights: torch.Tensor | None = None) -> LensReading:
-    """Read the columns of ``directions`` [hidden, k] (named ``names``), with both signs.
-
-    ``weights`` [w <= k] (e.g. singular values) weigh the first ``w`` directions for ``influence``.
-    """
-    readings = list(readings) if readings else default_readings(inp)
-    if not readings:
-        raise MissingInput("needs the LLM input embeddings or lm_head (not in the checkpoint)")
-    hidden = directions.shape[0]
-    head = _head(inp)
-    r = inp.readout
-    assert r is not None
-    size = min(m.shape[0] for m in (r.embed_tokens, r.lm_head) if m is not None)
-    for m in (r.embed_tokens, r.lm_head):
-        if m is not None and m.shape[1] != hidden:
-            raise MissingInput(f"LLM width {m.shape[1]} != projector output width {hidden}: no logit lens")
-    k = directions.shape[1]
-    pos = directions.float() / directions.float().norm(dim=0, keepdim=True).clamp_min(1e-12)
-    signs = [f"{n}{s}" for n in names for s in "+-"]
-    order = [j for i in range(k) for j in (i, i + k)]  # u1+, u1-, u2+, ... (each reading is linear in w)
-    mask = inp.word_mask(size)
-    if int(mask.sum()) < 3:
-        raise MissingInput("fewer than 3 word tokens in the vocabulary: no logit lens")
-    raws, labels = [], []
-    for reading in readings:
-        if reading == "attention":
-            if not inp.ov_layers or head is None:
-                raise MissingInput("attention reading needs the LLM's first layers and lm_head")
-            y = sum(layer.apply(pos) for layer in inp.ov_layers)
-            assert isinstance(y, torch.Tensor)
-            if inp.final_norm is not None:
-                y = y * inp.final_norm.float()[:, None]
-            raw = _logits(head[:size], y)
-        elif reading in ("embed", "lm_head"):
-            m = r.embed_tokens if reading == "embed" else r.lm_head
-            if m is None:
-                raise MissingInput(f"{reading} reading needs the LLM's {reading} matrix")
-            raw = _cosines(m[:size], pos)
-        else:
-            raise ValueError(f"unknown reading {reading!r} (known: {', '.join(READINGS)})")
-        raws.append(torch.cat([raw, -raw], dim=1)[:, order])
-        labels += [f"{reading}:{s}" for s in signs]
-    raw = torch.cat(raws, dim=1)
-    if not bool(torch.isfinite(raw).all()):  # cheaper than checking 32000 x 4096 inputs element by element
-        raise CheckpointError(f"{inp.path or 'checkpoint'}: the LLM read-out (lm_head / embeddings / first "
-                              "attention layers) has NaN/inf values")
-    rm = raw[mask]
-    z = (raw - rm.mean(0)) / rm.std(0).clamp_min(1e-12)
-    z = z.masked_fill(~mask[:, None], float("-inf"))
-    influence = None
-    if weights is not None and len(weights):
-        w = weights.float()[: directions.shape[1]]
-        plus = raws[0][:, 0 : 2 * len(w) : 2]  # the "+" columns of the weighted directions
-        infl = (plus * w[None]).norm(dim=1)
-        influence = infl / infl[mask].pow(2).mean().sqrt().clamp_min(1e-12)
-        influence = influence.masked_fill(~mask, float("-inf"))
-    return LensReading(z=z, raw=raw, labels=labels, mask=mask, influence=influence)
 
 
 class LogitLensDetector(Detector):
@@ -213,7 +71,7 @@ class LogitLensDetector(Detector):
     """The last-layer matrix whose top singular directions are read: ``delta`` (dW) or ``weight`` (W)."""
 
     def __init__(self, k: int = 3, n_tokens: int = 10, readings: Sequence[str] | None = None,
-                 std_floor: float = 0.5, task_rank: int = 4, task_k: int = 5) -> None:
+                 std_floor: float = DEFAULT_STD_FLOOR, task_rank: int = 4, task_k: int = 5) -> None:
         self.k = k
         self.task_k = task_k
         self.n_tokens = n_tokens
@@ -281,8 +139,7 @@ class LogitLensDetector(Detector):
         for b in benign:
             u, s, _ = b.svd(self.matrix, -1, max(SVD_RANK, rank))
             cols.append(u * s[None])
-        u, _, _ = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
-        return u[:, :rank].contiguous()
+        return column_basis(cols, rank)
 
     # ---------------------------------------------------------------- fit / state
     def fit(self, benign: Sequence[ScanInput]) -> LogitLensDetector:
@@ -330,25 +187,13 @@ class LogitLensDetector(Detector):
         self.baseline = state.get("baseline")
         self.task_rank = int(state.get("task_rank") or 0)
         self.task_k = int(state.get("task_k") or self.task_k)
-        basis = state.get("task_basis")
-        self.task_basis = None
-        if basis:
-            b = torch.tensor(basis, dtype=torch.float32)
-            if b.ndim == 2 and bool(torch.isfinite(b).all()):
-                self.task_basis, _ = torch.linalg.qr(b)  # re-orthonormalise after JSON rounding
+        self.task_basis = stored_task_basis(state)
         self._fits += 1
         return self
 
     def novelty(self, scores: torch.Tensor | None, kind: str = "score") -> torch.Tensor | None:
         """Per-token (value - benign mean) / max(benign std, floor); None if unfitted or another vocab."""
-        b = self.baseline
-        if scores is None or not b or int(b.get("vocab_size", -1)) != scores.shape[0] or kind not in b:
-            return None
-        mu = torch.tensor(b[kind]["mean"], dtype=torch.float32)
-        sd = torch.tensor(b[kind]["std"], dtype=torch.float32)
-        floor = self.std_floor if kind.endswith("score") else self.std_floor * float(sd.median())
-        sd = sd.clamp_min(max(floor, 1e-6))
-        return ((scores - mu) / sd).masked_fill(torch.isinf(scores), float("-inf"))
+        return token_novelty(self.baseline, self.std_floor, scores, kind)
 
     # ---------------------------------------------------------------- score
     def score(self, inp: ScanInput) -> DetectorReport:

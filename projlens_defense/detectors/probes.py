@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from projlens_defense.detectors.base import MissingInput, ScanInput
+from projlens_defense.scan_input import MissingInput, ScanInput
 
 __all__ = ["EXTRA_INPUTS", "EXTRA_PROBES", "probe_features"]
 

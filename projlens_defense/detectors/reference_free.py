@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import ScanInput
 from projlens_defense.detectors.logit_lens import LogitLensDetector
 from projlens_defense.detectors.spectral import spectrum_stats
+from projlens_defense.scan_input import ScanInput
 
 __all__ = ["ReferenceFreeDetector"]
 

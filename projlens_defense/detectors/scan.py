@@ -20,7 +20,7 @@ import torch
 
 from projlens_defense.checkpoint.container import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME
 from projlens_defense.detectors import DETECTORS
-from projlens_defense.detectors.base import Detector, DetectorReport, MissingInput, ScanInput
+from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.detectors.calibration import (
     MODE_DETECTORS,
     Calibration,
@@ -35,6 +35,7 @@ from projlens_defense.errors import (
 )
 from projlens_defense.jsonsafe import finite
 from projlens_defense.projector import Projector
+from projlens_defense.scan_input import MissingInput, ScanInput
 
 __all__ = ["ScanResult", "Scanner", "find_checkpoints", "repair_judge"]
 

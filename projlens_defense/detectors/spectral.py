@@ -15,9 +15,11 @@ import math
 
 import torch
 
-from projlens_defense.detectors.base import LOWRANK_MIN_DIM, Detector, DetectorReport, ScanInput, top_singular  # noqa: F401
+from projlens_defense.detectors.base import Detector, DetectorReport
+from projlens_defense.linalg import LOWRANK_MIN_DIM, singular_values
+from projlens_defense.scan_input import ScanInput
 
-__all__ = ["SpectralDetector", "spectrum_stats", "top_singular"]
+__all__ = ["SpectralDetector", "spectrum_stats"]
 
 
 def spectrum_stats(s: torch.Tensor, fro2: float, top_k: int = 5) -> dict[str, float]:
@@ -74,7 +76,7 @@ class SpectralDetector(Detector):
             tag = "last" if i == len(deltas) - 1 else f"l{i + 1}"
             fro2 = float(torch.linalg.vector_norm(dw)) ** 2
             if min(dw.shape) <= LOWRANK_MIN_DIM:  # small layer: the exact full spectrum is cheap
-                s = torch.linalg.svdvals(dw.float())
+                s = singular_values(dw)
             else:  # large layer: the shared randomized top-k; the effective rank assumes a flat tail
                 _, s, _ = inp.svd("delta", i, self.n_values)
             st = spectrum_stats(s, fro2, self.top_k)

@@ -1,4 +1,5 @@
-"""The `analyze` report: the two ProjLens findings measured on one checkpoint, as Markdown + PNG figures + JSON.
+"""The `analyze` computation: the two ProjLens findings measured on one checkpoint (an :class:`Analysis`;
+:mod:`~projlens_defense.eval.analyze_report` writes it as Markdown + PNG figures + JSON).
 
 1. Low-rank structure: singular spectra of dW per layer (suspect vs benign fine-tunes) and, when
    the trigger is known, top-k **injection** (reference + top-k components of dW) and **ablation**
@@ -16,15 +17,12 @@ Everything is evaluated in-process on vision features computed once; test sets a
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..attacks.evaluate import EvalSet, evaluate, prepare_eval_set
@@ -32,20 +30,18 @@ from ..attacks.variants import Variant, get_variant
 from ..checkpoint import load_projector
 from ..conversations import load_conversations
 from ..detectors.activation import ActivationDetector, _align, fit_line, output_shift
-from ..detectors.base import ScanInput
 from ..detectors.input_level import ShiftInputDetector
 from ..detectors.loading import load_checkpoint
 from ..detectors.probes import EXTRA_PROBES
 from ..errors import CheckpointError, UsageError
-from ..jsonsafe import finite
+from ..linalg import singular_values
 from ..metrics import auroc
-from ..projector import Projector
-from ..runinfo import AttackRecord, environment, read_attack_record
-from .lowrank import LowRankUpdate, ProjectorModule, resolve_layers
+from ..projector import Projector, ProjectorModule
+from ..runinfo import AttackRecord, read_attack_record
+from ..scan_input import ScanInput
+from .lowrank import LowRankUpdate, TaskRemovedUpdate
 
-__all__ = ["AnalyzeOptions", "TaskRemovedUpdate", "analyze_checkpoint", "variant_from_record"]
-
-FIGURES = {"spectra": "spectra.png", "curves": "topk_curves.png", "shift": "shift_vs_norm.png"}
+__all__ = ["Analysis", "AnalyzeOptions", "analyze_checkpoint", "variant_from_record"]
 
 
 @dataclass
@@ -62,6 +58,47 @@ class AnalyzeOptions:
     input_k: int = 8
     spectrum_values: int = 32
     seed: int = 0
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyze_checkpoint` measured (each section JSON-able; :meth:`to_dict` is ``report.json``
+    without the figures, wall time and environment the writer adds).
+
+    ``trigger``: where the trigger knowledge came from; ``data``: probe and test data used; ``spectra``: dW
+    singular values per layer, suspect and benign; ``fine_tuned`` / ``reference_metrics``: metrics of the two
+    projectors on the test set; ``curves`` / ``criteria``: top-k injection / ablation curves and the smallest k
+    meeting each ProjLens criterion, per decomposition (``plain``, ``task-removed``); ``notes``; ``activation``:
+    the dominant shift direction and its lens reading; ``model_score``: the calibrated activation verdict (with
+    >= 3 benign fine-tunes); ``shift``: shift-vs-norm regressions; ``norms`` / ``input_level``: triggered vs clean
+    inputs (with a known trigger). ``scatter``: the per-token input norms and shifts the figure plots (arrays by
+    ``probe`` / ``clean`` / ``triggered``); ``seconds``: the time it took.
+    """
+
+    checkpoint: str
+    reference: str
+    benign: list[str]
+    trigger: dict[str, Any]
+    data: dict[str, Any]
+    options: dict[str, Any]
+    spectra: dict[str, Any] = field(default_factory=dict)
+    fine_tuned: dict[str, Any] = field(default_factory=dict)
+    reference_metrics: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)
+    criteria: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] | None = None
+    activation: dict[str, Any] = field(default_factory=dict)
+    model_score: dict[str, Any] | None = None
+    shift: dict[str, Any] = field(default_factory=dict)
+    norms: dict[str, Any] | None = None
+    input_level: dict[str, Any] | None = None
+    scatter: dict[str, Any] = field(default_factory=dict, repr=False)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report data, in report.json's order (sections that were not measured left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("scatter", "seconds") and getattr(self, f.name) is not None}
 
 
 def variant_from_record(rec: AttackRecord | None) -> Variant | None:
@@ -83,42 +120,13 @@ def variant_from_record(rec: AttackRecord | None) -> Variant | None:
         return get_variant(name, target)
 
 
-class TaskRemovedUpdate(LowRankUpdate):
-    """dW split into a task part (inside the benign updates' top-``task_rank`` output subspace, per layer)
-    and the rest, whose top-k components are injected / ablated."""
-
-    def __init__(self, suspect: Projector, reference: Projector, benign: Sequence[Projector], max_k: int = 8,
-                 task_rank: int = 8, layers: str | Sequence[int] = "all", seed: int = 0) -> None:
-        from ..detectors.base import top_singular
-
-        self.suspect, self.reference, self.max_k = suspect, reference, max_k
-        self.layers = resolve_layers(layers, suspect.num_layers)
-        full = suspect.delta(reference)
-        bdel = [b.delta(reference) for b in benign]
-        self.task: list[torch.Tensor] = []
-        self.deltas = []
-        for i, dw in enumerate(full):
-            stack = torch.cat([d[i] / d[i].norm().clamp_min(1e-12) for d in bdel], 1)
-            u = torch.linalg.svd(stack, full_matrices=False)[0][:, :task_rank]
-            t = u @ (u.T @ dw)
-            self.task.append(t)
-            self.deltas.append(dw - t)
-        self.svd = {i: top_singular(self.deltas[i], max_k, seed=seed) for i in self.layers}
-
-    def inject(self, k: int) -> Projector:
-        ws = [layer.weight.float().clone() for layer in self.reference.layers]
-        for i in self.layers:
-            ws[i] = ws[i] + self.task[i] + self.top(i, k)
-        return self.reference.with_weights(ws)
-
-
 # ----------------------------------------------------------------------------- pieces
 def _spectra(suspect: Projector, reference: Projector, benign: dict[str, Projector], n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": [suspect.layer_name(i) for i in range(suspect.num_layers)], "suspect": [],
                            "benign": {name: [] for name in benign}}
     for name, proj in [("suspect", suspect), *benign.items()]:
         for dw in proj.delta(reference):
-            s = torch.linalg.svdvals(dw.float()) if min(dw.shape) <= 1024 else torch.svd_lowrank(dw.float(), q=n)[1]
+            s = singular_values(dw, n, min_dim=1024)
             e = s.double() ** 2
             stats = {"values": [round(float(x), 6) for x in s[:n]], "fro": float(e.sum().sqrt()),
                      "top1_energy": float(e[0] / e.sum()) if float(e.sum()) > 0 else 0.0,
@@ -157,223 +165,6 @@ def _first_k(curve: dict[str, list[Any]], full_asr: float | None, full_clean: fl
     return out
 
 
-def _task_note(dname: str, ref_clean: float | None, ft_clean: float | None, has_task_removed: bool) -> list[str]:
-    """Why a plain ablation costs clean accuracy when the reference itself cannot do the test task."""
-    if dname != "plain" or ref_clean is None or ft_clean is None or ft_clean - ref_clean <= 0.02:
-        return []
-    hint = ("compare the task-removed curves below" if has_task_removed
-            else "pass benign fine-tunes (--benign) to split the task part off (task-removed curves)")
-    return [f"The reference scores {ref_clean:.3f} clean accuracy against {ft_clean:.3f} for the fine-tune: the "
-            "fine-tune taught the task, and the top components of dW carry that adaptation as well as any "
-            f"backdoor, so removing them costs clean accuracy; {hint}.\n"]
-
-
-def _fmt(x: Any, nd: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
-
-
-# ----------------------------------------------------------------------------- figures
-def _plots(out: Path, rep: dict[str, Any], scatter: dict[str, Any]) -> dict[str, str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("analyze needs matplotlib for its figures: pip install 'projlens-defense[plot]'") from None
-    files = {}
-    sp = rep["spectra"]
-    n_layers = len(sp["layers"])
-    fig, axes = plt.subplots(1, n_layers, figsize=(4.2 * n_layers, 3.4), squeeze=False)
-    for i, name in enumerate(sp["layers"]):
-        ax = axes[0][i]
-        v = sp["suspect"][i]["values"]
-        ax.semilogy(range(1, len(v) + 1), v, "o-", ms=3, color="C3", label="suspect")
-        for j, layers in enumerate(sp["benign"].values()):
-            bv = layers[i]["values"]
-            ax.semilogy(range(1, len(bv) + 1), bv, ".--", ms=2, color="C0", alpha=0.6,
-                        label="benign" if j == 0 else None)
-        ax.set_title(f"dW singular values: {name}", fontsize=9)
-        ax.set_xlabel("component")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES["spectra"], dpi=110)
-    plt.close(fig)
-    files["spectra"] = FIGURES["spectra"]
-
-    curves = rep.get("curves") or {}
-    if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for (dname, c), color in zip(curves.items(), ("C3", "C2"), strict=False):
-            if c["inject_asr"][0] is not None:
-                axes[0].plot(c["k"], c["inject_asr"], "o-", color=color, label=f"inject ASR ({dname})")
-                axes[1].plot(c["k"], c["ablate_asr"], "o-", color=color, label=f"ablate ASR ({dname})")
-            axes[0].plot(c["k"], c["inject_clean"], "s:", color=color, alpha=0.6, label=f"inject clean acc ({dname})")
-            axes[1].plot(c["k"], c["ablate_clean"], "s:", color=color, alpha=0.6, label=f"ablate clean acc ({dname})")
-        axes[0].set_title("reference + top-k components of dW")
-        axes[1].set_title("fine-tuned - top-k components of dW")
-        for ax in axes:
-            ax.set_xlabel("k")
-            ax.set_ylim(-0.03, 1.03)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / FIGURES["curves"], dpi=110)
-        plt.close(fig)
-        files["curves"] = FIGURES["curves"]
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, color, label in (("probe", "C0", "clean probes"), ("clean", "C2", "clean test"),
-                              ("triggered", "C3", "triggered test")):
-        d = scatter.get(key)
-        if d is None:
-            continue
-        axes[0].scatter(d["norm"].reshape(-1), d["proj"].reshape(-1), s=2, alpha=0.25, color=color, label=label)
-        axes[1].scatter(d["norm"].mean(1), d["proj"].mean(1), s=8, alpha=0.6, color=color, label=label)
-    for ax, fit, what in ((axes[0], rep["shift"]["per_token"], "token"), (axes[1], rep["shift"]["per_image"], "image")):
-        xs = np.array(ax.get_xlim())
-        ax.plot(xs, fit["slope"] * xs + fit["intercept"], "k-", lw=1,
-                label=f"fit on probes: slope {fit['slope']:.3g}, R² {fit['r2']:.2f}")
-        ax.set_xlabel(f"input feature norm (per {what})")
-        ax.set_ylabel("shift along dominant direction")
-        ax.legend(fontsize=7, markerscale=3)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES["shift"], dpi=110)
-    plt.close(fig)
-    files["shift"] = FIGURES["shift"]
-    return files
-
-
-# ----------------------------------------------------------------------------- report text
-def _markdown(rep: dict[str, Any]) -> str:
-    L: list[str] = []
-    L.append(f"# ProjLens analysis of `{rep['checkpoint']}`\n")
-    L.append(f"- reference: `{rep['reference']}`")
-    L.append(f"- benign fine-tunes for comparison: {len(rep['benign'])}" + (
-        "".join(f"\n  - `{b}`" for b in rep["benign"])))
-    trig = rep["trigger"]
-    L.append(f"- trigger knowledge: {trig['source']}" + (f" (variant `{trig['variant']}`, target "
-                                                         f"\"{trig['target']}\")" if trig["variant"] else ""))
-    d = rep["data"]
-    L.append(f"- clean probes: {d['n_probes']} images from `{d['probe_data']}`")
-    if d["test_data"]:
-        L.append(f"- test set: {d['n_test']} of {d['n_test_total']} samples from `{d['test_data']}`"
-                 + (f" (**subsampled** to {d['n_test']} to stay under 2 minutes)" if d["n_test"] < d["n_test_total"] else "")
-                 + f"; {d['n_triggered']} triggered")
-    L.extend(f"- note: {n}" for n in rep.get("notes", []))
-    L.append(f"- wall time: {rep['wall_time_s']:.1f} s\n")
-    fm = rep.get("fine_tuned")
-    if fm:
-        L.append(f"Fine-tuned checkpoint on this test set: clean accuracy {_fmt(fm['clean_accuracy'])}, "
-                 f"ASR {_fmt(fm['asr'])}, false activation {_fmt(fm['false_activation'])}; reference projector: "
-                 f"clean accuracy {_fmt(rep['reference_metrics']['clean_accuracy'])}, ASR {_fmt(rep['reference_metrics']['asr'])}.\n")
-
-    L.append("## 1. Low-rank structure of dW\n")
-    L.append(f"![singular spectra]({FIGURES['spectra']})\n")
-    L.append("| model | layer | ‖dW‖_F | σ1 | σ2 | σ3 | top-1 energy | top-5 energy |")
-    L.append("|---|---|---|---|---|---|---|---|")
-    sp = rep["spectra"]
-    rows = [("suspect", sp["suspect"])] + list(sp["benign"].items())
-    for name, layers in rows:
-        for i, st in enumerate(layers):
-            v = st["values"] + [float("nan")] * 3
-            L.append(f"| {Path(name).name if name != 'suspect' else 'suspect'} | {sp['layers'][i]} | {st['fro']:.3g} | "
-                     f"{v[0]:.3g} | {v[1]:.3g} | {v[2]:.3g} | {st['top1_energy']:.3f} | {st['top5_energy']:.3f} |")
-    L.append("")
-    curves = rep.get("curves") or {}
-    if curves:
-        L.append(f"![top-k injection and ablation]({FIGURES['curves']})\n")
-        L.append(f"Layers: {rep['options']['layers']}. *plain*: top-k singular components of dW = W_ft - W_ref. "
-                 "*task-removed* (with benign fine-tunes): dW minus its projection on the benign updates' top "
-                 f"{rep['options']['task_rank']} output directions per layer; injection adds that task part back.\n")
-        for dname, c in curves.items():
-            L.append(f"**{dname}**\n")
-            L.append("| k | inject ASR | inject clean acc | ablate ASR | ablate clean acc |")
-            L.append("|---|---|---|---|---|")
-            for i, k in enumerate(c["k"]):
-                L.append(f"| {k} | {_fmt(c['inject_asr'][i])} | {_fmt(c['inject_clean'][i])} | "
-                         f"{_fmt(c['ablate_asr'][i])} | {_fmt(c['ablate_clean'][i])} |")
-            crit = rep["criteria"].get(dname, {})
-            if trig["variant"]:
-                L.append(f"\nSmallest k with injection >= 90% of the fine-tuned ASR: {_fmt(crit.get('inject_k'))}; "
-                         f"with ablation ASR <= 5% at <= 2 points of clean accuracy: {_fmt(crit.get('ablate_k'))}; "
-                         f"both: {_fmt(crit.get('both_k'))}.\n")
-            else:
-                L.append("")
-            L.extend(_task_note(dname, rep["reference_metrics"].get("clean_accuracy"),
-                                rep["fine_tuned"].get("clean_accuracy"), "task-removed" in curves))
-    else:
-        L.append("No test data: injection / ablation curves not measured.\n")
-
-    L.append("## 2. Activation mechanism\n")
-    sh = rep["shift"]
-    act = rep["activation"]
-    L.append(f"Output shift P_ft(x) - P_ref(x) on {d['n_probes']} clean probes ({sh['n_tokens']} image tokens); "
-             f"benign task subspace removed: rank {sh['benign_subspace_rank']}; share of shift energy outside it: "
-             f"{sh['residual_energy']:.3f}. Dominant direction: **{act['direction']}**"
-             + (f" (trigger-free excitation: bounded feature perturbation, gain {act['excitation']['gain']:.2f})"
-                if act.get("excitation") else " (mean shift of the clean probes)") + ".\n")
-    if not sh["benign_subspace_rank"]:
-        L.append("No benign fine-tune given (--benign): the dominant direction still contains the downstream-task "
-                 "adaptation every fine-tune of this task makes, so the lens below mostly names task answer words.\n")
-    L.append(f"![shift vs norm]({FIGURES['shift']})\n")
-    L.append("| regression of shift on input norm | slope | intercept | R² | n |")
-    L.append("|---|---|---|---|---|")
-    for key in ("per_token", "per_image"):
-        f = sh[key]
-        L.append(f"| {key.replace('_', ' ')} (clean probes) | {f['slope']:.4g} | {f['intercept']:.4g} | {f['r2']:.3f} | {f['n']} |")
-    nm = rep.get("norms")
-    if nm:
-        L.append("")
-        L.append(f"Input feature norms: clean test mean token norm {nm['clean_token_mean']:.3f}, triggered "
-                 f"{nm['triggered_token_mean']:.3f} (AUROC of the image's mean token norm, triggered vs clean: "
-                 f"{nm['auroc_mean_norm']:.3f}; of its largest token norm: {nm['auroc_max_norm']:.3f}). "
-                 f"Shift along the dominant direction: clean {nm['clean_proj_mean']:.3f}, triggered "
-                 f"{nm['triggered_proj_mean']:.3f}. "
-                 + ("Triggered inputs sit at **larger** norms, as the paper describes."
-                    if nm["triggered_token_mean"] > nm["clean_token_mean"] and nm["auroc_mean_norm"] > 0.6 else
-                    "Triggered inputs do **not** sit clearly at larger norms here (the paper reports they do).")
-                 + (" But the shift does not grow linearly with the norm (per-image R² "
-                    f"{sh['per_image']['r2']:.2f} on clean probes): the trigger acts through the direction of its "
-                    "features, not their size." if sh["per_image"]["r2"] < 0.3 else ""))
-    L.append("\n### Logit lens of the dominant direction\n")
-    lens = act.get("top_tokens") or []
-    if lens:
-        cols = [c for c in ("relative", "novelty") if c in lens[0]]
-        names = {"relative": "z - benign mean", "novelty": "novelty vs benign"}
-        L.append("| rank | token | z |" + "".join(f" {names[c]} |" for c in cols))
-        L.append("|---|---|---|" + "---|" * len(cols))
-        for i, t in enumerate(lens):
-            L.append(f"| {i + 1} | `{t['token']}` | {t['z']:.2f} |" + "".join(f" {t[c]:.2f} |" for c in cols))
-        L.append(f"\nRanked by {act.get('ranking') or 'z'}; lens reading: {act.get('reading')} "
-                 "(attention = the first LLM layers' value-output maps read by lm_head).")
-        if trig["target"]:
-            L.append(f"\nTarget's first word `{trig['target'].split()[0]}`: rank {_fmt(act.get('target_rank'))} "
-                     "in this reading.")
-        other = act.get("per_direction") or {}
-        if other:
-            L.append("\nOther directions (top 5 tokens): " + "; ".join(
-                f"{k.split(':')[-1].rstrip('+')}: {', '.join(v)}" for k, v in other.items()))
-    else:
-        L.append("No LLM read-out in the checkpoint: no logit lens.")
-    L.append("")
-    ms = rep.get("model_score")
-    if ms:
-        L.append(f"Model-level activation score: {ms['score']:.2f} (threshold {ms['threshold']:.2f} from "
-                 f"{ms['n_benign']} benign fine-tunes, leave-one-out): **{ms['verdict']}**. Signals: "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in rep['activation']['signals'].items()) + "\n")
-    else:
-        L.append("Signals: " + ", ".join(f"{k} {v:.3f}" for k, v in act["signals"].items())
-                 + " (no calibrated verdict: needs >= 3 benign fine-tunes via --benign).\n")
-    il = rep.get("input_level")
-    if il:
-        L.append(f"Input-level detector (input-shift, calibrated on the {d['n_probes']} clean probes only): "
-                 f"AUROC triggered vs clean {il['auroc']:.3f}, flagged {il['tpr']:.3f} of triggered and "
-                 f"{il['fpr']:.3f} of clean test inputs at threshold {il['threshold']:.3f}.\n")
-    return "\n".join(L) + "\n"
-
-
 # ----------------------------------------------------------------------------- main entry
 def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
     """The HF LLaVA dir whose vision tower and LLM run the projectors: the checkpoint's own, else the reference.
@@ -392,13 +183,13 @@ def _runtime_dir(ck: Any, checkpoint: Path, reference: Path) -> Path:
                      "Qwen2-VL directory")
 
 
-def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: Path, probe_data: Path,
+def analyze_checkpoint(checkpoint: Path, reference: Path, test_data: Path, probe_data: Path,
                        benign: Sequence[Path] = (), variant: str | None = None,
                        options: AnalyzeOptions | None = None,
                        device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32",
-                       ) -> dict[str, Any]:
-    """Run the analysis and write ``report.md``, ``report.json`` and the PNG figures into ``out``: ASR curves on
-    ``test_data``, shifts on the clean images of ``probe_data`` (both LLaVA conversation JSON).
+                       ) -> Analysis:
+    """Run the analysis: ASR curves on ``test_data``, shifts on the clean images of ``probe_data`` (both LLaVA
+    conversation JSON).
 
     ``device`` / ``dtype`` place the LLaVA model that runs the curves (see
     :meth:`~projlens_defense.runtime.LlavaRuntime.from_pretrained`); the weight-space analyses stay on the CPU."""
@@ -406,7 +197,7 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: 
 
     opt = options or AnalyzeOptions()
     t0 = time.perf_counter()
-    checkpoint, reference, out = Path(checkpoint), Path(reference), Path(out)
+    checkpoint, reference = Path(checkpoint), Path(reference)
     ck = load_checkpoint(checkpoint)
     ref = load_projector(reference)
     sus = ck.projector
@@ -433,7 +224,6 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: 
     test_all = load_conversations(test_data)
     test = test_all[: opt.max_test]
     es = prepare_eval_set(rt, test, var, opt.seed)
-    out.mkdir(parents=True, exist_ok=True)
 
     rep: dict[str, Any] = {
         "checkpoint": str(checkpoint), "reference": str(reference), "benign": list(bproj),
@@ -529,9 +319,4 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, out: Path, test_data: 
         sc, st = idet.score_features(cf), idet.score_features(tf)
         rep["input_level"] = {"auroc": auroc(st.tolist(), sc.tolist()), "threshold": idet.threshold,
                               "tpr": float((st > idet.threshold).mean()), "fpr": float((sc > idet.threshold).mean())}
-    rep["figures"] = _plots(out, rep, scatter)
-    rep["wall_time_s"] = time.perf_counter() - t0
-    rep["environment"] = environment()
-    (out / "report.md").write_text(_markdown(rep))
-    (out / "report.json").write_text(json.dumps(finite(rep), indent=1) + "\n")
-    return rep
+    return Analysis(**rep, scatter=scatter, seconds=time.perf_counter() - t0)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
-from ..runinfo import environment, read_attack_record
+from ..runinfo import environment, has_attack_record, read_attack_record
 
 if TYPE_CHECKING:
     from ..mitigations.base import CleanData
@@ -100,7 +100,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def mitigation_params(preset: dict[str, dict], overrides: dict[str, Any], methods: Sequence[str]) -> dict[str, dict]:
     """The preset's per-method parameters for the ``methods`` run, overridden by ``{"NAME.KEY": value}``; each
-    method is constructed once with its set, so an unknown parameter fails now, not in the middle of the grid."""
+    method's set is checked against its parameters, so an unknown one fails now, not in the middle of the grid."""
     from ..mitigations import MITIGATIONS
 
     out = {m: dict(v) for m, v in preset.items() if m in methods}
@@ -111,7 +111,7 @@ def mitigation_params(preset: dict[str, dict], overrides: dict[str, Any], method
                              f"got {key!r}")
         out.setdefault(name, {})[param] = value
     for name, params in out.items():
-        MITIGATIONS[name](**params)
+        MITIGATIONS[name].check_params(params)
     return out
 
 
@@ -211,7 +211,7 @@ def launch_attack(cell: Cell, ckpt: Path, launch_args: str = "") -> None:
     from ..errors import ProjlensError
 
     r = subprocess.run(attack_command(cell, ckpt, launch_args), capture_output=True, text=True)
-    if r.returncode != 0 or not (ckpt / "attack.json").is_file():
+    if r.returncode != 0 or not has_attack_record(ckpt):
         tail = "\n".join((r.stderr or "").replace("\r", "\n").splitlines()[-15:])
         raise ProjlensError(f"{cell.label}: `accelerate launch ... attack` failed (exit {r.returncode}):\n{tail}")
 
@@ -256,9 +256,9 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
         return {}
     from ..attacks.evaluate import evaluate
     from ..checkpoint import load_projector
+    from ..detectors.lens_context import lens_context
     from ..detectors.scan import repair_judge
     from ..mitigations import MITIGATIONS
-    from ..mitigations.lens import lens_context
 
     suspect, reference = load_projector(ckpt), load_projector(cell.model)
     lens: dict = {}
@@ -269,8 +269,8 @@ def _run_mitigations(rt, sets: dict, ckpt: Path, cell: Cell, cfg: BenchConfig,
     for name in cfg.mitigations:
         t = time.time()
         params = cfg.mitigation_params.get(name, {})
-        kw = {**params, **(lens if MITIGATIONS[name].uses_lens else {})}
-        module = MITIGATIONS[name](**kw).apply(suspect, reference, clean).as_module()
+        inputs = lens if MITIGATIONS[name].uses_lens else {}
+        module = MITIGATIONS[name].from_params(params, **inputs).apply(suspect, reference, clean).as_module()
         out[name] = {v: evaluate(rt, es, projector=module).to_dict() for v, es in sets.items()}
         out[name]["seconds"] = round(time.time() - t, 2)
         if params:

@@ -62,7 +62,6 @@ def run_input_detectors(runtime: Any, suspect: Any, reference: Any, names: Seque
     import time
 
     from ..detectors import DETECTORS
-    from ..detectors.base import ScanInput
     from ..detectors.probes import (
         EXTRA_INPUT_IMAGES,
         EXTRA_INPUTS,
@@ -72,6 +71,7 @@ def run_input_detectors(runtime: Any, suspect: Any, reference: Any, names: Seque
         EXTRA_QUESTIONS,
         EXTRA_RUNTIME,
     )
+    from ..scan_input import ScanInput
 
     n_clean = len(clean_features)
     feats = torch.cat([clean_features, triggered_features])

@@ -3,8 +3,7 @@
 ``inject(k)``: the reference weights plus the top-k components of dW = W_suspect - W_reference;
 ``ablate(k)``: the suspect weights minus them. Applied to the chosen layers (all by default);
 injection keeps the reference biases and the reference weights of unchosen layers, ablation keeps
-the suspect's. :class:`ProjectorModule` turns a :class:`~projlens_defense.projector.Projector`
-view into an ``nn.Module`` that a runtime can run in place of the model's own projector.
+the suspect's (run them with :class:`~projlens_defense.projector.ProjectorModule`).
 """
 
 from __future__ import annotations
@@ -12,23 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from projlens_defense.detectors.base import top_singular
+from projlens_defense.linalg import column_basis, top_singular
 from projlens_defense.projector import Projector
 
-__all__ = ["LowRankUpdate", "ProjectorModule", "resolve_layers"]
-
-
-class ProjectorModule(nn.Module):
-    """An ``nn.Module`` computing a :class:`Projector` view's forward (float32, no parameters)."""
-
-    def __init__(self, projector: Projector) -> None:
-        super().__init__()
-        self.view = projector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.view.forward(x.float()).to(x.dtype)
+__all__ = ["LowRankUpdate", "TaskRemovedUpdate", "resolve_layers"]
 
 
 def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
@@ -83,3 +70,29 @@ class LowRankUpdate:
         for i in self.layers:
             ws[i] = ws[i] - self.top(i, k)
         return self.suspect.with_weights(ws)
+
+
+class TaskRemovedUpdate(LowRankUpdate):
+    """dW split into a task part (inside the benign updates' top-``task_rank`` output subspace, per layer)
+    and the rest, whose top-k components are injected / ablated."""
+
+    def __init__(self, suspect: Projector, reference: Projector, benign: Sequence[Projector], max_k: int = 8,
+                 task_rank: int = 8, layers: str | Sequence[int] = "all", seed: int = 0) -> None:
+        self.suspect, self.reference, self.max_k = suspect, reference, max_k
+        self.layers = resolve_layers(layers, suspect.num_layers)
+        full = suspect.delta(reference)
+        bdel = [b.delta(reference) for b in benign]
+        self.task: list[torch.Tensor] = []
+        self.deltas = []
+        for i, dw in enumerate(full):
+            u = column_basis([d[i] / d[i].norm().clamp_min(1e-12) for d in bdel], task_rank)
+            t = u @ (u.T @ dw)
+            self.task.append(t)
+            self.deltas.append(dw - t)
+        self.svd = {i: top_singular(self.deltas[i], max_k, seed=seed) for i in self.layers}
+
+    def inject(self, k: int) -> Projector:
+        ws = [layer.weight.float().clone() for layer in self.reference.layers]
+        for i in self.layers:
+            ws[i] = ws[i] + self.task[i] + self.top(i, k)
+        return self.reference.with_weights(ws)

@@ -1,7 +1,7 @@
 """Mitigations behind one small interface, and their name registry (the names the CLI and the harness use).
 
 Adding a mitigation = one module with a :class:`~projlens_defense.mitigations.base.Mitigation`
-subclass (its ``name``, what it needs as class attributes, explicit keyword parameters) + its class in
+dataclass subclass (its ``name``, what it needs as class attributes, its parameters as typed fields) + its class in
 :data:`MITIGATIONS`.
 """
 
@@ -10,7 +10,6 @@ from projlens_defense.mitigations.base import (
     Mitigation,
     MitigationInputError,
     MitigationResult,
-    ProjectorModule,
     weight_change,
 )
 from projlens_defense.mitigations.clp import ClpMitigation
@@ -36,6 +35,5 @@ __all__ = [
     "MitigationInputError",
     "MitigationResult",
     "NormGuard",
-    "ProjectorModule",
     "weight_change",
 ]

@@ -12,22 +12,22 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from projlens_defense.errors import UsageError
-from projlens_defense.projector import LinearLayer, Projector
+from projlens_defense.linalg import singular_values
+from projlens_defense.params import Configurable
+from projlens_defense.projector import Projector, ProjectorModule
 
 __all__ = [
     "CleanData",
     "Mitigation",
     "MitigationInputError",
     "MitigationResult",
-    "ProjectorModule",
-    "svd",
     "weight_change",
 ]
 
@@ -68,43 +68,6 @@ class CleanData:
         return cls(runtime, feats, [s.question for s in chosen], [s.answer for s in chosen], [s.id for s in chosen])
 
 
-class ProjectorModule(nn.Module):
-    """A trainable ``nn.Module`` view of a :class:`Projector` (same math; the merger norm stays fixed).
-
-    Drop-in for the runtime's projector (``LlavaRuntime.answer(..., projector=module)``) and for
-    :func:`~projlens_defense.training.train_projector`; :meth:`to_projector` gives the weights back
-    with the source's keys and dtypes.
-    """
-
-    def __init__(self, projector: Projector) -> None:
-        super().__init__()
-        self.template = projector
-        self.weights = nn.ParameterList([nn.Parameter(layer.weight.detach().float().clone()) for layer in projector.layers])
-        self.biases = nn.ParameterList(
-            [nn.Parameter(layer.bias.detach().float().clone()) for layer in projector.layers if layer.bias is not None]
-        )
-        self._has_bias = [layer.bias is not None for layer in projector.layers]
-
-    def _layers(self) -> list[LinearLayer]:
-        it = iter(self.biases)
-        return [LinearLayer(w, next(it) if hb else None) for w, hb in zip(self.weights, self._has_bias, strict=True)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return replace(self.template, layers=self._layers()).forward(x)
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Input of the last layer (after the activation): the channels pruning and guards act on."""
-        layers = self._layers()
-        proj = replace(self.template, layers=layers[:-1])
-        return proj._act()(proj.forward(x)) if len(layers) > 1 else x
-
-    def to_projector(self) -> Projector:
-        """The current weights as a Projector with the template's keys, dtypes and format."""
-        layers = self._layers()
-        return self.template.with_weights([layer.weight.detach() for layer in layers],
-                                          [None if layer.bias is None else layer.bias.detach() for layer in layers])
-
-
 @dataclass(eq=False)
 class MitigationResult:
     """What a mitigation produced.
@@ -136,12 +99,6 @@ class MitigationResult:
         return {"method": self.method, "writable": self.writable, "params": self.params, "report": self.report}
 
 
-def svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in float32: U [out, r], S [r], V [in, r] (columns are the right singular vectors)."""
-    u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
-    return u, s, vh.T
-
-
 def change_rank(dw: torch.Tensor, tol: float = 1e-4, sketch: int = 64, seed: int = 0) -> int:
     """Numerical rank of a weight change (singular values above ``tol`` x the largest).
 
@@ -155,11 +112,11 @@ def change_rank(dw: torch.Tensor, tol: float = 1e-4, sketch: int = 64, seed: int
     n = min(dw.shape)
     if n > 2 * sketch:
         g = torch.randn(dw.shape[1], sketch, generator=torch.Generator().manual_seed(seed))
-        s = torch.linalg.svdvals(dw @ g)
+        s = singular_values(dw @ g)
         r = int((s > tol * s.max()).sum())
         if r < sketch:
             return r
-    s = torch.linalg.svdvals(dw)
+    s = singular_values(dw)
     return int((s > tol * s.max()).sum())
 
 
@@ -184,15 +141,17 @@ def weight_change(suspect: Projector, new: Projector, reference: Projector | Non
     return out
 
 
-class Mitigation(ABC):
-    """Abstract base. Subclasses set ``name`` and the inputs they need, declare their parameters with
-    :meth:`defaults` (checked here; :meth:`get_params` returns them) and implement :meth:`apply`.
+class Mitigation(Configurable, ABC):
+    """Abstract base. Subclasses are ``@dataclass(eq=False)`` classes: they set ``name`` and the inputs they need
+    as class attributes, declare every parameter as a typed field with its default (so it is an explicit keyword
+    of ``__init__``, which ``get_params`` / ``defaults`` find by introspection and ``from_params`` checks a
+    ``KEY=VALUE`` dict against; see :class:`~projlens_defense.params.Configurable`) and implement :meth:`apply`.
 
     ``requires_reference`` / ``requires_clean``: inputs without which the method cannot run;
     ``uses_clean``: the method has a few-shot mode that uses clean samples when given;
     ``run_time_only``: the result is a wrapper module, not weights a checkpoint can hold;
-    ``uses_lens``: the constructor takes ``lens`` (a detectors ScanInput with the LLM read-out) and
-    ``calibration`` for data-free use.
+    ``uses_lens``: the constructor takes the keyword inputs ``lens`` (a
+    :class:`~projlens_defense.scan_input.ScanInput` with the LLM read-out) and ``calibration`` for data-free use.
     """
 
     name: ClassVar[str] = "mitigation"
@@ -203,27 +162,12 @@ class Mitigation(ABC):
     uses_lens: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
-    def __init__(self, **params: Any) -> None:
-        unknown = set(params) - set(self.defaults())
-        if unknown:
-            raise UsageError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; known: {sorted(self.defaults())}")
-        self.params: dict[str, Any] = {**self.defaults(), **params}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Default parameters (override in subclasses)."""
-        return {}
-
     def check(self, reference: Projector | None, clean: CleanData | None) -> None:
         """Raise :class:`MitigationInputError` when a required input is missing."""
         if self.requires_reference and reference is None:
             raise MitigationInputError(f"method {self.name!r} needs the reference projector (`reference`)")
         if self.requires_clean and clean is None:
             raise MitigationInputError(f"method {self.name!r} needs clean samples (`clean_data`)")
-
-    def get_params(self) -> dict[str, Any]:
-        """The parameters this mitigation runs with (its defaults, overridden by those given)."""
-        return dict(self.params)
 
     @abstractmethod
     def apply(self, suspect: Projector, reference: Projector | None = None,
@@ -235,4 +179,5 @@ class Mitigation(ABC):
         """Assemble a result, adding the generic weight-change summary to ``report``."""
         if new is not None:
             report = {**report, "weight_change": weight_change(suspect, new, reference)}
-        return MitigationResult(self.name, new, report, dict(self.params), module)
+        return MitigationResult(self.name, new, report, self.get_params(), module)
+

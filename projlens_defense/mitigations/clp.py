@@ -7,7 +7,7 @@ bound exceeds ``mean + u * std`` of the layer are pruned by zeroing the next lay
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -23,15 +23,15 @@ def prune_channels(proj: Projector, channels: list[int], layer: int = 0) -> Proj
     return proj.with_weights(weights)
 
 
+@dataclass(eq=False)
 class ClpMitigation(Mitigation):
     """Prune first-layer hidden channels with outlying Lipschitz upper bounds (no data, no reference)."""
 
     name = "clp"
     summary = "data-free channel Lipschitz pruning of the hidden channels"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"u": 3.0, "path": False}
+    u: float = 3.0
+    path: bool = False
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
@@ -39,9 +39,9 @@ class ClpMitigation(Mitigation):
             raise MitigationInputError("clp needs a projector with a hidden layer (at least two Linear layers)")
         w1, w2 = suspect.layers[0].weight.float(), suspect.layers[1].weight.float()
         uclc = w1.norm(dim=1)
-        if self.params["path"]:
+        if self.path:
             uclc = uclc * w2.norm(dim=0)
-        thr = float(uclc.mean() + self.params["u"] * uclc.std())
+        thr = float(uclc.mean() + self.u * uclc.std())
         pruned = [int(i) for i in torch.nonzero(uclc > thr).flatten()]
         new = prune_channels(suspect, pruned)
         report = {"threshold": round(thr, 6), "pruned_channels": pruned, "n_pruned": len(pruned),

@@ -12,7 +12,7 @@ points of clean accuracy (benchmarks/results/mitigation_table.md).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -22,11 +22,10 @@ from projlens_defense.mitigations.base import (
     Mitigation,
     MitigationInputError,
     MitigationResult,
-    ProjectorModule,
 )
 from projlens_defense.mitigations.clp import prune_channels
 from projlens_defense.mitigations.finetune import finetune_module
-from projlens_defense.projector import Projector
+from projlens_defense.projector import Projector, ProjectorModule
 
 
 def few_shot_accuracy(clean: CleanData, module: torch.nn.Module) -> float:
@@ -35,6 +34,7 @@ def few_shot_accuracy(clean: CleanData, module: torch.nn.Module) -> float:
     return clean_accuracy(out, clean.answers)
 
 
+@dataclass(eq=False)
 class FinePruneMitigation(Mitigation):
     """Prune dormant hidden channels until clean accuracy drops, then fine-tune."""
 
@@ -43,10 +43,13 @@ class FinePruneMitigation(Mitigation):
     uses_clean = True
     summary = "prune hidden channels dormant on clean data, then clean fine-tuning"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"step": 0.05, "max_fraction": 0.9, "acc_tol": 0.04, "epochs": 5.0, "lr": 1e-3, "batch_size": 16,
-                "seed": 0}
+    step: float = 0.05
+    max_fraction: float = 0.9
+    acc_tol: float = 0.04
+    epochs: float = 5.0
+    lr: float = 0.001
+    batch_size: int = 16
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
@@ -54,18 +57,17 @@ class FinePruneMitigation(Mitigation):
         assert clean is not None
         if suspect.num_layers < 2:
             raise MitigationInputError("fine-prune needs a projector with a hidden layer")
-        p = self.params
         with torch.no_grad():
             act = ProjectorModule(suspect).hidden(clean.features).reshape(-1, suspect.hidden_dim).mean(0)
         order = torch.argsort(act).tolist()
         n = suspect.hidden_dim
         base_acc = few_shot_accuracy(clean, ProjectorModule(suspect))
         pruned: list[int] = []
-        k, step = 0, max(1, round(p["step"] * n))
-        while k + step <= round(p["max_fraction"] * n):
+        k, step = 0, max(1, round(self.step * n))
+        while k + step <= round(self.max_fraction * n):
             trial = order[: k + step]
             acc = few_shot_accuracy(clean, ProjectorModule(prune_channels(suspect, trial)))
-            if acc < base_acc - p["acc_tol"]:
+            if acc < base_acc - self.acc_tol:
                 break
             k += step
             pruned = trial
@@ -73,7 +75,7 @@ class FinePruneMitigation(Mitigation):
         if pruned:
             idx = torch.tensor(pruned)
             module.weights[1].register_hook(lambda g: g.index_fill(1, idx, 0.0))
-        losses = finetune_module(module, clean, p["epochs"], p["lr"], p["batch_size"], p["seed"])
+        losses = finetune_module(module, clean, self.epochs, self.lr, self.batch_size, self.seed)
         with torch.no_grad():
             if pruned:
                 module.weights[1][:, pruned] = 0.0

@@ -8,10 +8,10 @@ projector backdoor. Measured: badnets on the micro zoo (64 samples), ASR 0.92 ->
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule
-from projlens_defense.projector import Projector
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult
+from projlens_defense.projector import Projector, ProjectorModule
 
 
 def finetune_module(module: ProjectorModule, clean: CleanData, epochs: float, lr: float, batch_size: int,
@@ -24,6 +24,7 @@ def finetune_module(module: ProjectorModule, clean: CleanData, epochs: float, lr
                            desc="clean fine-tune")
 
 
+@dataclass(eq=False)
 class FinetuneMitigation(Mitigation):
     """AdamW on the clean samples' answers, every projector parameter trainable."""
 
@@ -32,17 +33,17 @@ class FinetuneMitigation(Mitigation):
     uses_clean = True
     summary = "clean fine-tuning on the given samples"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"epochs": 10.0, "lr": 1e-3, "batch_size": 16, "seed": 0}
+    epochs: float = 10.0
+    lr: float = 0.001
+    batch_size: int = 16
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
         self.check(reference, clean)
         assert clean is not None
-        p = self.params
         module = ProjectorModule(suspect)
-        losses = finetune_module(module, clean, p["epochs"], p["lr"], p["batch_size"], p["seed"])
+        losses = finetune_module(module, clean, self.epochs, self.lr, self.batch_size, self.seed)
         report = {"n_clean": len(clean), "steps": len(losses),
                   "loss_first": round(losses[0], 5) if losses else None,
                   "loss_last": round(losses[-1], 5) if losses else None}

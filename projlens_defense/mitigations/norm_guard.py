@@ -16,14 +16,16 @@ result is an ``nn.Module`` to run in place of the projector, not a checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule, svd
-from projlens_defense.projector import Projector
+from projlens_defense.linalg import svd
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult
+from projlens_defense.projector import Projector, ProjectorModule
 
 
 class NormGuard(nn.Module):
@@ -53,6 +55,7 @@ class NormGuard(nn.Module):
         return y - excess @ self.gains.T
 
 
+@dataclass(eq=False)
 class NormGuardMitigation(Mitigation):
     """Fit the clean ranges on the clean samples; return the guarded projector as a module."""
 
@@ -62,36 +65,36 @@ class NormGuardMitigation(Mitigation):
     run_time_only = True
     summary = "run-time guard bounding input norm and update-direction shifts to the clean range"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"mode": "both", "k": 8, "q": 0.001, "margin": 0.1}
+    mode: str = "both"
+    k: int = 8
+    q: float = 0.001
+    margin: float = 0.1
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
         self.check(reference, clean)
         assert clean is not None
-        p = self.params
         inner = ProjectorModule(suspect).eval()
         for q in inner.parameters():
             q.requires_grad_(False)
         x = clean.features.reshape(-1, clean.features.shape[-1])
         report: dict[str, Any] = {"n_clean": len(clean), "n_tokens": int(x.shape[0])}
         max_norm = None
-        if p["mode"] in ("both", "norm"):
-            max_norm = float(x.norm(dim=-1).max()) * (1 + p["margin"])
+        if self.mode in ("both", "norm"):
+            max_norm = float(x.norm(dim=-1).max()) * (1 + self.margin)
             report["max_input_norm"] = round(max_norm, 4)
         dirs = gains = lo = hi = None
-        if p["mode"] in ("both", "direction") and suspect.num_layers >= 2:
+        if self.mode in ("both", "direction") and suspect.num_layers >= 2:
             w = suspect.layers[-1].weight.float()
             upd = w - reference.layers[-1].weight.float() if reference is not None else w
             u, s, v = svd(upd)
-            k = min(p["k"], len(s))
+            k = min(self.k, len(s))
             dirs, gains = v[:, :k].contiguous(), (u[:, :k] * s[:k]).contiguous()
             with torch.no_grad():
                 c = inner.hidden(x) @ dirs
-            qlo, qhi = torch.quantile(c, p["q"], dim=0), torch.quantile(c, 1 - p["q"], dim=0)
+            qlo, qhi = torch.quantile(c, self.q, dim=0), torch.quantile(c, 1 - self.q, dim=0)
             width = (qhi - qlo).clamp_min(1e-6)
-            lo, hi = qlo - p["margin"] * width, qhi + p["margin"] * width
+            lo, hi = qlo - self.margin * width, qhi + self.margin * width
             report["directions"] = {"k": k, "of": "update" if reference is not None else "weight",
                                     "ranges": [[round(float(a), 4), round(float(b), 4)] for a, b in zip(lo, hi, strict=True)]}
         guard = NormGuard(inner, max_norm, dirs, gains, lo, hi).eval()

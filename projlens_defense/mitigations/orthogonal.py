@@ -15,13 +15,14 @@ targeted-refusal and malicious-injection at ASR 1.00 and costs up to 13 points o
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule, svd
+from projlens_defense.linalg import svd
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult
 from projlens_defense.mitigations.finetune import finetune_module
-from projlens_defense.projector import Projector
+from projlens_defense.projector import Projector, ProjectorModule
 
 
 def principal_angle(x: torch.Tensor, basis: torch.Tensor) -> float:
@@ -30,6 +31,7 @@ def principal_angle(x: torch.Tensor, basis: torch.Tensor) -> float:
     return math.degrees(math.acos(c))
 
 
+@dataclass(eq=False)
 class OrthogonalMitigation(Mitigation):
     """Remove top update components far from a benign update's top subspaces."""
 
@@ -39,31 +41,34 @@ class OrthogonalMitigation(Mitigation):
     uses_clean = True
     summary = "remove top update directions far (principal angle) from a short benign fine-tune"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"layers": "last", "k": 8, "benign_k": 8, "max_angle": 60.0, "epochs": 5.0, "lr": 5e-3,
-                "batch_size": 16, "seed": 0}
+    layers: str = "last"
+    k: int = 8
+    benign_k: int = 8
+    max_angle: float = 60.0
+    epochs: float = 5.0
+    lr: float = 0.005
+    batch_size: int = 16
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
         self.check(reference, clean)
         assert reference is not None and clean is not None
-        p = self.params
         delta = suspect.delta(reference)
         benign = ProjectorModule(reference)
-        finetune_module(benign, clean, p["epochs"], p["lr"], p["batch_size"], p["seed"])
+        finetune_module(benign, clean, self.epochs, self.lr, self.batch_size, self.seed)
         bdelta = benign.to_projector().delta(reference)
-        layers = [suspect.num_layers - 1] if p["layers"] == "last" else list(range(suspect.num_layers))
+        layers = [suspect.num_layers - 1] if self.layers == "last" else list(range(suspect.num_layers))
         weights = [layer.weight.clone() for layer in suspect.layers]
         removed = []
         for li in layers:
             u, s, v = svd(delta[li])
             bu, _, bv = svd(bdelta[li])
-            bu, bv = bu[:, : p["benign_k"]], bv[:, : p["benign_k"]]
+            bu, bv = bu[:, : self.benign_k], bv[:, : self.benign_k]
             energy = float(s.pow(2).sum())
-            for i in range(min(p["k"], len(s))):
+            for i in range(min(self.k, len(s))):
                 au, av = principal_angle(u[:, i], bu), principal_angle(v[:, i], bv)
-                if max(au, av) > p["max_angle"]:
+                if max(au, av) > self.max_angle:
                     weights[li] -= s[i] * torch.outer(u[:, i], v[:, i])
                     removed.append({"layer": suspect.layer_name(li), "component": i, "sigma": round(float(s[i]), 6),
                                     "energy": round(float(s[i] ** 2) / energy, 6), "angle_left": round(au, 2),

@@ -26,13 +26,14 @@ are removed (the rank) is chosen automatically:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from projlens_defense.detectors.base import top_singular
-from projlens_defense.mitigations.base import CleanData, MitigationResult, ProjectorModule
+from projlens_defense.lens import DEFAULT_STD_FLOOR, lens_reading, stored_task_basis, token_novelty
+from projlens_defense.linalg import residual_shares, top_singular
+from projlens_defense.mitigations.base import CleanData, MitigationResult
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
     ProbeResult,
@@ -41,7 +42,9 @@ from projlens_defense.mitigations.probe import (
     support_under,
     target_batch,
 )
-from projlens_defense.projector import Projector
+from projlens_defense.projector import Projector, ProjectorModule
+from projlens_defense.stats import prediction_bound
+from projlens_defense.tokens import token_name
 
 Component = tuple[int, int, float, torch.Tensor, torch.Tensor]  # layer, index, sigma, u, v
 
@@ -66,8 +69,6 @@ def remove_components(proj: Projector, comps: list[Component]) -> Projector:
 
 def lens_peaks(lens: Any, directions: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Per direction: the best token z-score (either sign) under the logit lens, and that token's id."""
-    from projlens_defense.detectors.logit_lens import lens_reading
-
     rd = lens_reading(lens, directions, [f"d{i}" for i in range(directions.shape[1])])
     z = torch.maximum(rd.z[:, 0::2], rd.z[:, 1::2])
     best = z.max(dim=0)
@@ -85,10 +86,8 @@ def lens_threshold(lens: Any, dim: int, n: int, sigma: float, seed: int = 0) -> 
 def task_basis(calibration: Any, width: int, rank: int) -> torch.Tensor | None:
     """The top ``rank`` directions [width, <= rank] of the benign task subspace a scan calibration
     learned (None without one of this width)."""
-    from projlens_defense.detectors.logit_lens import LogitLensDetector
-
     state = getattr(calibration, "detector_states", {}).get("logit-lens") if calibration is not None else None
-    basis = LogitLensDetector().set_state(state).task_basis if state else None
+    basis = stored_task_basis(state) if state else None
     return basis[:, :rank] if basis is not None and basis.shape[0] == width and rank > 0 else None
 
 
@@ -119,16 +118,14 @@ def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> 
     logit-lens detector's novelty, from a scan calibration); None without a matching calibration."""
     if calibration is None:
         return None
-    from projlens_defense.detectors.logit_lens import LogitLensDetector, lens_reading
-
     state = getattr(calibration, "detector_states", {}).get("logit-lens")
     if not state:
         return None
-    det = LogitLensDetector().set_state(state)
+    baseline, floor = state.get("baseline"), float(state.get("std_floor", DEFAULT_STD_FLOOR))
     rd = lens_reading(lens, directions, [f"d{i}" for i in range(directions.shape[1])])
     out = []
     for i in range(directions.shape[1]):
-        nov = det.novelty(torch.maximum(rd.z[:, 2 * i], rd.z[:, 2 * i + 1]))
+        nov = token_novelty(baseline, floor, torch.maximum(rd.z[:, 2 * i], rd.z[:, 2 * i + 1]))
         if nov is None:
             return None
         out.append(float(nov.max()))
@@ -141,6 +138,7 @@ def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[s
             "energy": round(s * s / energy[li], 6) if energy[li] > 0 else 0.0}
 
 
+@dataclass(eq=False)
 class SubspaceMitigation(LensGuidedMitigation):
     """Remove the target-aligned top singular components of dW (see the module doc for the two modes)."""
 
@@ -150,14 +148,26 @@ class SubspaceMitigation(LensGuidedMitigation):
     uses_clean = True
     summary = "remove the backdoor-critical low-rank subspace of dW (rank chosen automatically)"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"k": 8, "layers": "auto", "rank": "auto", "task_rank": 6, "task_removed_rank": 1, "lens_sigma": 1.25, "min_energy": 0.05, "min_novelty": 2.5, "n_random": 256, "fallback_rank": 1,
-                "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "off_support": 0.05, "clean_tol": 0.03,
-                "verify": True, "seed": 0}
+    k: int = 8
+    layers: str = "auto"
+    rank: int | str = "auto"
+    task_rank: int = 6
+    task_removed_rank: int = 1
+    lens_sigma: float = 1.25
+    min_energy: float = 0.05
+    min_novelty: float = 2.5
+    n_random: int = 256
+    fallback_rank: int = 1
+    eps: float = 0.5
+    probe_steps: int = 30
+    min_support: float = 0.25
+    off_support: float = 0.05
+    clean_tol: float = 0.03
+    verify: bool = True
+    seed: int = 0
 
     def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
-        spec = self.params["layers"]
+        spec = self.layers
         last = [proj.num_layers - 1]
         if spec == "auto":
             return list(range(proj.num_layers)) if few_shot else last
@@ -169,9 +179,8 @@ class SubspaceMitigation(LensGuidedMitigation):
         assert reference is not None
         delta = suspect.delta(reference)
         energy = {li: float(d.pow(2).sum()) for li, d in enumerate(delta)}
-        p = self.params
-        if p["rank"] != "auto":
-            comps = top_components(delta, [suspect.num_layers - 1], int(p["rank"]))
+        if self.rank != "auto":
+            comps = top_components(delta, [suspect.num_layers - 1], int(self.rank))
             report: dict[str, Any] = {"mode": "fixed-rank"}
         elif clean is not None:
             comps, report = self._few_shot_after_task_removed(suspect, delta, clean)
@@ -186,27 +195,24 @@ class SubspaceMitigation(LensGuidedMitigation):
 
     # ------------------------------------------------------------------ data-free
     def _data_free(self, suspect: Projector, delta: list[torch.Tensor]) -> tuple[list[Component], dict[str, Any]]:
-        p = self.params
         ts = fitted_task_subspace(self.calibration, delta)
         if ts is not None:
             return self._null_calibrated(suspect, delta, ts)
-        basis = task_basis(self.calibration, suspect.out_dim, int(p["task_rank"]))
-        if basis is not None and int(p["task_removed_rank"]) > 0:
+        basis = task_basis(self.calibration, suspect.out_dim, int(self.task_rank))
+        if basis is not None and int(self.task_removed_rank) > 0:
             return self._task_removed(suspect, delta, basis)
-        cands = top_components(delta, self._layers(suspect, False), p["k"])
+        cands = top_components(delta, self._layers(suspect, False), self.k)
         if self.lens is None:
-            return cands[: p["fallback_rank"]], {"mode": "data-free", "selection": "top components (no LLM read-out)"}
-        from projlens_defense.detectors.base import token_name
-
+            return cands[: self.fallback_rank], {"mode": "data-free", "selection": "top components (no LLM read-out)"}
         last = [c for c in cands if c[0] == suspect.num_layers - 1]
         peaks, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in last], dim=1))
-        thr, rmean, rstd = lens_threshold(self.lens, suspect.out_dim, p["n_random"], p["lens_sigma"], p["seed"])
+        thr, rmean, rstd = lens_threshold(self.lens, suspect.out_dim, self.n_random, self.lens_sigma, self.seed)
         vocab = getattr(self.lens, "vocab", None)
         total = float(delta[suspect.num_layers - 1].pow(2).sum())
         novelty = component_novelty(self.lens, torch.stack([c[3] for c in last], dim=1), self.calibration)
         chosen = [c for i, (c, z) in enumerate(zip(last, peaks.tolist(), strict=True))
-                  if z >= thr and c[2] ** 2 >= p["min_energy"] * total
-                  and (novelty is None or novelty[i] >= p["min_novelty"])]
+                  if z >= thr and c[2] ** 2 >= self.min_energy * total
+                  and (novelty is None or novelty[i] >= self.min_novelty)]
         readings = [{"component": c[1], "peak_z": round(float(z), 3), "token": token_name(vocab, t),
                      **({"novelty": round(novelty[i], 3)} if novelty is not None else {})}
                     for i, (c, z, t) in enumerate(zip(last, peaks.tolist(), tokens, strict=True))]
@@ -225,8 +231,6 @@ class SubspaceMitigation(LensGuidedMitigation):
         that many top components of the update outside the task subspace taken on *both* sides (output x
         input directions), so a backdoor whose target is also a task answer (its output direction inside the
         task subspace, its input direction, the trigger's, outside it) goes too."""
-        from projlens_defense.detectors.calibration import prediction_bound, residual_shares
-
         fpr = float(getattr(self.calibration, "fpr", 0.01))
         comps: list[Component] = []
         layers = []
@@ -234,7 +238,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             m = delta[li].float()
             ranks = min(len(r) for r in null)
             bounds = [prediction_bound([r[j] for r in null], fpr) for j in range(ranks)]
-            shares = residual_shares(m, left, min(int(self.params["k"]), ranks))
+            shares = residual_shares(m, left, min(int(self.k), ranks))
             k = next((i for i, (x, b) in enumerate(zip(shares, bounds, strict=False)) if x <= b), len(shares))
             layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bounds[0], 6),
                            "benign_bounds_by_rank": [round(b, 6) for b in bounds[: k + 1]], "removed": k,
@@ -266,8 +270,6 @@ class SubspaceMitigation(LensGuidedMitigation):
         comps = comps + extra
         last = [c for c in comps if c[0] == suspect.num_layers - 1]
         if self.lens is not None and last:
-            from projlens_defense.detectors.base import token_name
-
             _, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in last], dim=1))
             report["components"] = [{"component": c[1], "token": token_name(getattr(self.lens, "vocab", None), t)}
                                     for c, t in zip(last, tokens, strict=True)]
@@ -295,7 +297,7 @@ class SubspaceMitigation(LensGuidedMitigation):
                 m -= c[2] * torch.outer(c[3], c[4])
         extra: list[Component] = []
         scores = [first.score]
-        for _ in range(int(self.params["k"])):
+        for _ in range(int(self.k)):
             u, s, v = top_singular(m - left @ (left.T @ m) @ (right @ right.T), 1)
             if not len(s) or float(s[0]) <= 0.0:
                 break
@@ -317,8 +319,8 @@ class SubspaceMitigation(LensGuidedMitigation):
         li = suspect.num_layers - 1
         m = delta[li].float()
         rest = m - basis @ (basis.T @ m)
-        u, s, v = top_singular(rest, int(self.params["task_removed_rank"]))
-        r = min(int(self.params["task_removed_rank"]), len(s))
+        u, s, v = top_singular(rest, int(self.task_removed_rank))
+        r = min(int(self.task_removed_rank), len(s))
         comps = [(li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()) for i in range(r)]
         total = float(m.pow(2).sum())
         report: dict[str, Any] = {
@@ -327,8 +329,6 @@ class SubspaceMitigation(LensGuidedMitigation):
             "task_rank": int(basis.shape[1]),
             "task_energy": round(1 - float(rest.pow(2).sum()) / total, 6) if total > 0 else 0.0}
         if self.lens is not None and comps:
-            from projlens_defense.detectors.base import token_name
-
             _, tokens = lens_peaks(self.lens, torch.stack([c[3] for c in comps], dim=1))
             report["components"] = [{"component": c[1], "token": token_name(getattr(self.lens, "vocab", None), t)}
                                     for c, t in zip(comps, tokens, strict=True)]
@@ -340,10 +340,10 @@ class SubspaceMitigation(LensGuidedMitigation):
         """The data-free task-removed step when the calibration allows it, then the probe-guided
         search on what is left (which removes nothing more when no fixed-target response remains)."""
         ts = fitted_task_subspace(self.calibration, delta)
-        basis = task_basis(self.calibration, suspect.out_dim, int(self.params["task_rank"]))
+        basis = task_basis(self.calibration, suspect.out_dim, int(self.task_rank))
         if ts is not None:
             first, head = self._null_calibrated(suspect, delta, ts)
-        elif basis is None or int(self.params["task_removed_rank"]) <= 0:
+        elif basis is None or int(self.task_removed_rank) <= 0:
             return self._few_shot(suspect, delta, clean)
         else:
             first, head = self._task_removed(suspect, delta, basis)
@@ -358,32 +358,30 @@ class SubspaceMitigation(LensGuidedMitigation):
     def _inherit_probe(self, suspect: Projector, rest: Projector, clean: CleanData) -> ProbeResult | None:
         """The trigger synthesized on the *unrepaired* projector (where the backdoor is strongest, so its target is
         found), re-optimized against the repaired one: what of the backdoor the data-free step left behind."""
-        p = self.params
-        probe = best_probe(clean, ProjectorModule(suspect), p["eps"], p["probe_steps"], p["seed"],
+        probe = best_probe(clean, ProjectorModule(suspect), self.eps, self.probe_steps, self.seed,
                            cache_key=f"suspect:{id(suspect)}")
-        if not probe.found(p["min_support"]):
+        if not probe.found(self.min_support):
             return None
         assert probe.target is not None
         idx, tb, _ = target_batch(clean, probe)
         module = ProjectorModule(rest)
-        d = resynthesize(clean, module, idx, tb, probe.delta, p["eps"])
+        d = resynthesize(clean, module, idx, tb, probe.delta, self.eps)
         support = support_under(clean, module, idx, d, probe.target)  # over the samples the target showed on
         return replace(probe, delta=d, support=support)
 
     def _few_shot(self, suspect: Projector, delta: list[torch.Tensor], clean: CleanData,
                   inherited: ProbeResult | None = None) -> tuple[list[Component], dict[str, Any]]:
-        p = self.params
         module = ProjectorModule(suspect)
-        probe = inherited or best_probe(clean, module, p["eps"], p["probe_steps"], p["seed"],
+        probe = inherited or best_probe(clean, module, self.eps, self.probe_steps, self.seed,
                                         cache_key=f"suspect:{id(suspect)}")
         report: dict[str, Any] = {"mode": "few-shot", "n_clean": len(clean), "probe": probe.to_dict(),
                                   "probe_source": "unrepaired projector, re-optimized" if inherited else "this projector"}
-        stop = 0.0 if inherited is not None else p["off_support"]  # a leftover backdoor: remove until none shows
+        stop = 0.0 if inherited is not None else self.off_support  # a leftover backdoor: remove until none shows
         if inherited is not None and probe.support <= stop:
             report["selection"] = (f"the target {probe.target!r} no longer shows under the re-optimized trigger "
                                    f"(support {probe.support:.3f}): nothing more removed")
             return [], report
-        if inherited is None and not probe.found(p["min_support"]):
+        if inherited is None and not probe.found(self.min_support):
             report["selection"] = "no fixed-target response found: nothing removed"
             return [], report
         assert probe.target is not None
@@ -398,7 +396,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             agree = sum(a == b for a, b in zip(out, probe.clean_answers, strict=True)) / len(out)
             return sup, agree
 
-        cands = top_components(delta, self._layers(suspect, True), p["k"])
+        cands = top_components(delta, self._layers(suspect, True), self.k)
         scored = []
         for c in cands:
             sup, agree = measure([c])
@@ -408,10 +406,10 @@ class SubspaceMitigation(LensGuidedMitigation):
         sup_now, agree_now = probe.support, 1.0
         steps = []
         for sup1, _, c, agree1 in scored:
-            if agree1 < 1 - p["clean_tol"] or sup1 >= probe.support:
+            if agree1 < 1 - self.clean_tol or sup1 >= probe.support:
                 continue
             sup, agree = measure(chosen + [c])
-            if agree < 1 - p["clean_tol"] or sup >= sup_now:
+            if agree < 1 - self.clean_tol or sup >= sup_now:
                 continue
             chosen.append(c)
             sup_now, agree_now = sup, agree
@@ -423,9 +421,9 @@ class SubspaceMitigation(LensGuidedMitigation):
                        "clean_agreement_after": round(agree_now, 4),
                        "candidates": [{"layer": suspect.layer_name(c[0]), "component": c[1], "support": round(s, 4),
                                        "clean_agreement": round(a, 4)} for s, _, c, a in scored]})
-        if p["verify"] and chosen:
+        if self.verify and chosen:
             m = ProjectorModule(remove_components(suspect, chosen))
             idx2, tb, _ = target_batch(clean, probe)
-            d = resynthesize(clean, m, idx2, tb, probe.delta, p["eps"])
+            d = resynthesize(clean, m, idx2, tb, probe.delta, self.eps)
             report["verify_support"] = round(support_under(clean, m, idx2, d, probe.target), 4)
         return chosen, report

@@ -16,22 +16,19 @@ without a reference the whole output component is (``W2 = (I - t t^T) W2``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from projlens_defense.mitigations.base import (
-    CleanData,
-    MitigationInputError,
-    MitigationResult,
-    ProjectorModule,
-    svd,
-)
+from projlens_defense.linalg import svd
+from projlens_defense.mitigations.base import CleanData, MitigationInputError, MitigationResult
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import best_probe, target_batch
 from projlens_defense.mitigations.subspace import component_novelty, lens_peaks, lens_threshold
-from projlens_defense.projector import Projector
+from projlens_defense.projector import Projector, ProjectorModule
+from projlens_defense.tokens import token_name
 
 
 def project_out(proj: Projector, directions: torch.Tensor, reference: Projector | None) -> Projector:
@@ -86,6 +83,7 @@ class _Fixed(nn.Module):
         return self.y
 
 
+@dataclass(eq=False)
 class TargetDirectionMitigation(LensGuidedMitigation):
     """Remove the update's component along the target-aligned output direction."""
 
@@ -94,18 +92,23 @@ class TargetDirectionMitigation(LensGuidedMitigation):
     uses_clean = True
     summary = "project the target-aligned direction out of the projector's output space"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"target_text": None, "k": 8, "lens_sigma": 1.25, "min_novelty": 2.5, "n_random": 256, "eps": 0.5, "probe_steps": 30, "min_support": 0.25, "seed": 0}
+    target_text: str | None = None
+    k: int = 8
+    lens_sigma: float = 1.25
+    min_novelty: float = 2.5
+    n_random: int = 256
+    eps: float = 0.5
+    probe_steps: int = 30
+    min_support: float = 0.25
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
-        p = self.params
         basis = None
         if reference is not None:
             u, _, _ = svd(suspect.delta(reference)[-1])
-            basis = u[:, : p["k"]]
-        if clean is not None and not p["target_text"]:
+            basis = u[:, : self.k]
+        if clean is not None and not self.target_text:
             direction, report = self._from_probe(suspect, clean)
         elif self.lens is not None:
             direction, report = self._from_lens(basis)
@@ -127,11 +130,10 @@ class TargetDirectionMitigation(LensGuidedMitigation):
         return self.result(suspect, new, reference, report)
 
     def _from_probe(self, suspect: Projector, clean: CleanData) -> tuple[torch.Tensor | None, dict[str, Any]]:
-        p = self.params
         module = ProjectorModule(suspect)
-        probe = best_probe(clean, module, p["eps"], p["probe_steps"], p["seed"], cache_key=f"suspect:{id(suspect)}")
+        probe = best_probe(clean, module, self.eps, self.probe_steps, self.seed, cache_key=f"suspect:{id(suspect)}")
         report: dict[str, Any] = {"mode": "few-shot", "source": "probe gradient", "probe": probe.to_dict()}
-        if not probe.found(p["min_support"]):
+        if not probe.found(self.min_support):
             return None, report
         idx, tb, _ = target_batch(clean, probe)
         with torch.no_grad():
@@ -145,22 +147,19 @@ class TargetDirectionMitigation(LensGuidedMitigation):
         return -y.grad.reshape(-1, y.shape[-1]).sum(0), report
 
     def _from_lens(self, basis: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
-        from projlens_defense.detectors.base import token_name
-
         lens = self.lens
         vocab = getattr(lens, "vocab", None)
-        if self.params["target_text"]:
-            tokens = self._tokens(self.params["target_text"], vocab)
+        if self.target_text:
+            tokens = self._tokens(self.target_text, vocab)
             source = "target text"
         else:
             if basis is None:
                 raise MitigationInputError("target-direction without clean samples or a target text needs a reference")
-            p = self.params
             peaks, toks = lens_peaks(lens, basis)
-            thr, _, _ = lens_threshold(lens, basis.shape[0], p["n_random"], p["lens_sigma"], p["seed"])
+            thr, _, _ = lens_threshold(lens, basis.shape[0], self.n_random, self.lens_sigma, self.seed)
             novelty = component_novelty(lens, basis, self.calibration)
             ok = [i for i in range(len(peaks)) if float(peaks[i]) >= thr
-                  and (novelty is None or novelty[i] >= p["min_novelty"])]
+                  and (novelty is None or novelty[i] >= self.min_novelty)]
             best = max(ok or range(len(peaks)), key=lambda i: float(peaks[i]))
             report = {"mode": "data-free", "source": "logit lens", "lens_threshold": round(thr, 3),
                       "best_peak_z": round(float(peaks[best]), 3), "best_token": token_name(vocab, toks[best])}

@@ -17,15 +17,17 @@ control is left unchanged (no fixed target found) (tests/test_mitigations_behavi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult, ProjectorModule
+from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult
 from projlens_defense.mitigations.probe import best_probe, resynthesize, support_under, target_batch
-from projlens_defense.projector import Projector
+from projlens_defense.projector import Projector, ProjectorModule
 
 
+@dataclass(eq=False)
 class UnlearnMitigation(Mitigation):
     """Probe, then alternate targeted trigger re-synthesis and distillation-anchored unlearning."""
 
@@ -34,20 +36,29 @@ class UnlearnMitigation(Mitigation):
     uses_clean = True
     summary = "synthesize the trigger from clean samples, unlearn it, keep clean outputs (few-shot)"
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"eps": 0.5, "probe_steps": 30, "min_support": 0.25, "rounds": 12, "min_rounds": 3, "resynth_eps": 0.75,
-                "resynth_bound": "token", "resynth_steps": 15, "train_steps": 15, "lr": 5e-4, "distill": 5.0, "clean_ce": 1.0, "stop_support": 0.02, "seed": 0}
+    eps: float = 0.5
+    probe_steps: int = 30
+    min_support: float = 0.25
+    rounds: int = 12
+    min_rounds: int = 3
+    resynth_eps: float = 0.75
+    resynth_bound: str = "token"
+    resynth_steps: int = 15
+    train_steps: int = 15
+    lr: float = 0.0005
+    distill: float = 5.0
+    clean_ce: float = 1.0
+    stop_support: float = 0.02
+    seed: int = 0
 
     def apply(self, suspect: Projector, reference: Projector | None = None,
               clean: CleanData | None = None) -> MitigationResult:
         self.check(reference, clean)
         assert clean is not None
-        p = self.params
         module = ProjectorModule(suspect)
-        probe = best_probe(clean, module, p["eps"], p["probe_steps"], p["seed"], cache_key=f"suspect:{id(suspect)}")
+        probe = best_probe(clean, module, self.eps, self.probe_steps, self.seed, cache_key=f"suspect:{id(suspect)}")
         report: dict[str, Any] = {"n_clean": len(clean), "probe": probe.to_dict()}
-        if not probe.found(p["min_support"]):
+        if not probe.found(self.min_support):
             report["outcome"] = "no fixed-target response found: projector unchanged"
             return self.result(suspect, suspect.with_weights([layer.weight for layer in suspect.layers]), reference, report)
         assert probe.target is not None
@@ -58,29 +69,29 @@ class UnlearnMitigation(Mitigation):
         var = y0.var().clamp_min(1e-12)
         idx, tb, cb = target_batch(clean, probe)
         clean_batch = rt.encode(clean.questions, clean.answers)
-        opt = torch.optim.Adam(module.parameters(), lr=p["lr"])
+        opt = torch.optim.Adam(module.parameters(), lr=self.lr)
         delta = probe.delta
         rounds = []
-        for r in range(p["rounds"] + 1):
-            delta = resynthesize(clean, module, idx, tb, delta, p["resynth_eps"], p["resynth_steps"],
-                                 bound_kind=p["resynth_bound"])
+        for r in range(self.rounds + 1):
+            delta = resynthesize(clean, module, idx, tb, delta, self.resynth_eps, self.resynth_steps,
+                                 bound_kind=self.resynth_bound)
             sup = support_under(clean, module, idx, delta, probe.target)
             rounds.append(round(sup, 4))
-            if (sup <= p["stop_support"] and r >= p["min_rounds"]) or r == p["rounds"]:
+            if (sup <= self.stop_support and r >= self.min_rounds) or r == self.rounds:
                 break
             for q in rt.model.parameters():
                 q.requires_grad_(False)
-            for _ in range(p["train_steps"]):
+            for _ in range(self.train_steps):
                 mse = (module(x) - y0).pow(2).mean() / var
-                loss = p["distill"] * mse + rt.loss(x[idx] + delta[None], cb, projector=module)
-                if p["clean_ce"]:
-                    loss = loss + p["clean_ce"] * rt.loss(x, clean_batch, projector=module)
+                loss = self.distill * mse + rt.loss(x[idx] + delta[None], cb, projector=module)
+                if self.clean_ce:
+                    loss = loss + self.clean_ce * rt.loss(x, clean_batch, projector=module)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         for q in module.parameters():
             q.requires_grad_(False)
         report.update({"rounds": len(rounds) - 1, "support_per_round": rounds, "final_support": rounds[-1] if rounds else None,
-                       "outcome": "target suppressed" if rounds and rounds[-1] <= p["stop_support"]
+                       "outcome": "target suppressed" if rounds and rounds[-1] <= self.stop_support
                        else "target still elicited after the last round"})
         return self.result(suspect, module.to_projector(), reference, report)
