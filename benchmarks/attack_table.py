@@ -26,13 +26,13 @@ from projlens_defense.zoo.build import config_from_name, get_zoo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--zoo", default="default", choices=["default", "micro"])
+    ap.add_argument("--zoo", default="default", choices=["default", "micro", "qwen2vl"])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--rates", nargs="*", type=float, default=[0.1])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--lora-rank", type=int, default=0)
     args = ap.parse_args()
-    zoo = get_zoo(config_from_name(args.zoo))
+    zoo = get_zoo(config_from_name(args.zoo), calibrate=False)  # attacks need no benign null
     args.out.mkdir(parents=True, exist_ok=True)
     test = load_conversations(zoo.test_data)
 

@@ -54,36 +54,99 @@ class GuardEvent:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector", "model.mm_projector", "mm_projector",
+                   "model.visual.merger", "visual.merger")
+"""Where a projector sits in a loaded model: LLaVA's ``multi_modal_projector`` / ``mm_projector``, Qwen2-VL's
+patch merger (the vision tower's last module, ``visual.merger``)."""
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, nn.Module) else None
+
+
 def find_projector_module(model: nn.Module) -> nn.Module:
-    """The multimodal projector of a LLaVA-style model (``multi_modal_projector`` at any depth)."""
-    for attr in ("model.multi_modal_projector", "multi_modal_projector", "model.mm_projector", "mm_projector"):
-        obj: Any = model
-        for part in attr.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
-    for name, mod in model.named_modules():
-        if name.endswith(("multi_modal_projector", "mm_projector")):
+    """The multimodal projector of a LLaVA-style model (``multi_modal_projector`` at any depth) or a Qwen2-VL
+    model's patch merger (``visual.merger``)."""
+    for attr in PROJECTOR_PATHS:
+        mod = _module_at(model, attr)
+        if mod is not None:
             return mod
-    raise UsageError("no multimodal projector found in the model (expected a `multi_modal_projector` module)")
+    for name, mod in model.named_modules():
+        if name.endswith(("multi_modal_projector", "mm_projector", "visual.merger")):
+            return mod
+    raise UsageError("no multimodal projector found in the model (expected a `multi_modal_projector` module or a "
+                     "Qwen2-VL `visual.merger`)")
+
+
+def _merger_tower(model: nn.Module, projector: nn.Module) -> nn.Module | None:
+    """The vision tower whose last module is ``projector`` when that is a Qwen2-VL merger (the tower is called
+    with each image's patch grid), else None."""
+    for path in ("model.visual", "visual"):
+        tower = _module_at(model, path)
+        if tower is not None and getattr(tower, "merger", None) is projector:
+            return tower
+    return None
+
+
+_ACTIVATION_NAMES = {"geluactivation": "gelu", "gelu": "gelu", "relu": "relu", "silu": "silu",
+                     "quickgeluactivation": "quick_gelu", "identity": "none"}
+
+
+def _activation_of(module: nn.Module) -> str:
+    """The activation between the projector's Linear layers: its ``act`` attribute (LLaVA), else the first
+    activation module inside it (Qwen2-VL's ``mlp`` Sequential), else GELU."""
+    act = getattr(module, "act", None)
+    if act is None:
+        act = next((m for m in module.modules()
+                    if type(m).__name__.lower() in _ACTIVATION_NAMES and not isinstance(m, nn.Identity)), None)
+    return _ACTIVATION_NAMES.get(type(act).__name__.lower(), "gelu") if act is not None else "gelu"
+
+
+def _norm_of(module: nn.Module) -> tuple[tuple[torch.Tensor, torch.Tensor | None], str, float] | None:
+    """A merger's pre-merge norm ``ln_q`` as ((weight, bias), type, eps), float32 CPU copies; None without one."""
+    norm = getattr(module, "ln_q", None)
+    if norm is None:
+        return None
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise UsageError(f"the merger's ln_q ({type(norm).__name__}) has no weight")
+    bias = getattr(norm, "bias", None)
+    kind = "layernorm" if isinstance(norm, nn.LayerNorm) or isinstance(bias, torch.Tensor) else "rmsnorm"
+    eps = getattr(norm, "eps", None)
+    eps = getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
+
+    def cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32, copy=True)
+
+    return (cpu(weight), cpu(bias) if isinstance(bias, torch.Tensor) else None), kind, float(eps)
 
 
 def projector_from_module(module: nn.Module, activation: str | None = None) -> Projector:
-    """A :class:`Projector` view (float32 copies on the CPU) of a projector module: its Linear layers in order."""
+    """A :class:`Projector` view (float32 copies on the CPU) of a projector module: its Linear layers in order,
+    and for a Qwen2-VL merger its ``ln_q`` as the pre-norm with the merge size it implies (``ln_q`` width x
+    merge_size**2 = the first Linear's input width), so the view computes what ``PatchMerger.forward`` does."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UsageError("the projector module has no Linear layers")
-    if activation is None:
-        act = getattr(module, "act", None)
-        name = type(act).__name__.lower() if act is not None else "gelu"
-        activation = {"geluactivation": "gelu", "gelu": "gelu", "relu": "relu", "silu": "silu",
-                      "quickgeluactivation": "quick_gelu", "identity": "none"}.get(name, "gelu")
     layers = [LinearLayer(m.weight.detach().to("cpu", torch.float32, copy=True),
                           None if m.bias is None else m.bias.detach().to("cpu", torch.float32, copy=True))
               for m in linears]
-    return Projector(layers=layers, activation=activation).validate()
+    act = activation or _activation_of(module)
+    norm = _norm_of(module)
+    if norm is None:
+        return Projector(layers=layers, activation=act).validate()
+    (weight, bias), kind, eps = norm
+    merge = Projector.infer_merge_size(weight.shape[0], layers[0].in_features)
+    if merge is None:
+        raise UsageError(f"the merger's ln_q width {weight.shape[0]} does not make a square patch merge of its first "
+                         f"Linear's input width {layers[0].in_features}")
+    return Projector(layers=layers, activation=act, pre_norm=(weight, bias), pre_norm_type=kind, pre_norm_eps=eps,
+                     merge_size=merge).validate()
 
 
 class ProjectorGuard:
@@ -103,7 +166,8 @@ class ProjectorGuard:
         self.on_flag = on_flag
         self.keep_events = keep_events
         self.events: list[GuardEvent] = []
-        self._handle: Any = None
+        self._handles: list[Any] = []
+        self._patches: list[int] | None = None  # patches per image of the tower call in flight (Qwen2-VL)
 
     @property
     def threshold(self) -> float:
@@ -129,14 +193,35 @@ class ProjectorGuard:
         """Image scores of vision features [M, tokens, dim] (no hook needed)."""
         return self.detector.score_features(features, outputs)
 
+    def _score_call(self, feats: torch.Tensor, output: torch.Tensor) -> np.ndarray:
+        """Image scores of one projector call's input and output. A Qwen2-VL merger called by its tower gets the
+        patches of every image as one [patches, dim] matrix: they are split by the grids the tower was called with
+        (one image per grid row), each image scored with its own rows of the output."""
+        patches = self._patches
+        if feats.ndim == 2 and patches and sum(patches) == feats.shape[0]:
+            group = feats.shape[0] // max(1, output.shape[0])  # patches per output row (merge_size**2)
+            if group >= 1 and output.shape[0] * group == feats.shape[0] and all(p % group == 0 for p in patches):
+                xs = feats.detach().float().cpu().split(patches)
+                outs = output.detach().float().cpu().split([p // group for p in patches])
+                return np.concatenate([self.detector.score_features(x[None], o[None]) for x, o in
+                                       zip(xs, outs, strict=True)])
+        x = feats if feats.ndim == 3 else feats[None]
+        n = x.shape[0]
+        width = output.shape[-1]
+        out = output.reshape(n, -1, width) if output.numel() % (n * width) == 0 else None
+        return self.detector.score_features(x.detach().float().cpu(), None if out is None else out.detach().float().cpu())
+
+    def _grid_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._patches = ([int(t) * int(h) * int(w) for t, h, w in grid.tolist()]
+                         if isinstance(grid, torch.Tensor) and grid.ndim == 2 and grid.shape[1] == 3 else None)
+
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         feats = args[0] if args else None
-        if not isinstance(feats, torch.Tensor):
+        if not isinstance(feats, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
-        x = feats if feats.ndim == 3 else feats[None]
-        out = output.reshape(*x.shape[:2], -1) if output.numel() == x.shape[0] * x.shape[1] * output.shape[-1] else None
-        scores = self.detector.score_features(x.detach().float().cpu(),
-                                              None if out is None else out.detach().float().cpu())
+        scores = self._score_call(feats, output)
+        self._patches = None
         flagged = scores > self.threshold
         ev = GuardEvent(scores=[float(s) for s in scores], flagged=[bool(f) for f in flagged], threshold=self.threshold)
         if flagged.any():
@@ -149,16 +234,23 @@ class ProjectorGuard:
             raise InputBlocked(ev.scores, self.threshold)
 
     def attach(self, model: nn.Module) -> ProjectorGuard:
-        """Register the forward hook on ``model``'s projector (returns self; usable as a context manager)."""
+        """Register the forward hook on ``model``'s projector (returns self; usable as a context manager). On a
+        Qwen2-VL model a pre-hook on the vision tower also records each call's image grids, so the merger's
+        flat input is scored image by image."""
         self.detach()
-        self._handle = find_projector_module(model).register_forward_hook(self._hook)
+        proj = find_projector_module(model)
+        self._handles = [proj.register_forward_hook(self._hook)]
+        tower = _merger_tower(model, proj)
+        if tower is not None:
+            self._handles.append(tower.register_forward_pre_hook(self._grid_hook, with_kwargs=True))
         return self
 
     def detach(self) -> None:
-        """Remove the hook (no-op when not attached)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (no-op when not attached)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._patches = None
 
     def __enter__(self) -> ProjectorGuard:
         return self

@@ -1,7 +1,8 @@
 """A corpus of hostile checkpoints, and a runner that measures a command on each of them.
 
 ``build_corpus(root)`` writes, for every supported format (HF LLaVA dir, single file and sharded;
-original-LLaVA ``mm_projector.bin`` / ``.safetensors``; the Qwen2-VL merger; a bare projector
+original-LLaVA ``mm_projector.bin`` / ``.safetensors``; the Qwen2-VL merger, alone and in a whole Qwen2-VL
+model dir; a bare projector
 ``.safetensors`` / ``.pt``), broken and malicious variants of a real tiny save: truncated files,
 hostile safetensors headers, wrong dtypes, shapes that do not chain, NaN/inf, missing keys,
 shard indexes that point nowhere or outside, symlink loops, pickles whose payload would run a
@@ -60,8 +61,8 @@ PRISTINE_TIMEOUT_S = 60.0  # a pristine base runs the whole command (analyze: a 
 MAX_RSS_MB = 2048
 MARKERS = "markers"
 _RNG = random.Random(7)  # corpus bytes are deterministic
-_FAMILIES = ("hf", "hf-sharded", "mm-bin", "mm-safetensors", "qwen2-vl-merger", "bare-safetensors", "bare-pt",
-             "any")  # fmt: skip
+_FAMILIES = ("hf", "hf-sharded", "mm-bin", "mm-safetensors", "qwen2-vl-merger", "qwen2-vl-dir", "bare-safetensors",
+             "bare-pt", "any")  # fmt: skip
 EXIT_CODES = (0, 1, 2, 3)
 
 
@@ -194,6 +195,20 @@ def _pt_edit_tensors(path: Path, fn: Callable[[dict[str, torch.Tensor]], None]) 
     torch.save(sd, path)
 
 
+def _st_cut_inside(path: Path, key: str) -> None:
+    """Move tensor ``key``'s bytes to the end of the safetensors file, then cut the file half-way through them:
+    every other tensor stays whole, ``key`` alone is truncated."""
+    header, data = _st_split(path)
+    start, end = header[key]["data_offsets"]
+    rest = data[:start] + data[end:]
+    for k, v in header.items():
+        if k != "__metadata__" and k != key and v["data_offsets"][0] >= end:
+            v["data_offsets"] = [v["data_offsets"][0] - (end - start), v["data_offsets"][1] - (end - start)]
+    header[key]["data_offsets"] = [len(rest), len(rest) + end - start]
+    _st_write(path, header, rest + data[start:end])
+    path.write_bytes(path.read_bytes()[: -((end - start) // 2)])
+
+
 def _truncate(path: Path, frac: float = 0.5) -> None:
     path.write_bytes(path.read_bytes()[: int(path.stat().st_size * frac)])
 
@@ -243,6 +258,24 @@ def _llava_with_tokenizer():
     return model.eval(), tok, build_image_processor()
 
 
+def _qwen2vl_with_processor():
+    """A tiny real Qwen2-VL (vision 16 wide, 4 px patches merged 2x2; LLM 32 wide) with the qwen2vl zoo's tokenizer,
+    chat template and image processor, so commands that run the model can process the pristine save."""
+    from projlens_defense.zoo.model import ModelDims
+    from projlens_defense.zoo.qwen2vl import QWEN2VL_DIGITS, build_image_processor, build_qwen2vl
+    from projlens_defense.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(QWEN2VL_DIGITS)
+    dims = ModelDims(vision_hidden=VISION_DIM, vision_layers=1, vision_heads=2, patch_size=4, text_hidden=32,
+                     text_layers=1, text_heads=2)  # fmt: skip
+    return build_qwen2vl(dims, tok, seed=0).eval(), tok, build_image_processor(dims, QWEN2VL_DIGITS.image_mean,
+                                                                              QWEN2VL_DIGITS.image_std)
+
+
+QWEN_MERGER = "visual.merger."
+"""Where a whole Qwen2-VL directory saved by transformers 5.x keeps the merger."""
+
+
 @dataclass
 class _Bases:
     """Pristine tiny checkpoints, one per format, copied for each case; plus the references and data
@@ -258,6 +291,8 @@ class _Bases:
     bare_pt: Path = field(init=False)
     reference: Path = field(init=False)  # hf with a perturbed projector: what the others were "fine-tuned from"
     merger_reference: Path = field(init=False)
+    qwen: Path = field(init=False)  # a whole Qwen2-VL dir (model, tokenizer, chat template, image processor)
+    qwen_reference: Path = field(init=False)  # the same with a perturbed merger
     data: Path = field(init=False)  # LLaVA conversation JSON (8 samples) for analyze's probes and test set
 
     def __post_init__(self) -> None:
@@ -266,6 +301,7 @@ class _Bases:
         self.mm_bin, self.mm_st, self.merger = b / "mm-bin", b / "mm_projector.safetensors", b / "merger.safetensors"
         self.bare_st, self.bare_pt = b / "projector.safetensors", b / "projector.pt"
         self.merger_reference, self.data = b / "merger-reference.safetensors", b / "data" / "samples.json"
+        self.qwen, self.qwen_reference = b / "qwen2vl", b / "qwen2vl-reference"
 
     def build(self) -> None:
         from projlens_defense.conversations import save_conversations
@@ -300,9 +336,19 @@ class _Bases:
                 for k, v in _mlp(VISION_DIM, TEXT_DIM, TEXT_DIM, seed=3).state_dict().items()}  # fmt: skip
         save_file(bare, self.bare_st)
         torch.save({k: v.clone() for k, v in bare.items()}, self.bare_pt)
+        qwen, qtok, qproc = _qwen2vl_with_processor()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for d in (self.qwen, self.qwen_reference):
+                qwen.save_pretrained(d)
+                qtok.save_pretrained(d)
+                qproc.save_pretrained(d)
+        _st_edit_tensors(self.qwen_reference / "model.safetensors", lambda t: t.update(
+            {k: _perturbed(v, i) for i, (k, v) in enumerate(sorted(t.items())) if k.startswith(QWEN_MERGER)}))
 
     def reference_for(self, family: str) -> Path:
-        return self.merger_reference if family == "qwen2-vl-merger" else self.reference
+        return {"qwen2-vl-merger": self.merger_reference, "qwen2-vl-dir": self.qwen_reference}.get(family,
+                                                                                                   self.reference)
 
 
 def _projector_shard(d: Path) -> str:
@@ -601,6 +647,12 @@ class _Corpus:
         self.tensor_cases("qwen2-vl-merger", b.merger, itself, f"{q}mlp.0.weight", f"{q}mlp.2.weight",
                           drop_all=q)  # fmt: skip
         self._merger_cases()
+        # a whole Qwen2-VL directory (the merger in model.safetensors beside the tower and the LLM)
+        qd = in_dir("model.safetensors")
+        self.safetensors_cases("qwen2-vl-dir", b.qwen, qd, f"{QWEN_MERGER}mlp.0.weight")
+        self.tensor_cases("qwen2-vl-dir", b.qwen, qd, f"{QWEN_MERGER}mlp.0.weight", f"{QWEN_MERGER}mlp.2.weight",
+                          drop_all=QWEN_MERGER)  # fmt: skip
+        self._qwen_dir_cases()
         # bare projector state dicts
         self.safetensors_cases("bare-safetensors", b.bare_st, itself, "linear_1.weight")
         self.tensor_cases("bare-safetensors", b.bare_st, itself, "linear_1.weight", "linear_2.weight",
@@ -750,6 +802,35 @@ class _Corpus:
             _st_edit_tensors(c, fn)
             self.add(f"qwen2-vl-merger--{suffix}", c, 2, why, "qwen2-vl-merger")
 
+    def _qwen_dir_cases(self) -> None:
+        b = self.bases
+        q = QWEN_MERGER
+        for suffix, fn, why, reason in (
+            ("norm-nan", lambda t: t[f"{q}ln_q.weight"].fill_(float("nan")), "ln_q.weight all NaN", "NaN/inf"),
+            ("norm-width", lambda t: t.update({f"{q}ln_q.weight": torch.ones(7), f"{q}ln_q.bias": torch.zeros(7)}),
+             "ln_q width 7 does not divide the merger MLP's input into a square 2x2 merge", None),
+            ("missing-ln-q", lambda t: t.pop(f"{q}ln_q.weight"), "ln_q.weight deleted (ln_q.bias still there)", None),
+            ("merger-wrong-shape", lambda t: t.update({f"{q}mlp.0.weight": torch.zeros(t[f"{q}mlp.0.weight"].shape[0],
+                                                                                        t[f"{q}mlp.0.weight"].shape[1] + 4)}),
+             "mlp.0.weight takes 4 more inputs than ln_q's width x 4 merged patches", None),
+        ):  # fmt: skip
+            d, c = self._fresh(f"qwen2-vl-dir--{suffix}", b.qwen)
+            _st_edit_tensors(c / "model.safetensors", fn)
+            self.add(f"qwen2-vl-dir--{suffix}", c, 2, why, "qwen2-vl-dir", reason=reason)
+        d, c = self._fresh("qwen2-vl-dir--merger-truncated", b.qwen)
+        _st_cut_inside(c / "model.safetensors", f"{q}mlp.2.weight")
+        self.add("qwen2-vl-dir--merger-truncated", c, 2, "file cut half-way through mlp.2.weight (every other tensor "
+                 "whole)", "qwen2-vl-dir", reason=f"{q}mlp.2.weight")  # fmt: skip
+        for pname in ("os-system", "builtins-exec"):
+            name = f"qwen2-vl-dir--pytorch-model-bin-payload-{pname}"
+            d, c = self._fresh(name, b.qwen)
+            sd = load_file(c / "model.safetensors")
+            (c / "model.safetensors").unlink()
+            marker = self._payload(c / "pytorch_model.bin", name, pname, sd, "torch")
+            self.add(name, c, 2, f"Qwen2-VL dir whose weights are a pytorch_model.bin with a {pname} payload "
+                     "(what transformers' from_pretrained would load)", "qwen2-vl-dir", reason="refused to load",
+                     marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
+
     def _generic_cases(self) -> None:
         d = self.root / "any--empty-dir"
         d.mkdir()
@@ -802,7 +883,7 @@ def build_corpus(root: Path) -> list[Case]:
 
 def build_payload_files(root: Path) -> list[Case]:
     """Only the malicious pickles, in a fresh ``root``: ``mm_projector.bin`` dirs (each payload as a
-    torch.save zip, a legacy torch.save and a plain pickle) and HF LLaVA dirs whose weights are a
+    torch.save zip, a legacy torch.save and a plain pickle) and HF LLaVA and Qwen2-VL dirs whose weights are a
     ``pytorch_model.bin`` with a payload (what transformers' ``from_pretrained`` would load). Builds
     the pristine bases too (about a second), so every command gets a valid reference and data."""
     root = Path(root)
@@ -827,6 +908,14 @@ def build_payload_files(root: Path) -> list[Case]:
         (c / "model.safetensors").unlink()
         marker = corpus._payload(c / "pytorch_model.bin", name, pname, hf_sd, "torch")
         corpus.add(name, c, 2, f"HF LLaVA dir whose pytorch_model.bin has a {pname} payload", "hf",
+                   reason="refused to load", marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
+    qwen_sd = load_file(corpus.bases.qwen / "model.safetensors")
+    for pname in PAYLOADS:
+        name = f"payload-{pname}-qwen2vl-pytorch-model-bin"
+        d, c = corpus._fresh(name, corpus.bases.qwen)
+        (c / "model.safetensors").unlink()
+        marker = corpus._payload(c / "pytorch_model.bin", name, pname, qwen_sd, "torch")
+        corpus.add(name, c, 2, f"Qwen2-VL dir whose pytorch_model.bin has a {pname} payload", "qwen2-vl-dir",
                    reason="refused to load", marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
     return corpus.cases
 
@@ -1168,6 +1257,7 @@ def pristine_cases(root: Path) -> list[Case]:
              ("mm-bin", b.mm_bin, "mm-bin", no_llm), ("mm-safetensors", b.mm_st, "mm-safetensors", no_llm),
              ("qwen2-vl-merger", b.merger, "qwen2-vl-merger",
               {"exits": {"scan": 2, "analyze": 4}, "reasons": {**no_llm["reasons"], "analyze": "LLaVA"}}),
+             ("qwen2-vl-dir", b.qwen, "qwen2-vl-dir", {}),
              ("bare-safetensors", b.bare_st, "bare-safetensors", no_llm), ("bare-pt", b.bare_pt, "bare-pt", no_llm)]  # fmt: skip
     return [Case(f"pristine-{name}", path, 0, f"the unmodified {fam} base", fam, reference=b.reference_for(fam),
                  data=b.data, time_limit=PRISTINE_TIMEOUT_S, **kw) for name, path, fam, kw in bases]  # fmt: skip

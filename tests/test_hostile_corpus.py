@@ -28,6 +28,7 @@ REPRESENTATIVE = [
     "mm-bin--payload-os-system",
     "bare-pt--payload-builtins-exec",
     "hf--pytorch-model-bin-payload-os-system",
+    "qwen2-vl-dir--pytorch-model-bin-payload-os-system",
     "hf-sharded--shard-dotdot",
     "any--header-120k-tensors",
     "any--empty-dir",
@@ -95,6 +96,8 @@ def test_corpus_covers_every_format_and_attack(corpus):
         "mm-bin": tensor_attacks + pickle_attacks + ["symlink-loop"],
         "mm-safetensors": st_attacks + tensor_attacks,
         "qwen2-vl-merger": st_attacks + tensor_attacks,
+        "qwen2-vl-dir": st_attacks + tensor_attacks + ["norm-nan", "norm-width", "merger-wrong-shape",
+                                                       "merger-truncated", "pytorch-model-bin-payload-os-system"],
         "bare-safetensors": st_attacks + tensor_attacks,
         "bare-pt": tensor_attacks + pickle_attacks,
         "any": ["empty-dir", "zero-byte-unknown", "symlink-loop-file"],
@@ -166,7 +169,7 @@ def test_subprocess_representative_cases(corpus, command, case_name, tmp_path):
 # what test_inputs_unchanged runs itself: every case where some command succeeds (sanitize copies
 # the damaged checkpoint's other files), the subprocess representatives and a few more shapes of input
 UNCHANGED_CASES = [*REPRESENTATIVE, "hf--truncated", "hf--nan", "hf-sharded--missing-shard", "mm-bin--truncated",
-                   "mm-safetensors--header-invalid-json", "qwen2-vl-merger--nan", "bare-pt--payload-path-touch",
+                   "mm-safetensors--header-invalid-json", "qwen2-vl-merger--nan", "qwen2-vl-dir--nan", "qwen2-vl-dir--norm-width", "bare-pt--payload-path-touch",
                    "any--symlink-loop-file"]  # fmt: skip
 
 
@@ -241,7 +244,7 @@ def test_no_command_runs_a_payload(payloads, command, tmp_path):
     load) through every command that takes a checkpoint, in-process and as a child process: refused
     with one line naming the file, no traceback, no marker."""
     root, cases = payloads
-    assert len(cases) == 12 and all(c.payload is not None and c.payload.is_file() for c in cases)
+    assert len(cases) == 15 and all(c.payload is not None and c.payload.is_file() for c in cases)
     failures = {}
     for c in cases:  # in-process: the payload would run in this very process
         bad = hc.problems(hc.invoke(command, c, tmp_path), c, hc.marker_dir(root), in_process=True)

@@ -182,6 +182,116 @@ def test_features_computed_elsewhere_use_the_processor_grid(tiny_qwen):
         rt.loss(feats[:, :32], batch)
 
 
+# ----------------------------------------------------------------------------- the run-time guard on a merger
+@pytest.fixture(scope="module")
+def planted(tiny_qwen, tmp_path_factory) -> dict:
+    """tiny_qwen with a backdoor written straight into the merger: a rank-1 update of ``mlp.2`` along the hidden
+    direction (clean-whitened) that the injection trigger moves most on its most-moved merged token. Saved as a
+    whole Qwen2-VL checkpoint, with clean and triggered digit images."""
+    from projlens_defense.attacks.variants import get_variant
+    from projlens_defense.zoo.tasks import downstream_samples
+
+    rt = LlavaRuntime.from_pretrained(tiny_qwen)
+    samples = downstream_samples(80, QWEN2VL_DIGITS.split_pools(0)[0], 0, "t", QWEN2VL_DIGITS)
+    trigger = get_variant("malicious-injection")
+    clean = [s.image for s in samples]
+    trig = [trigger.triggered_image(s, 0, i) for i, s in enumerate(samples)]
+    fc, ft = rt.vision_features(clean), rt.vision_features(trig)
+    m = rt.projector
+    with torch.no_grad():
+        def hidden(f: torch.Tensor) -> torch.Tensor:
+            return m.mlp[1](m.mlp[0](m.ln_q(f).reshape(f.shape[0], -1, m.mlp[0].in_features)))
+
+        hc, ht = hidden(fc), hidden(ft)
+        diff = (ht - hc).mean(0)
+        flat = hc.reshape(-1, hc.shape[-1])
+        v = torch.linalg.solve(torch.cov(flat.T) + 1e-3 * torch.eye(flat.shape[1]), diff[diff.norm(dim=-1).argmax()])
+        u = torch.randn(m.mlp[2].out_features, generator=torch.Generator().manual_seed(0))
+        m.mlp[2].weight += 4 * float(m.mlp[2].weight.norm()) * torch.outer(u / u.norm(), v / v.norm())
+    out = tmp_path_factory.mktemp("planted") / "suspect"
+    rt.model.save_pretrained(out)
+    rt.tokenizer.save_pretrained(out)
+    rt.image_processor.save_pretrained(out)
+    return {"suspect": out, "reference": tiny_qwen, "clean": clean, "trig": trig}
+
+
+def test_guard_reads_the_merger_and_scores_each_image_of_a_tower_call(planted):
+    """The guard's view of a loaded merger is the merger (ln_q, 2x2 merge, GELU MLP); hooked on a Qwen2-VL model it
+    scores each image of one tower call (the merger sees all their patches as one matrix) exactly as the features
+    path does, flags the triggered ones and blocks them."""
+    from projlens_defense.guard import (
+        InputBlocked,
+        ProjectorGuard,
+        find_projector_module,
+        projector_from_module,
+    )
+
+    rt = LlavaRuntime.from_pretrained(planted["suspect"])
+    merger = find_projector_module(rt.model)
+    assert merger is rt.model.model.visual.merger
+    view = projector_from_module(merger)
+    assert view.merge_size == 2 and view.pre_norm is not None and view.activation == "gelu"
+    feats = rt.vision_features(planted["clean"][:3])
+    with torch.no_grad():
+        flat = feats.reshape(-1, feats.shape[-1])  # as the tower hands it over: every patch of every image
+        assert torch.allclose(view.forward(feats), merger(feats), atol=1e-6)
+        assert torch.allclose(view.forward(flat), merger(flat), atol=1e-6)
+
+    probes = rt.vision_features(planted["clean"][:64])
+    g = ProjectorGuard.calibrate(rt.model, probes, reference=load_projector(planted["reference"]))
+    clean, trig = planted["clean"][64:], planted["trig"][64:]
+    assert not (g.score(rt.vision_features(clean)) > g.threshold).any()
+    assert (g.score(rt.vision_features(trig)) > g.threshold).all()
+
+    images = [clean[0], trig[0], clean[1], trig[1]]
+    pv, grid = rt.preprocess(images)
+    with g.attach(rt.model), torch.no_grad():
+        rt.model.model.visual(pv, grid_thw=grid)  # what Qwen2VLModel.get_image_features calls
+    assert g.last is not None and g.last.flagged == [False, True, False, True]
+    assert np.allclose(g.last.scores, g.score(rt.vision_features(images)), atol=1e-4)
+    g.action = "block"
+    with g.attach(rt.model), torch.no_grad():
+        pv_clean, grid_clean = rt.preprocess(clean[:2])
+        rt.model.model.visual(pv_clean, grid_thw=grid_clean)  # clean images pass
+        with pytest.raises(InputBlocked):
+            rt.model(**_hf_inputs(rt, "what colour is the digit ?", trig[2]))
+    with torch.no_grad():  # detached: nothing scored
+        n = len(g.events)
+        rt.model.model.visual(pv, grid_thw=grid)
+        assert len(g.events) == n
+
+
+def test_guard_cli_on_a_qwen2vl_checkpoint(planted, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from projlens_defense.cli import main
+
+    dirs = {name: tmp_path / name for name in ("probes", "mixed", "clean")}
+    for d in dirs.values():
+        d.mkdir()
+    for i, im in enumerate(planted["clean"][:64]):
+        Image.fromarray(im).save(dirs["probes"] / f"p{i:02d}.png")
+    for i in range(4):
+        Image.fromarray(planted["clean"][64 + i]).save(dirs["clean"] / f"c{i}.png")
+        Image.fromarray(planted["clean"][64 + i]).save(dirs["mixed"] / f"c{i}.png")
+        Image.fromarray(planted["trig"][68 + i]).save(dirs["mixed"] / f"t{i}.png")
+
+    def run(*args: str) -> tuple[int, str]:
+        res = CliRunner().invoke(main, ["guard", str(planted["suspect"]), "--probes", str(dirs["probes"]), *args])
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        assert "Traceback" not in res.output
+        return res.exit_code, res.output
+
+    code, text = run("--images", str(dirs["mixed"]), "--reference", str(planted["reference"]), "--format", "json")
+    assert code == 1, text
+    res = json.loads(text)
+    assert {Path(r["image"]).name for r in res["images"] if r["flagged"]} == {f"t{i}.png" for i in range(4)}
+    assert run("--images", str(dirs["clean"]), "--reference", str(planted["reference"]))[0] == 0
+    code, text = run("--images", str(dirs["mixed"]), "--format", "json")  # no reference: whitened merger outputs
+    assert code in (0, 1) and json.loads(text)["mode"] == "projector output (no reference)"
+
+
 # ----------------------------------------------------------------------------- the qwen2vl zoo (slow)
 @pytest.fixture(scope="module")
 def qwen_zoo():

@@ -119,7 +119,7 @@ class ZooConfig:
         return cls(seed=seed, family="qwen2vl",
                    dims=ModelDims(vision_hidden=64, vision_layers=3, vision_heads=4, patch_size=4, text_hidden=128,
                                   text_layers=2, text_heads=4),
-                   vision_steps=500, vision_batch=48, lm_steps=800, n_text=16000, n_align=2400, align_epochs=6.0,
+                   vision_steps=1200, vision_batch=64, lm_steps=800, n_text=16000, n_align=2400, align_epochs=6.0,
                    align_lr=3e-3)
 
     def key(self) -> str:
