@@ -42,7 +42,6 @@ from projlens_defense.conversations import load_conversations
 from projlens_defense.detectors.activation import ActivationDetector, fit_line, output_shift
 from projlens_defense.detectors.baselines import ActivationClusteringDetector, SpectralSignatureDetector
 from projlens_defense.detectors.loading import load_checkpoint
-from projlens_defense.detectors.probes import EXTRA_INPUTS, EXTRA_PROBES
 from projlens_defense.eval.analyze import variant_from_record
 from projlens_defense.eval.input_detection import run_input_detectors
 from projlens_defense.eval.lowrank import LowRankUpdate, TaskRemovedUpdate
@@ -50,7 +49,7 @@ from projlens_defense.metrics import attack_success_rate, auroc, clean_accuracy,
 from projlens_defense.projector import ProjectorModule
 from projlens_defense.runinfo import AttackRecord, has_attack_record, read_attack_record
 from projlens_defense.runtime import LlavaRuntime
-from projlens_defense.scan_input import ScanInput
+from projlens_defense.scan_input import ProbeData, ScanInput
 from projlens_defense.zoo.build import config_from_name, get_zoo
 
 ALL_VARIANTS = PROJLENS_VARIANTS + CLASSIC_VARIANTS
@@ -110,11 +109,11 @@ class World:
             self._trig[key] = (idx, self.rt.vision_features(imgs), imgs)
         return self._trig[key]
 
-    def scan_input(self, path: Path, extras: dict[str, Any] | None = None) -> ScanInput:
+    def scan_input(self, path: Path) -> ScanInput:
         ck = load_checkpoint(path)
         return ScanInput(projector=ck.projector, reference=self.ref, readout=ck.readout, ov_layers=ck.ov_layers,
                          final_norm=ck.final_norm, vocab=ck.vocab, path=str(path),
-                         extras={EXTRA_PROBES: self.probes, **(extras or {})})
+                         probe_data=ProbeData(probes=self.probes))
 
 
 # ----------------------------------------------------------------------------- curves
@@ -328,10 +327,10 @@ def section_input(w: World, bd: dict[str, Path], args: argparse.Namespace) -> di
             e = entries[name]
             res[col] = {"auroc": e["auroc"], "tpr": e.get("threshold_tpr"), "fpr": e.get("threshold_fpr"),
                         "n": [e["n_clean"], e["n_triggered"]]}
-        inp = ScanInput(projector=sus, reference=w.ref, extras={EXTRA_INPUTS: torch.cat([w.clean, tf])})
+        inp = ScanInput(projector=sus, reference=w.ref, probe_data=ProbeData(inputs=torch.cat([w.clean, tf])))
         n = len(w.test)
         for det in (SpectralSignatureDetector("flat"), ActivationClusteringDetector("flat")):
-            s = det.score_inputs(inp, inp.extras[EXTRA_INPUTS])
+            s = det.score_inputs(inp, inp.probe_data.inputs)
             res[f"{det.name} ({det.pool})"] = {"auroc": auroc(s[n:].tolist(), s[:n].tolist())}
         out[v] = res
         print(f"input {v}: {time.time() - t0:.0f} s " + ", ".join(f"{k} {r['auroc']:.3f}" for k, r in res.items()

@@ -2,14 +2,15 @@
 
 The suspect projector, the reference it was fine-tuned from, the LLM read-out (embeddings, ``lm_head``, the
 first attention layers' value->output maps) and the vocabulary, with the per-input caches every detector of a
-scan shares (dW per layer, top singular triplets, the word-token mask). Something an input lacks raises
-:class:`MissingInput`.
+scan shares (dW per layer, top singular triplets, the word-token mask), and the :class:`ProbeData` that
+activation-space and input-level detectors read. Something an input lacks raises :class:`MissingInput`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +19,12 @@ from projlens_defense.linalg import matmul32, top_singular
 from projlens_defense.projector import Projector
 from projlens_defense.tokens import word_token_mask
 
-__all__ = ["SVD_RANK", "MissingInput", "OvLayer", "ScanInput", "readout_matrix"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from projlens_defense.runtime import LlavaRuntime
+
+__all__ = ["SVD_RANK", "MissingInput", "OvLayer", "ProbeData", "ScanInput", "readout_matrix"]
 
 SVD_RANK = 8
 """Singular triplets computed once per matrix and shared by every detector of a scan."""
@@ -55,6 +61,38 @@ class OvLayer:
         return matmul32(self.o_proj, v)
 
 
+@dataclass(frozen=True, eq=False)
+class ProbeData:
+    """Data beyond the weights that activation-space and input-level detectors read (every field optional).
+
+    ``probes``: vision features of clean probe images [N, tokens, vision_dim]; ``probe_images``: those
+    images themselves (HxWx3 uint8) and ``probe_questions`` their questions (STRIP); ``inputs``: vision
+    features of the inputs to judge [M, tokens, vision_dim]; ``input_images`` / ``input_questions``: the
+    inputs as images and questions (image-level detectors); ``runtime``: the
+    :class:`~projlens_defense.runtime.LlavaRuntime` (STRIP runs the LLM).
+    """
+
+    probes: torch.Tensor | None = None
+    probe_images: Sequence[np.ndarray] | None = None
+    probe_questions: Sequence[str] | None = None
+    inputs: torch.Tensor | None = None
+    input_images: Sequence[np.ndarray] | None = None
+    input_questions: Sequence[str] | None = None
+    runtime: LlavaRuntime | None = None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the fields, in order."""
+        return tuple(f.name for f in fields(cls))
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """Those of the fields ``names`` that are None (a name that is not a field raises ValueError)."""
+        unknown = [n for n in names if n not in self.field_names()]
+        if unknown:
+            raise ValueError(f"ProbeData has no field {', '.join(unknown)}")
+        return [n for n in names if getattr(self, n) is None]
+
+
 @dataclass(eq=False)
 class ScanInput:
     """Everything a detector may look at for one suspect checkpoint.
@@ -63,8 +101,8 @@ class ScanInput:
     ``readout``: the LLM input embeddings / ``lm_head`` (for the logit lens), if the checkpoint has
     them; ``ov_layers`` / ``final_norm``: the first LLM attention layers' value->output maps and
     the final norm gain (for the attention lens); ``vocab``: id -> token string, if a tokenizer
-    was found; ``path``/``format``: provenance. Activation-space detectors can carry probe data
-    in ``extras``.
+    was found; ``path``/``format``: provenance; ``probe_data``: the clean probes, inputs to judge and
+    runtime that activation-space and input-level detectors read (:class:`ProbeData`).
     """
 
     projector: Projector
@@ -75,7 +113,7 @@ class ScanInput:
     vocab: list[str] | None = None
     path: str | None = None
     format: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    probe_data: ProbeData = field(default_factory=ProbeData)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def deltas(self) -> list[torch.Tensor]:

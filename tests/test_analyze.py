@@ -6,8 +6,10 @@ on the micro zoo (one backdoored and one benign fine-tune) and check the report'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from projlens_defense.eval.lowrank import LowRankUpdate, TaskRemovedUpdate
 from projlens_defense.guard import InputBlocked, ProjectorGuard, projector_from_module
 from projlens_defense.metrics import auroc
 from projlens_defense.projector import LinearLayer, Projector, ProjectorModule
-from projlens_defense.scan_input import ScanInput
+from projlens_defense.scan_input import MissingInput, ProbeData, ScanInput
 
 DV, DH, DO, T = 12, 16, 10, 6
 
@@ -78,7 +80,7 @@ def synth() -> dict:
 
 
 def _inp(p: Projector, s: dict) -> ScanInput:
-    return ScanInput(projector=p, reference=s["ref"], extras={"probes": s["probes"]})
+    return ScanInput(projector=p, reference=s["ref"], probe_data=ProbeData(probes=s["probes"]))
 
 
 # ----------------------------------------------------------------------------- unit tests
@@ -163,7 +165,7 @@ def test_input_shift_detector_separates_triggered_inputs(synth: dict) -> None:
     # scores are in clean standard deviations of the cross-fitted probe scores
     assert abs(float(np.mean(single.clean_scores))) < 1e-6 and abs(float(np.std(single.clean_scores)) - 1) < 1e-6
     inp = ScanInput(projector=s["suspect"], reference=s["ref"],
-                    extras={"probes": s["probes"], "inputs": torch.cat([s["test_clean"], s["test_trig"]])})
+                    probe_data=ProbeData(probes=s["probes"], inputs=torch.cat([s["test_clean"], s["test_trig"]])))
     rep = DETECTORS["input-shift"]().score(inp)
     assert 0.4 <= rep.score <= 0.6 and len(rep.evidence["scores"]) == 160
     for cls in (SpectralSignatureDetector, ActivationClusteringDetector):
@@ -175,6 +177,25 @@ def test_registry_and_scan_skip(synth: dict) -> None:
     for name in ("activation", "input-shift", "strip", "spectral-signatures", "activation-clustering"):
         assert DETECTORS[name].name == name
         assert not DETECTORS[name]().can_score(ScanInput(projector=synth["suspect"], reference=synth["ref"]))
+
+
+def test_probe_data_is_typed_and_named_in_missing_input(synth: dict) -> None:
+    """Input detectors name ProbeData fields; what a scan lacks is named as ``ScanInput.probe_data.<field>``."""
+    assert not hasattr(ScanInput(projector=synth["suspect"]), "extras")
+    for det in DETECTORS.values():
+        for need in getattr(det, "needs", ()):
+            assert need in ProbeData.field_names(), (det.name, need)
+    with pytest.raises(ValueError, match="no field"):
+        ProbeData().missing(["nope"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ProbeData().probes = synth["probes"]  # type: ignore[misc]
+    bare = ScanInput(projector=synth["suspect"], reference=synth["ref"])
+    with pytest.raises(MissingInput, match=r"ScanInput\.probe_data\.inputs"):
+        DETECTORS["input-shift"]().score(replace(bare, probe_data=ProbeData(probes=synth["probes"])))
+    with pytest.raises(MissingInput, match=r"ScanInput\.probe_data\.probes"):
+        DETECTORS["activation"]().score(bare)
+    with pytest.raises(MissingInput, match=r"ScanInput\.probe_data\.runtime"):
+        DETECTORS["strip"]().score(bare)
 
 
 class _Toy(nn.Module):

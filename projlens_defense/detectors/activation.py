@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from projlens_defense.detectors.base import Detector, DetectorReport
-from projlens_defense.detectors.probes import EXTRA_PROBES, probe_features
+from projlens_defense.detectors.probes import probe_features
 from projlens_defense.lens import LensReading, available_readings, lens_reading
 from projlens_defense.linalg import top_singular
 from projlens_defense.projector import Projector
@@ -273,7 +273,7 @@ def _positive_reading(inp: ScanInput, directions: torch.Tensor, names: list[str]
 
 
 class ActivationDetector(Detector):
-    """Model-level detector from the output shift on clean probes (needs ``extras['probes']``).
+    """Model-level detector from the output shift on clean probes (needs ``ScanInput.probe_data.probes``).
 
     The dominant direction read through the lens is, with ``excite`` (default), the mean shift
     under the trigger-free :func:`excite` perturbation, else the mean shift of the clean probes;
@@ -312,7 +312,7 @@ class ActivationDetector(Detector):
 
     # ------------------------------------------------------------------ helpers
     def can_score(self, inp: ScanInput) -> bool:
-        return inp.reference is not None and inp.extras.get(EXTRA_PROBES) is not None
+        return inp.reference is not None and inp.probe_data.probes is not None
 
     def probes(self, inp: ScanInput) -> torch.Tensor:
         return probe_features(inp)[: self.max_probes]
@@ -486,7 +486,7 @@ class ActivationDetector(Detector):
     # ------------------------------------------------------------------ score
     def score(self, inp: ScanInput) -> DetectorReport:
         if not self.can_score(inp):
-            raise MissingInput("activation: needs a reference projector and clean probes (extras['probes'])")
+            raise MissingInput("activation: needs a reference projector and clean probes (ScanInput.probe_data.probes)")
         signals, a, e, reading, nov = self.measure(inp)
         evidence: dict[str, Any] = {"shift": a.summary(), "direction": "excited" if e is not None else "clean-mean",
                                     "benign_subspace_rank": 0 if self.basis is None else int(self.basis.shape[1])}

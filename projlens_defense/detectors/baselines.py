@@ -23,13 +23,6 @@ import numpy as np
 import torch
 
 from projlens_defense.detectors.input_level import InputDetector, clean_threshold
-from projlens_defense.detectors.probes import (
-    EXTRA_INPUT_IMAGES,
-    EXTRA_INPUTS,
-    EXTRA_PROBE_IMAGES,
-    EXTRA_PROBE_QUESTIONS,
-    EXTRA_RUNTIME,
-)
 from projlens_defense.linalg import svd
 from projlens_defense.scan_input import MissingInput, ScanInput
 
@@ -40,7 +33,7 @@ class _BatchOutputDetector(InputDetector):
     """A batch-level baseline on the batch's own projector outputs: nothing to calibrate on clean probes."""
 
     batch_level = True
-    needs = (EXTRA_INPUTS,)
+    needs = ("inputs",)
     pool: str = "mean"
 
     def calibrate(self, inp: ScanInput) -> _BatchOutputDetector:
@@ -135,7 +128,7 @@ class StripDetector(InputDetector):
     """
 
     name = "strip"
-    needs = (EXTRA_RUNTIME, EXTRA_PROBE_IMAGES, EXTRA_INPUT_IMAGES)
+    needs = ("runtime", "probe_images", "input_images")
 
     def __init__(self, n_blends: int = 8, alpha: float = 0.5, max_new_tokens: int = 8, fpr: float = 0.01,
                  question: str = "What is in the image?", seed: int = 0, batch_size: int = 256) -> None:
@@ -149,9 +142,9 @@ class StripDetector(InputDetector):
         self.clean_scores: np.ndarray | None = None
 
     def _runtime(self, inp: ScanInput) -> Any:
-        rt = inp.extras.get(EXTRA_RUNTIME)
+        rt = inp.probe_data.runtime
         if rt is None:
-            raise MissingInput(f"{self.name}: needs a LlavaRuntime in ScanInput.extras['runtime']")
+            raise MissingInput(f"{self.name}: needs a LlavaRuntime in ScanInput.probe_data.runtime")
         return rt
 
     @torch.no_grad()
@@ -196,8 +189,10 @@ class StripDetector(InputDetector):
 
     def calibrate(self, inp: ScanInput) -> StripDetector:
         rt = self._runtime(inp)
-        probes = list(inp.extras[EXTRA_PROBE_IMAGES])
-        qs = inp.extras.get(EXTRA_PROBE_QUESTIONS) or [self.question] * len(probes)
+        if inp.probe_data.probe_images is None:
+            raise MissingInput(f"{self.name}: needs the clean probe images in ScanInput.probe_data.probe_images")
+        probes = list(inp.probe_data.probe_images)
+        qs = inp.probe_data.probe_questions or [self.question] * len(probes)
         self.clean_scores = self._blend_scores(rt, probes, probes, qs, exclude_self=True)
         self.threshold = clean_threshold(self.clean_scores, self.fpr)
         return self
@@ -207,6 +202,6 @@ class StripDetector(InputDetector):
         if not images:
             raise MissingInput(f"{self.name}: needs the input images")
         rt = self._runtime(inp)
-        pool = list(inp.extras.get(EXTRA_PROBE_IMAGES) or [])
+        pool = list(inp.probe_data.probe_images or [])
         qs = list(questions) if questions else [self.question] * len(images)
         return self._blend_scores(rt, list(images), pool, qs, exclude_self=False)

@@ -4,8 +4,8 @@ An :class:`InputDetector` scores single inputs of one suspect model. It is calib
 probe images only (never on triggered ones): :meth:`InputDetector.calibrate` learns what clean
 inputs look like and sets a threshold from out-of-sample clean scores, :meth:`score_inputs`
 scores new inputs. It is also a :class:`~projlens_defense.detectors.base.Detector`: given a
-:class:`ScanInput` whose ``extras`` hold clean ``probes`` and the ``inputs`` to judge (vision
-features [N, tokens, vision_dim]), :meth:`score` returns the fraction flagged and every score.
+:class:`ScanInput` whose :class:`~projlens_defense.scan_input.ProbeData` holds clean ``probes`` and the ``inputs`` to
+judge (vision features [N, tokens, vision_dim]), :meth:`score` returns the fraction flagged and every score.
 
 :class:`ShiftInputDetector` is the mechanism-based one (ProjLens finding 2): a triggered input
 moves the projector output along the few directions the fine-tune wrote (the top left singular
@@ -25,13 +25,7 @@ import torch
 
 from projlens_defense.detectors.activation import excite
 from projlens_defense.detectors.base import Detector, DetectorReport
-from projlens_defense.detectors.probes import (
-    EXTRA_INPUT_IMAGES,
-    EXTRA_INPUTS,
-    EXTRA_PROBES,
-    EXTRA_QUESTIONS,
-    probe_features,
-)
+from projlens_defense.detectors.probes import probe_features
 from projlens_defense.linalg import top_singular
 from projlens_defense.projector import Projector
 from projlens_defense.scan_input import MissingInput, ScanInput
@@ -107,15 +101,15 @@ class InputDetector(Detector):
     """
 
     batch_level: ClassVar[bool] = False
-    needs: ClassVar[tuple[str, ...]] = (EXTRA_PROBES, EXTRA_INPUTS)
-    """``ScanInput.extras`` keys :meth:`score` needs."""
+    needs: ClassVar[tuple[str, ...]] = ("probes", "inputs")
+    """The fields of ``ScanInput.probe_data`` (:class:`~projlens_defense.scan_input.ProbeData`) :meth:`score` needs."""
 
     def __init__(self, fpr: float = 0.01) -> None:
         self.fpr = fpr
         self.threshold: float | None = None
 
     def can_score(self, inp: ScanInput) -> bool:
-        return all(inp.extras.get(k) is not None for k in self.needs)
+        return not inp.probe_data.missing(self.needs)
 
     def calibrate(self, inp: ScanInput) -> InputDetector:
         """Learn clean behaviour from ``inp``'s clean probes and set :attr:`threshold`."""
@@ -133,13 +127,15 @@ class InputDetector(Detector):
         return np.asarray(scores) > self.threshold
 
     def score(self, inp: ScanInput) -> DetectorReport:
-        """Calibrate on ``extras['probes']``, judge ``extras['inputs']``; score = fraction flagged."""
-        if not self.can_score(inp):
-            raise MissingInput(f"{self.name}: needs {', '.join(self.needs)} in ScanInput.extras")
+        """Calibrate on ``probe_data.probes``, judge ``probe_data.inputs``; score = fraction flagged."""
+        missing = inp.probe_data.missing(self.needs)
+        if missing:
+            raise MissingInput(f"{self.name}: needs {', '.join(f'ScanInput.probe_data.{n}' for n in missing)}")
         self.calibrate(inp)
-        feats = inp.extras.get(EXTRA_INPUTS)
+        data = inp.probe_data
+        feats = data.inputs
         scores = self.score_inputs(inp, None if feats is None else torch.as_tensor(feats).float(),
-                                   inp.extras.get(EXTRA_INPUT_IMAGES), inp.extras.get(EXTRA_QUESTIONS))
+                                   data.input_images, data.input_questions)
         flagged = self.flags(scores)
         frac = float(flagged.mean()) if len(flagged) else 0.0
         return DetectorReport(

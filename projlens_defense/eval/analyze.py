@@ -32,13 +32,12 @@ from ..conversations import load_conversations
 from ..detectors.activation import ActivationDetector, _align, fit_line, output_shift
 from ..detectors.input_level import ShiftInputDetector
 from ..detectors.loading import load_checkpoint
-from ..detectors.probes import EXTRA_PROBES
 from ..errors import CheckpointError, UsageError
 from ..linalg import singular_values
 from ..metrics import auroc
 from ..projector import Projector, ProjectorModule
 from ..runinfo import AttackRecord, read_attack_record
-from ..scan_input import ScanInput
+from ..scan_input import ProbeData, ScanInput
 from .lowrank import LowRankUpdate, TaskRemovedUpdate
 
 __all__ = ["Analysis", "AnalyzeOptions", "analyze_checkpoint", "variant_from_record"]
@@ -260,7 +259,7 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, test_data: Path, probe
     def scan_input(p: Projector) -> ScanInput:
         return ScanInput(projector=p, reference=ref, readout=lens_src.readout, ov_layers=lens_src.ov_layers,
                          final_norm=lens_src.final_norm, vocab=ck.vocab or lens_src.vocab, path=str(checkpoint),
-                         extras={EXTRA_PROBES: probes})
+                         probe_data=ProbeData(probes=probes))
 
     det = ActivationDetector(benign_rank=opt.benign_rank, excite=opt.excite)
     binps = [scan_input(b) for b in bproj.values()]

@@ -12,6 +12,7 @@ seeded subset of ``image_subset`` clean and ``image_subset`` triggered images.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -62,28 +63,19 @@ def run_input_detectors(runtime: Any, suspect: Any, reference: Any, names: Seque
     import time
 
     from ..detectors import DETECTORS
-    from ..detectors.probes import (
-        EXTRA_INPUT_IMAGES,
-        EXTRA_INPUTS,
-        EXTRA_PROBE_IMAGES,
-        EXTRA_PROBE_QUESTIONS,
-        EXTRA_PROBES,
-        EXTRA_QUESTIONS,
-        EXTRA_RUNTIME,
-    )
-    from ..scan_input import ScanInput
+    from ..scan_input import ProbeData, ScanInput
 
     n_clean = len(clean_features)
     feats = torch.cat([clean_features, triggered_features])
     rng = np.random.default_rng(seed)
     ci = sorted(rng.choice(n_clean, size=min(image_subset, n_clean), replace=False).tolist())
     ti = sorted(rng.choice(len(eligible), size=min(image_subset, len(eligible)), replace=False).tolist())
-    base = {EXTRA_PROBES: probe_features, EXTRA_PROBE_IMAGES: list(probe_images),
-            EXTRA_PROBE_QUESTIONS: list(probe_questions), EXTRA_RUNTIME: runtime}
+    base = ProbeData(probes=probe_features, probe_images=list(probe_images),
+                     probe_questions=list(probe_questions), runtime=runtime)
     out: dict[str, dict[str, Any]] = {}
     for name in input_detector_names(names):
         cls = DETECTORS[name]
-        image_level = EXTRA_INPUT_IMAGES in cls.needs
+        image_level = "input_images" in cls.needs
         for label, ref in [(name, reference)] + ([(f"{name}[reference-free]", None)] if name == "input-shift" else []):
             t = time.time()
             det = cls()
@@ -91,12 +83,12 @@ def run_input_detectors(runtime: Any, suspect: Any, reference: Any, names: Seque
                 imgs = [samples[i].image for i in ci] + [variant.triggered_image(samples[eligible[j]], seed + 10_000,
                                                                                  eligible[j]) for j in ti]
                 qs = [samples[i].question for i in ci] + [samples[eligible[j]].question for j in ti]
-                inp = ScanInput(projector=suspect, reference=ref, extras={**base, EXTRA_INPUT_IMAGES: imgs,
-                                                                          EXTRA_QUESTIONS: qs})
+                inp = ScanInput(projector=suspect, reference=ref,
+                                probe_data=replace(base, input_images=imgs, input_questions=qs))
                 det.calibrate(inp)
                 s, n_neg = det.score_inputs(inp, None, imgs, qs), len(ci)
             else:
-                inp = ScanInput(projector=suspect, reference=ref, extras={**base, EXTRA_INPUTS: feats})
+                inp = ScanInput(projector=suspect, reference=ref, probe_data=replace(base, inputs=feats))
                 det.calibrate(inp)
                 s, n_neg = det.score_inputs(inp, feats), n_clean
             s = np.asarray(s, float)
