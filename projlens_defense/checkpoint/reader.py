@@ -286,9 +286,12 @@ def _as_info(path: str | os.PathLike[str] | CheckpointInfo) -> CheckpointInfo:
 
 
 # --------------------------------------------------------------------------- projector
-def _text_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    tc = (cfg or {}).get("text_config")
-    return tc if isinstance(tc, dict) else {}
+def text_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The LLM's part of a model config: its ``text_config`` when nested (LLaVA, Qwen2-VL), else the config
+    itself ({} without one)."""
+    cfg = cfg or {}
+    tc = cfg.get("text_config")
+    return tc if isinstance(tc, dict) else cfg
 
 
 def _activation(info: CheckpointInfo, n_layers: int) -> str:
@@ -430,13 +433,29 @@ class LmReadout:
     tied: bool = False
 
 
-def _tied(cfg: dict[str, Any] | None) -> bool:
-    if not cfg:
-        return False
-    tc = _text_config(cfg)
+def tied_embeddings(cfg: dict[str, Any] | None) -> bool:
+    """Whether the config ties ``lm_head`` to the input embedding (the text config's setting first)."""
+    tc = text_config(cfg)
     if "tie_word_embeddings" in tc:
         return tc["tie_word_embeddings"] is True
-    return cfg.get("tie_word_embeddings") is True
+    return (cfg or {}).get("tie_word_embeddings") is True
+
+
+def readout_keys(keys: Any) -> tuple[str | None, str | None]:
+    """The stored names of the input embedding and of ``lm_head`` among ``keys`` (None where absent)."""
+    return next((k for k in EMBED_KEYS if k in keys), None), next((k for k in LM_HEAD_KEYS if k in keys), None)
+
+
+def check_readout_matrix(c: TensorContainer, key: str | None, shape: Any) -> None:
+    """CheckpointError unless the read-out matrix ``key`` of shape ``shape`` is 2-D."""
+    if len(shape) != 2:
+        raise CheckpointError(f"{c.file_of(key or '')}: {key} must be 2-D, got shape {tuple(shape)}")
+
+
+def check_readout_widths(where: Any, embed_width: int, head_width: int) -> None:
+    """CheckpointError unless the input embedding and ``lm_head`` have the same width (the LLM's hidden size)."""
+    if embed_width != head_width:
+        raise CheckpointError(f"{where}: embedding width {embed_width} != lm_head width {head_width}")
 
 
 def _lm_container(p: Path) -> tuple[TensorContainer | None, Path | None]:
@@ -467,20 +486,16 @@ def load_lm_readout(path: str | os.PathLike[str] | CheckpointInfo) -> LmReadout:
         cfg = _config(root)
     if c is None:
         return LmReadout(None, None)
-    keys = c.keys()
-    ekey = next((k for k in EMBED_KEYS if k in keys), None)
-    hkey = next((k for k in LM_HEAD_KEYS if k in keys), None)
+    ekey, hkey = readout_keys(c.keys())
     embed = c.read(ekey) if ekey else None
     head = c.read(hkey) if hkey else None
     for key, t in ((ekey, embed), (hkey, head)):
-        if t is not None and t.ndim != 2:
-            raise CheckpointError(f"{c.file_of(key or '')}: {key} must be 2-D, got shape {tuple(t.shape)}")
-    if embed is not None and head is not None and embed.shape[1] != head.shape[1]:
-        raise CheckpointError(
-            f"{root or c.files[0]}: embedding width {embed.shape[1]} != lm_head width {head.shape[1]}"
-        )
+        if t is not None:
+            check_readout_matrix(c, key, t.shape)
+    if embed is not None and head is not None:
+        check_readout_widths(root or c.files[0], embed.shape[1], head.shape[1])
     tied = False
-    if head is None and embed is not None and _tied(cfg):
+    if head is None and embed is not None and tied_embeddings(cfg):
         head, hkey, tied = embed, ekey, True
     return LmReadout(embed, head, ekey, hkey, tied)
 

@@ -16,14 +16,17 @@ from typing import Any
 import torch
 
 from projlens_defense.checkpoint.reader import (
-    EMBED_KEYS,
-    LM_HEAD_KEYS,
     CheckpointInfo,
     LmReadout,
+    check_readout_matrix,
+    check_readout_widths,
     detect_format,
     load_lm_readout,
     load_projector,
     load_tokenizer_vocab,
+    readout_keys,
+    text_config,
+    tied_embeddings,
 )
 from projlens_defense.errors import CheckpointError
 from projlens_defense.projector import Projector, all_finite
@@ -36,12 +39,6 @@ def _llm_base(embed_key: str | None) -> str | None:
     if embed_key and embed_key.endswith("embed_tokens.weight"):
         return embed_key[: -len("embed_tokens.weight")]
     return None
-
-
-def _text_cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    cfg = cfg or {}
-    tc = cfg.get("text_config")
-    return tc if isinstance(tc, dict) else cfg
 
 
 def _int(x: Any) -> int | None:
@@ -62,7 +59,7 @@ def load_ov_layers(info: CheckpointInfo, embed_key: str | None, n_layers: int,
     keys = c.keys()
     final_key = f"{base}norm.weight"
     final = c.read(final_key) if final_key in keys else None
-    tc = _text_cfg(info.config)
+    tc = text_config(info.config)
     layers: list[OvLayer] = []
     for i in range(n_layers):
         pre = f"{base}layers.{i}."
@@ -121,13 +118,6 @@ class LoadedCheckpoint:
         return self.info.bytes_read + self.extra_bytes
 
 
-def _tied(cfg: dict[str, Any] | None) -> bool:
-    tc = _text_cfg(cfg)
-    if "tie_word_embeddings" in tc:
-        return tc["tie_word_embeddings"] is True
-    return (cfg or {}).get("tie_word_embeddings") is True
-
-
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32)
 
@@ -141,24 +131,21 @@ def _read_head_only(info: CheckpointInfo, ov_layers: int) -> LmReadout | None:
     if c is None or ov_layers <= 0 or not (c.is_main or info.root is None):
         return None
     keys = c.keys()
-    ekey = next((k for k in EMBED_KEYS if k in keys), None)
-    hkey = next((k for k in LM_HEAD_KEYS if k in keys), None)
+    ekey, hkey = readout_keys(keys)
     base = _llm_base(ekey)
     if base is None or f"{base}layers.0.self_attn.v_proj.weight" not in keys:
         return None
     if hkey is not None:
         head = c.read(hkey)
         tied = False
-    elif _tied(info.config):
+    elif tied_embeddings(info.config):
         head, hkey, tied = c.read(ekey), ekey, True  # type: ignore[arg-type]
     else:
         return None
-    if head.ndim != 2:
-        raise CheckpointError(f"{c.file_of(hkey)}: {hkey} must be 2-D, got shape {tuple(head.shape)}")
+    check_readout_matrix(c, hkey, head.shape)
     embed_shape = c.meta(ekey).shape  # not read, but must agree (as load_lm_readout checks)
-    if not tied and len(embed_shape) == 2 and embed_shape[1] != head.shape[1]:
-        raise CheckpointError(f"{info.root or c.files[0]}: embedding width {embed_shape[1]} != lm_head width "
-                              f"{head.shape[1]}")
+    if not tied and len(embed_shape) == 2:
+        check_readout_widths(info.root or c.files[0], embed_shape[1], head.shape[1])
     return LmReadout(embed_tokens=head if tied else None, lm_head=head, embed_key=ekey, lm_head_key=hkey, tied=tied)
 
 
