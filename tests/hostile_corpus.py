@@ -901,22 +901,16 @@ def build_payload_files(root: Path) -> list[Case]:
             marker = corpus._payload(c / "mm_projector.bin", name, pname, sd, how)
             corpus.add(name, c, 2, f"{how} pickle with a {pname} payload", "mm-bin", reason="refused to load",
                        marker=marker, payload=c / "mm_projector.bin", reasons=not_llava)  # fmt: skip
-    hf_sd = load_file(corpus.bases.hf / "model.safetensors")
-    for pname in PAYLOADS:
-        name = f"payload-{pname}-hf-pytorch-model-bin"
-        d, c = corpus._fresh(name, corpus.bases.hf)
-        (c / "model.safetensors").unlink()
-        marker = corpus._payload(c / "pytorch_model.bin", name, pname, hf_sd, "torch")
-        corpus.add(name, c, 2, f"HF LLaVA dir whose pytorch_model.bin has a {pname} payload", "hf",
-                   reason="refused to load", marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
-    qwen_sd = load_file(corpus.bases.qwen / "model.safetensors")
-    for pname in PAYLOADS:
-        name = f"payload-{pname}-qwen2vl-pytorch-model-bin"
-        d, c = corpus._fresh(name, corpus.bases.qwen)
-        (c / "model.safetensors").unlink()
-        marker = corpus._payload(c / "pytorch_model.bin", name, pname, qwen_sd, "torch")
-        corpus.add(name, c, 2, f"Qwen2-VL dir whose pytorch_model.bin has a {pname} payload", "qwen2-vl-dir",
-                   reason="refused to load", marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
+    for base, tag, label, family in ((corpus.bases.hf, "hf", "HF LLaVA", "hf"),
+                                     (corpus.bases.qwen, "qwen2vl", "Qwen2-VL", "qwen2-vl-dir")):
+        base_sd = load_file(base / "model.safetensors")
+        for pname in PAYLOADS:
+            name = f"payload-{pname}-{tag}-pytorch-model-bin"
+            d, c = corpus._fresh(name, base)
+            (c / "model.safetensors").unlink()
+            marker = corpus._payload(c / "pytorch_model.bin", name, pname, base_sd, "torch")
+            corpus.add(name, c, 2, f"{label} dir whose pytorch_model.bin has a {pname} payload", family,
+                       reason="refused to load", marker=marker, payload=c / "pytorch_model.bin")  # fmt: skip
     return corpus.cases
 
 
