@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,46 +169,34 @@ class Qwen2VLRuntime(LlavaRuntime):
             raise ValueError(f"features have {features.shape[1]} patches per image, the prompts hold "
                              f"{self.n_image_tokens} image tokens x {self.merge_size**2}")
 
-    def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor],
-             projector: nn.Module | None = None) -> torch.Tensor:
-        self._check_features(features, batch["input_ids"].shape[0])
-        embeds = self.inputs_embeds(batch["input_ids"], features, projector)
-        ids = batch["input_ids"].to(embeds.device)
-        mask = batch["attention_mask"].to(embeds.device)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(ids, mask),
-                         labels=batch["labels"].to(embeds.device))
-        return out.loss
+    def forward_kwargs(self, features: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Qwen2-VL's multimodal rope positions (without them the image tokens sit at text positions)."""
+        self._check_features(features, input_ids.shape[0])
+        return {"position_ids": self.position_ids(input_ids, attention_mask)}
 
-    @torch.no_grad()
-    def answer(self, features: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 12,
-               batch_size: int = 128, projector: nn.Module | None = None, progress: bool = False) -> list[str]:
-        """Greedy answers, batched with left padding; the projected image tokens enter ``generate`` as
-        precomputed image embeddings (``mm_encoder_outputs``), so positions are Qwen2-VL's own."""
-        from tqdm.auto import tqdm
+    def generate(self, features: torch.Tensor, batch: dict[str, torch.Tensor], projector: nn.Module | None = None,
+                 **kwargs: Any) -> Any:
+        """HF ``generate`` with the projected image tokens as precomputed image embeddings
+        (``mm_encoder_outputs``), so positions are Qwen2-VL's own; the sequences hold the new tokens only."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         proj = projector if projector is not None else self.projector
         first = next(proj.parameters(), None)
         emb_dtype = self.model.get_input_embeddings().weight.dtype
-        answers: list[str] = []
-        starts = range(0, len(questions), batch_size)
-        for i in tqdm(starts, desc="generate", disable=not progress, leave=False):
-            qs = questions[i : i + batch_size]
-            feats = features[i : i + batch_size]
-            self._check_features(feats, len(qs))
-            batch = self.encode(qs, padding_side="left")
-            x = feats.to(emb_dtype) if first is None else feats.to(device=first.device, dtype=first.dtype)
-            img = proj(x).reshape(len(qs), self.n_image_tokens, -1).to(device=self.device, dtype=emb_dtype)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            types, grid = self._mrope(ids, mask)
-            gen = self.model.generate(
-                input_ids=ids, attention_mask=mask, mm_token_type_ids=types, image_grid_thw=grid,
-                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(img.unbind(0)))},
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-            )
-            new = gen[:, ids.shape[1]:].cpu()
-            answers += [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return answers
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        self._check_features(features, ids.shape[0])
+        x = features.to(emb_dtype) if first is None else features.to(device=first.device, dtype=first.dtype)
+        img = proj(x).reshape(ids.shape[0], self.n_image_tokens, -1).to(device=self.device, dtype=emb_dtype)
+        types, grid = self._mrope(ids, mask)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, mm_token_type_ids=types, image_grid_thw=grid,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(img.unbind(0)))},
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out[:, ids.shape[1]:]
+        out.sequences = out.sequences[:, ids.shape[1]:]
+        return out
 
 
 def batched_tower_forward(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -380,12 +380,26 @@ class LlavaRuntime:
         return emb.masked_scatter(mask.expand_as(emb),
                                   img.reshape(-1, img.shape[-1]).to(device=emb.device, dtype=emb.dtype))
 
+    def forward_kwargs(self, features: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> dict[str, Any]:
+        """What the LLM's forward needs besides the embeddings and mask (a family's positions); none for LLaVA."""
+        return {}
+
+    def forward(self, features: torch.Tensor, batch: dict[str, torch.Tensor], projector: nn.Module | None = None,
+                labels: bool = False) -> Any:
+        """The LLM's forward on ``batch`` with ``features`` through ``projector``: logits (and the loss with
+        ``labels``). Every caller that needs logits goes through here, so each family's positions are used."""
+        embeds = self.inputs_embeds(batch["input_ids"], features, projector)
+        ids = batch["input_ids"].to(embeds.device)
+        mask = batch["attention_mask"].to(embeds.device)
+        extra = {"labels": batch["labels"].to(embeds.device)} if labels else {}
+        return self.model(inputs_embeds=embeds, attention_mask=mask, **self.forward_kwargs(features, ids, mask),
+                          **extra)
+
     def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor],
              projector: nn.Module | None = None) -> torch.Tensor:
-        embeds = self.inputs_embeds(batch["input_ids"], features, projector)
-        out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(embeds.device),
-                         labels=batch["labels"].to(embeds.device))
-        return out.loss
+        """Mean cross-entropy of the labelled answer tokens."""
+        return self.forward(features, batch, projector, labels=True).loss
 
     @torch.no_grad()
     def answer(self, features: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 12,
@@ -397,10 +411,16 @@ class LlavaRuntime:
         starts = range(0, len(questions), batch_size)
         for i in tqdm(starts, desc="generate", disable=not progress, leave=False):
             batch = self.encode(questions[i : i + batch_size], padding_side="left")
-            embeds = self.inputs_embeds(batch["input_ids"], features[i : i + batch_size], projector)
-            gen = self.model.generate(
-                inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(embeds.device),
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-            )
+            gen = self.generate(features[i : i + batch_size], batch, projector, max_new_tokens=max_new_tokens,
+                                do_sample=False)
             answers += [t.strip() for t in self.tokenizer.batch_decode(gen.cpu(), skip_special_tokens=True)]
         return answers
+
+    def generate(self, features: torch.Tensor, batch: dict[str, torch.Tensor], projector: nn.Module | None = None,
+                 **kwargs: Any) -> Any:
+        """HF ``generate`` on a left-padded prompt ``batch`` with ``features`` through ``projector``; the
+        sequences hold the new tokens only. Every caller that generates goes through here, so each family's
+        positions are used."""
+        embeds = self.inputs_embeds(batch["input_ids"], features, projector)
+        return self.model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(embeds.device),
+                                   pad_token_id=self.pad_id, eos_token_id=self.eos_id, **kwargs)

@@ -88,6 +88,35 @@ def test_runtime_loss_logits_and_answers_match_the_hf_pixel_path(tiny_qwen):
         assert answers[i] == text
 
 
+def test_shared_forward_and_generate_use_the_multimodal_positions(tiny_qwen):
+    """``rt.forward`` (the probe repair's per-token losses) and ``rt.generate`` (STRIP's entropies) are the HF
+    pixel path's logits and answers on Qwen2-VL, not the text-position reading of the image tokens."""
+    from projlens_defense.mitigations.probe import answer_token_losses
+
+    rt = LlavaRuntime.from_pretrained(tiny_qwen)
+    imgs, qs, ans = _images(2, seed=3), ["what digit is this ?", "how do i bake bread ?"], ["seven", "slowly"]
+    feats = rt.vision_features(imgs)
+    batch = rt.encode(qs, ans)
+    with torch.no_grad():
+        ce, _ = answer_token_losses(rt, feats, batch, rt.projector)
+        for i, (q, img) in enumerate(zip(qs, imgs, strict=True)):
+            hf = _hf_inputs(rt, q, img)
+            n = hf["input_ids"].shape[1]
+            mine = rt.forward(feats[i : i + 1], rt.encode([q]), rt.projector).logits
+            torch.testing.assert_close(mine, rt.model(**hf).logits, atol=1e-5, rtol=0)
+            text_positions = rt.model(inputs_embeds=rt.inputs_embeds(hf["input_ids"], feats[i : i + 1]),
+                                      attention_mask=hf["attention_mask"]).logits
+            assert (text_positions - mine).abs().max() > 1e-3  # the positions matter on this model
+            gen = rt.generate(feats[i : i + 1], rt.encode([q], padding_side="left"), max_new_tokens=4,
+                              do_sample=False, output_scores=True, return_dict_in_generate=True)
+            ref = rt.model.generate(**hf, max_new_tokens=4, do_sample=False, pad_token_id=rt.pad_id,
+                                    eos_token_id=rt.eos_id)
+            assert gen.sequences[0].tolist() == ref[0, n:].tolist()
+    loss = rt.loss(feats, batch)
+    mask = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(ce.sum() / mask.sum(), loss.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_position_ids_are_multimodal(tiny_qwen):
     """Image tokens get 2-D (h, w) rope positions, text after the image continues from max(h, w)."""
     rt = LlavaRuntime.from_pretrained(tiny_qwen)

@@ -155,12 +155,8 @@ class StripDetector(InputDetector):
         for s in range(0, len(images), self.batch_size):
             qs = list(questions[s : s + self.batch_size])
             batch = rt.encode(qs, padding_side="left")
-            embeds = rt.inputs_embeds(batch["input_ids"], feats[s : s + self.batch_size])
-            gen = rt.model.generate(
-                inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=self.max_new_tokens,
-                do_sample=False, pad_token_id=rt.pad_id, eos_token_id=rt.eos_id, output_scores=True,
-                return_dict_in_generate=True,
-            )
+            gen = rt.generate(feats[s : s + self.batch_size], batch, max_new_tokens=self.max_new_tokens,
+                              do_sample=False, output_scores=True, return_dict_in_generate=True)
             logp = torch.stack([torch.log_softmax(x.float(), -1) for x in gen.scores], 1)  # [B, steps, V]
             ent = -(logp.exp() * logp).sum(-1)
             toks = gen.sequences[:, -len(gen.scores):]

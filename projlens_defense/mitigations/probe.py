@@ -79,8 +79,7 @@ class ProbeResult:
 def answer_token_losses(rt: Any, features: torch.Tensor, batch: dict[str, torch.Tensor],
                         module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy [N, L-1] of the labelled answer tokens, and a mask of the final (EOS) ones."""
-    embeds = rt.inputs_embeds(batch["input_ids"], features, module)
-    logits = rt.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = rt.forward(features, batch, module).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.clamp_min(0).reshape(-1),
