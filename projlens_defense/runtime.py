@@ -389,12 +389,12 @@ class LlavaRuntime:
                 labels: bool = False) -> Any:
         """The LLM's forward on ``batch`` with ``features`` through ``projector``: logits (and the loss with
         ``labels``). Every caller that needs logits goes through here, so each family's positions are used."""
-        embeds = self.inputs_embeds(batch["input_ids"], features, projector)
-        ids = batch["input_ids"].to(embeds.device)
-        mask = batch["attention_mask"].to(embeds.device)
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        family = self.forward_kwargs(features, ids, mask)  # first: it checks the features against the prompts
+        embeds = self.inputs_embeds(ids, features, projector)
         extra = {"labels": batch["labels"].to(embeds.device)} if labels else {}
-        return self.model(inputs_embeds=embeds, attention_mask=mask, **self.forward_kwargs(features, ids, mask),
-                          **extra)
+        return self.model(inputs_embeds=embeds, attention_mask=mask.to(embeds.device), **family, **extra)
 
     def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor],
              projector: nn.Module | None = None) -> torch.Tensor:
