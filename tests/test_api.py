@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -23,10 +24,13 @@ def test_readme_python_api_example_runs_and_its_claims_hold(micro_zoo, tmp_path,
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - our own README
     rec, res, fix, after = scope["rec"], scope["res"], scope["fix"], scope["after"]
-    assert rec["metrics"]["asr"] >= 0.5
+    assert isinstance(rec, pld.AttackResult) and rec.metrics["asr"] >= 0.5
+    assert json.loads(json.dumps(rec.to_dict())) == json.loads((tmp_path / "attacked" / "attack.json").read_text())
     assert res.verdict == "suspicious" and res.p_value < res.fpr and res.calibration
-    assert fix["report"]["rank"] >= 1 and (tmp_path / "repaired" / "model.safetensors").is_file()
-    assert after["asr"] <= 0.1 and after["clean_accuracy"] >= rec["metrics"]["clean_accuracy"] - 0.03
+    assert isinstance(fix, pld.SanitizeResult) and fix.to_dict()["report"] is fix.report
+    assert fix.report["rank"] >= 1 and (tmp_path / "repaired" / "model.safetensors").is_file()
+    assert after.to_dict()["asr"] == after.metrics.asr
+    assert after.metrics.asr <= 0.1 and after.metrics.clean_accuracy >= rec.metrics["clean_accuracy"] - 0.03
     out = capsys.readouterr().out
     assert "suspicious" in out and "ASR after" in out
 
