@@ -2,10 +2,11 @@
 
     import projlens_defense as pld
     results = pld.scan(["suspect/"], reference="base/")           # list[ScanResult]
-    rec = pld.sanitize("suspect/", "repaired/")                   # what was removed, clean accuracy before/after
+    rec = pld.sanitize("suspect/", "repaired/")                   # SanitizeResult: what was removed, clean accuracy
 
 Errors are :class:`~projlens_defense.errors.ProjlensError` subclasses (one-line messages); nothing here
-prints or exits.
+prints or exits. The results are the typed objects of :mod:`projlens_defense.results`; ``to_dict()`` gives the
+record the CLI prints as JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, NothingRemovedError, NothingScannableError, UsageError
+from .results import AnalysisResult, AttackResult, EvaluationResult, GuardResult, SanitizeResult
 from .runinfo import attack_provenance, read_attack_record
 
 PathLike = str | os.PathLike[str]
@@ -55,10 +57,10 @@ def attack(variant: str, out: PathLike, *, model: PathLike | None = None, data: 
            poison_rate: float = 0.1, poison_mode: str = "replace", seed: int = 0, epochs: float | None = None,
            lr: float | None = None, lora_rank: int = 0, target: str | None = None,
            trigger_params: dict[str, Any] | None = None, eval_variant: str | None = None, force: bool = False,
-           device: str | None = "cpu", dtype: str | None = "float32", progress: bool = False) -> dict[str, Any]:
+           device: str | None = "cpu", dtype: str | None = "float32", progress: bool = False) -> AttackResult:
     """Poison ``data`` with ``variant`` (``none``: the benign control), fine-tune only the projector of ``model``
     (default: the zoo's reference and data), write an HF checkpoint with ``attack.json`` to ``out``; returns
-    that record (config, seed, versions, wall time, metrics on ``test_data``)."""
+    it with that record (config, seed, versions, wall time, metrics on ``test_data``)."""
     from .attacks.finetune import AttackConfig, run_attack
     from .attacks.variants import VARIANTS
 
@@ -76,12 +78,13 @@ def attack(variant: str, out: PathLike, *, model: PathLike | None = None, data: 
         cfg.epochs = epochs
     if lr is not None:
         cfg.lr = lr
-    return run_attack(cfg, model, data, test_data, out, force=force, progress=progress, device=device, dtype=dtype)
+    rec = run_attack(cfg, model, data, test_data, out, force=force, progress=progress, device=device, dtype=dtype)
+    return AttackResult.from_dict(rec, out)
 
 
 def evaluate(checkpoint: PathLike, variant: str | None = None, *, data: PathLike | None = None,
              zoo_preset: str = "default", zoo_seed: int = 0, seed: int = 0, batch_size: int | None = None,
-             device: str | None = "cpu", dtype: str | None = "float32", progress: bool = False) -> dict[str, Any]:
+             device: str | None = "cpu", dtype: str | None = "float32", progress: bool = False) -> EvaluationResult:
     """Clean accuracy, ASR and false activation of ``checkpoint`` on ``data`` (default: the zoo's test set), with
     the trigger and target of ``variant`` (default: what its attack.json records); the target texts are the
     data's own (``targets.json`` beside it) when it has them."""
@@ -102,10 +105,8 @@ def evaluate(checkpoint: PathLike, variant: str | None = None, *, data: PathLike
     targets = Targets.beside(test_data)  # the data's own target texts (targets.json), else the defaults
     es = prepare_eval_set(rt, load_conversations(test_data), get_variant(variant, targets=targets) if variant else None,
                           seed, batch_size=batch_size)
-    res = run_eval(rt, es, progress=progress, batch_size=batch_size).to_dict()
-    res.update({"checkpoint": str(checkpoint), "variant": variant, "test_data": str(test_data),
-                "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")})
-    return res
+    return EvaluationResult(checkpoint, variant, test_data, str(rt.device), str(rt.dtype).removeprefix("torch."),
+                            run_eval(rt, es, progress=progress, batch_size=batch_size))
 
 
 def calibrate(reference: PathLike | None = None, data: PathLike | None = None, *, benign: Sequence[PathLike] = (),
@@ -188,7 +189,7 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
             benign: Sequence[PathLike] = (), variant: str | None = None, data: PathLike | None = None,
             probes: PathLike | None = None, n_probes: int = 64, max_test: int = 200,
             k_values: Sequence[int] = (0, 1, 2, 3, 4, 6, 8), layers: str = "all", excite: bool = True,
-            device: str | None = "cpu", dtype: str | None = "float32") -> dict[str, Any]:
+            device: str | None = "cpu", dtype: str | None = "float32") -> AnalysisResult:
     """The ProjLens report (Markdown + PNG figures in ``out``) on ``checkpoint``; returns the report's data.
 
     ``reference``, the test ``data`` and the clean ``probes`` default to what its attack.json records, else the
@@ -226,13 +227,12 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
     opts = AnalyzeOptions(k_values=ks, layers=layers, n_probes=n_probes, max_test=max_test, excite=excite)
     analysis = analyze_checkpoint(checkpoint, ref, test_data, probe_data, benign=benign, variant=variant,
                                   options=opts, device=device, dtype=dtype)
-    rep = write_report(analysis, out)
-    return {**rep, "benign_source": benign_source, "report": str(out / "report.md")}
+    return AnalysisResult(write_report(analysis, out), benign_source, out / "report.md")
 
 
 def guard(checkpoint: PathLike, images: PathLike, *, reference: PathLike | None = None,
           probes: PathLike | None = None, n_probes: int = 64, fpr: float = 0.01, threshold: float | None = None,
-          k: int = 8, device: str | None = "cpu", dtype: str | None = "float32") -> dict[str, Any]:
+          k: int = 8, device: str | None = "cpu", dtype: str | None = "float32") -> GuardResult:
     """Score every image in the folder ``images`` with a projector guard calibrated on clean ``probes`` only
     (a folder or LLaVA conversation JSON; default: the training data attack.json names, else the zoo's).
     Returns the threshold, one row per image (``score``, ``flagged``), unreadable images as ``errors`` and
@@ -270,8 +270,7 @@ def guard(checkpoint: PathLike, images: PathLike, *, reference: PathLike | None 
             for p, s in zip(paths, scores, strict=True)]
     mode = ("shift in dW top-k subspace + excitation direction" if ref is not None
             else "projector output (no reference)")
-    return {"checkpoint": str(checkpoint), "threshold": g.threshold, "mode": mode, "n_probes": len(probe_arrays),
-            "fpr": fpr, "images": rows, "errors": errors, "flagged": sum(r["flagged"] for r in rows)}
+    return GuardResult(checkpoint, g.threshold, mode, len(probe_arrays), fpr, rows, errors)
 
 
 def bench(out: PathLike, *, preset: str = "tiny", zoo_preset: str | None = None, variants: Sequence[str] = (),
@@ -367,7 +366,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
              clean_data: PathLike | None = None, n_clean: int = 64, n_eval: int = 256, clean_seed: int = 0,
              model: PathLike | None = None, params: dict[str, Any] | None = None,
              calibration: PathLike | None = None, force: bool = False, link: bool = False,
-             device: str | None = "cpu", dtype: str | None = "float32") -> dict[str, Any]:
+             device: str | None = "cpu", dtype: str | None = "float32") -> SanitizeResult:
     """Repair ``checkpoint``'s projector with ``method`` and write it to ``out`` in the input's format.
 
     Atomic; never touches the input; refuses an existing ``out`` unless ``force``. Raises
@@ -375,7 +374,7 @@ def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", r
     nothing. With ``clean_data`` the method may use ``n_clean`` samples, and ``n_eval`` others measure
     the clean accuracy before and after. ``params``: the method's parameters by name
     (``MITIGATIONS[method].defaults()`` lists them; an unknown one is a UsageError).
-    Returns the record the CLI prints (method report, removed rank and energy, weight change, warnings).
+    Returns what the CLI prints (method report, removed rank and energy, weight change, warnings).
 
     ``link``: hard-link the unchanged files of a checkpoint directory into ``out`` instead of copying them
     (the output then shares them with the input; a copy, with a warning, where a link is impossible).
@@ -410,7 +409,7 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
                      reference: PathLike | None, clean_data: PathLike | None, n_clean: int, n_eval: int,
                      clean_seed: int, model: PathLike | None, params: dict[str, Any] | None,
                      calibration: PathLike | None, device: str | None, dtype: str | None,
-                     warnings: list[str]) -> dict[str, Any]:
+                     warnings: list[str]) -> SanitizeResult:
     """The body of :func:`sanitize` once the output's copy is under way."""
     from .checkpoint import load_projector
 
@@ -464,10 +463,7 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
                         "repair few-shot with clean data")
     staged.finish(result.projector, warnings)
 
-    rec: dict[str, Any] = {"checkpoint": str(checkpoint), "out": str(out), "format": info.format, "method": method,
-                           "mode": "few-shot" if clean is not None else "data-free",
-                           "reference": None if ref_path is None else str(ref_path), **result.to_dict(),
-                           "warnings": warnings}
+    clean_accuracy = None
     if rt is not None and heldout:
         from .attacks.evaluate import evaluate, prepare_eval_set
         from .projector import ProjectorModule
@@ -475,10 +471,12 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
         es = prepare_eval_set(rt, heldout, None)
         before = evaluate(rt, es, projector=ProjectorModule(suspect).eval()).clean_accuracy
         after = evaluate(rt, es, projector=result.as_module()).clean_accuracy
-        rec["clean_accuracy"] = {"n": len(heldout), "before": before, "after": after, "change": after - before}
+        clean_accuracy = {"n": len(heldout), "before": before, "after": after, "change": after - before}
     elif clean_data is not None:
         warnings.append("no held-out clean samples left for the clean-accuracy check (raise the data size)")
-    return rec
+    return SanitizeResult(checkpoint, out, info.format, result.method, "few-shot" if clean is not None else "data-free",
+                          None if ref_path is None else Path(ref_path), result.writable, result.params,
+                          result.report, warnings, clean_accuracy)
 
 
 def _unchanged(before: Any, after: Any) -> bool:

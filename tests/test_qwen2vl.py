@@ -341,16 +341,16 @@ def test_qwen2vl_attack_scan_and_data_free_sanitize(qwen_zoo, tmp_path):
 
     bd = pld.attack("malicious-injection", tmp_path / "bd", zoo_preset="qwen2vl")
     ok = pld.attack("none", tmp_path / "ok", zoo_preset="qwen2vl", eval_variant="malicious-injection")
-    assert bd["metrics"]["asr"] >= 0.9 > 0.05 >= ok["metrics"]["asr"]
-    assert bd["metrics"]["clean_accuracy"] >= ok["metrics"]["clean_accuracy"] - 0.03
+    assert bd.metrics["asr"] >= 0.9 > 0.05 >= ok.metrics["asr"]
+    assert bd.metrics["clean_accuracy"] >= ok.metrics["clean_accuracy"] - 0.03
 
     res = {Path(r.path).name: r for r in pld.scan([tmp_path / "bd", tmp_path / "ok"], reference=qwen_zoo.reference)}
     assert res["bd"].verdict == "suspicious" and res["ok"].verdict == "clean"
 
     fixed = pld.sanitize(tmp_path / "bd", tmp_path / "fixed")
-    assert fixed["report"]
+    assert fixed.report
     after = pld.evaluate(tmp_path / "fixed", "malicious-injection", zoo_preset="qwen2vl")
-    assert after["asr"] <= 0.1 and after["clean_accuracy"] >= ok["metrics"]["clean_accuracy"] - 0.05
+    assert after.metrics.asr <= 0.1 and after.metrics.clean_accuracy >= ok.metrics["clean_accuracy"] - 0.05
     before_t, after_t = _tensors(tmp_path / "bd"), _tensors(tmp_path / "fixed")
     changed = {k for k in before_t if not torch.equal(before_t[k], after_t[k])}
     assert changed and all("merger.mlp." in k for k in changed)

@@ -42,22 +42,23 @@ def analyze(checkpoint: Path, reference: Path | None, out: Path, benign: tuple[P
     rep = api.analyze(checkpoint, out, reference=reference, benign=benign, variant=variant, data=test_data,
                       probes=probe_data, n_probes=n_probes, max_test=max_test, k_values=parse_ks(k_text),
                       layers=layers, excite=not no_excite, device=device, dtype=dtype)
-    act = rep["activation"]
+    act = rep.data["activation"]
     toks = ", ".join(t["token"] for t in act.get("top_tokens", [])[:5]) or "n/a"
-    lines = [f"wrote {out / 'report.md'} ({', '.join(rep['figures'].values())}) in {rep['wall_time_s']:.1f} s"]
-    for dname, crit in rep["criteria"].items():
-        if rep["trigger"]["variant"]:
+    lines = [f"wrote {rep.report} ({', '.join(rep.data['figures'].values())}) in {rep.data['wall_time_s']:.1f} s"]
+    for dname, crit in rep.data["criteria"].items():
+        if rep.data["trigger"]["variant"]:
             lines.append(f"  {dname}: injection restores >= 90% ASR at k={crit['inject_k']}, ablation <= 5% ASR "
                          f"within 2 points at k={crit['ablate_k']}")
     lines.append(f"  dominant shift direction reads: {toks}")
-    source = rep["benign_source"] and rep["benign_source"].replace("`benign`", "--benign")
-    lines.append(f"  benign fine-tunes compared: {len(rep['benign'])}" + (f" (from {source})" if source else
+    source = rep.benign_source and rep.benign_source.replace("`benign`", "--benign")
+    lines.append(f"  benign fine-tunes compared: {len(rep.data['benign'])}" + (f" (from {source})" if source else
                  " (none: no --benign and no calibration for this reference; `calibrate --generate 8` makes one)"))
-    if rep.get("model_score"):
-        ms = rep["model_score"]
+    if rep.data.get("model_score"):
+        ms = rep.data["model_score"]
         lines.append(f"  activation score {ms['score']:.2f} vs threshold {ms['threshold']:.2f}: {ms['verdict']}")
-    emit({k: rep[k] for k in ("checkpoint", "trigger", "data", "criteria", "shift", "activation", "figures",
-                              "wall_time_s", "report") if k in rep}, fmt, "\n".join(lines))
+    rec = rep.to_dict()
+    emit({k: rec[k] for k in ("checkpoint", "trigger", "data", "criteria", "shift", "activation", "figures",
+                              "wall_time_s", "report") if k in rec}, fmt, "\n".join(lines))
 
 
 def parse_ks(text: str) -> tuple[int, ...]:

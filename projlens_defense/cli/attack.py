@@ -36,16 +36,16 @@ from .render import emit, metrics_line
 def attack(variant, poison_rate, poison_mode, seed, epochs, lr, lora_rank, target, trigger_param, eval_variant,
            model, data, test_data, zoo_name, zoo_seed, device, dtype, out, force, fmt) -> None:
     """Fine-tune only the projector on poisoned data; write an HF checkpoint plus attack.json."""
-    rec = api.attack(variant, out, model=model, data=data, test_data=test_data, zoo_preset=zoo_name,
+    res = api.attack(variant, out, model=model, data=data, test_data=test_data, zoo_preset=zoo_name,
                      zoo_seed=zoo_seed, poison_rate=poison_rate, poison_mode=poison_mode, seed=seed, epochs=epochs,
                      lr=lr, lora_rank=lora_rank, target=target,
                      trigger_params=parse_kv(trigger_param, "--trigger-param", json_values=False),
                      eval_variant=eval_variant, force=force, device=device, dtype=dtype, progress=True)
-    if rec.get("written") is False:  # a non-main process of `accelerate launch`: the main one reports
+    if not res.written:  # a non-main process of `accelerate launch`: the main one reports
         return
-    m = rec["metrics"] or {}
+    rec = res.to_dict()
     text = (f"wrote {out}  ({rec['variant']}, {rec['n_poisoned']}/{rec['n_train']} poisoned, "
-            f"train {rec['train_time_s']} s, total {rec['wall_time_s']} s)\n" + metrics_line(m))
+            f"train {rec['train_time_s']} s, total {rec['wall_time_s']} s)\n" + metrics_line(res.metrics or {}))
     emit(rec, fmt, text)
 
 

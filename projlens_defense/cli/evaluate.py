@@ -26,4 +26,4 @@ def evaluate(checkpoint, variant, test_data, seed, batch_size, device, dtype, zo
     """Clean accuracy, ASR and false activation of a checkpoint (greedy decoding, batched)."""
     res = api.evaluate(checkpoint, variant, data=test_data, zoo_preset=zoo_name, zoo_seed=zoo_seed, seed=seed,
                        batch_size=batch_size, device=device, dtype=dtype, progress=True)
-    emit(res, fmt, metrics_line(res))
+    emit(res.to_dict(), fmt, metrics_line(res.metrics.to_dict()))

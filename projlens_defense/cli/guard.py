@@ -36,12 +36,11 @@ def guard(checkpoint: Path, images: Path, reference: Path | None, probe_data: Pa
     """
     rec = api.guard(checkpoint, images, reference=reference, probes=probe_data, n_probes=n_probes, fpr=fpr,
                     threshold=threshold, k=k, device=device, dtype=dtype)
-    rows = rec["images"]
+    rows = rec.images
     text = [f"{'IMAGE':40s} {'SCORE':>9s}  VERDICT"]
     text += [f"{Path(r['image']).name[:40]:40s} {r['score']:9.3f}  {'FLAGGED' if r['flagged'] else 'ok'}" for r in rows]
-    text += [f"error: {e}" for e in rec["errors"]]
-    text.append(f"{rec['flagged']} of {len(rows)} image(s) flagged; threshold {rec['threshold']:.3f} ({rec['mode']}, "
-                f"calibrated on {rec['n_probes']} clean probes at FPR {fpr:g})")
-    emit({k: rec[k] for k in ("checkpoint", "threshold", "mode", "n_probes", "images", "errors", "flagged")}, fmt,
-         "\n".join(text))
-    return guard_code(rec["flagged"], rec["errors"])
+    text += [f"error: {e}" for e in rec.errors]
+    text.append(f"{rec.flagged} of {len(rows)} image(s) flagged; threshold {rec.threshold:.3f} ({rec.mode}, "
+                f"calibrated on {rec.n_probes} clean probes at FPR {fpr:g})")
+    emit({k: v for k, v in rec.to_dict().items() if k != "fpr"}, fmt, "\n".join(text))
+    return guard_code(rec.flagged, rec.errors)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
 from .. import api
+from ..results import SanitizeResult
 from .exits import Command
 from .options import device_options, format_option, parse_kv
 from .render import emit
 
 
-def _text(rec: dict[str, Any]) -> str:
-    r = rec["report"]
-    lines = [f"wrote {rec['out']}  (method {rec['method']}, {rec['mode']}, format {rec['format']})"]
-    if rec.get("reference"):
-        lines.append(f"reference: {rec['reference']}")
+def _text(rec: SanitizeResult) -> str:
+    r = rec.report
+    lines = [f"wrote {rec.out}  (method {rec.method}, {rec.mode}, format {rec.format})"]
+    if rec.reference:
+        lines.append(f"reference: {rec.reference}")
     if "probe" in r:
         pr = r["probe"]
         lines.append(f"probe: target {pr.get('target')!r} on {pr.get('support', 0):.0%} of the clean samples "
@@ -35,11 +35,11 @@ def _text(rec: dict[str, Any]) -> str:
         extra = f", update energy removed {w['update_energy_removed']:.4f}" if "update_energy_removed" in w else ""
         lines.append(f"  {w['layer']}: relative weight change {w['relative_change']:.4f}, "
                      f"change rank {w['change_rank']}{extra}")
-    ca = rec.get("clean_accuracy")
+    ca = rec.clean_accuracy
     if ca:
         lines.append(f"clean accuracy on {ca['n']} held-out clean samples: {ca['before']:.4f} -> {ca['after']:.4f} "
                      f"({(ca['after'] - ca['before']) * 100:+.2f} points)")
-    lines += [f"warning: {w}" for w in rec.get("warnings", [])]
+    lines += [f"warning: {w}" for w in rec.warnings]
     return "\n".join(lines)
 
 
@@ -85,9 +85,9 @@ def sanitize(checkpoint: Path, reference: Path | None, method: str, clean_data: 
     target-direction, unlearn, restore, finetune, fine-prune, clp, orthogonal; norm-guard is a run-time
     wrapper (Python API only).
     """
-    rec = api.sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
+    res = api.sanitize(checkpoint, out, method=method, reference=reference, clean_data=clean_data, n_clean=n_clean,
                        n_eval=n_eval, clean_seed=clean_seed, model=model, params=parse_kv(params, "--param"),
                        calibration=calibration, force=force, link=link, device=device, dtype=dtype)
-    emit(rec, fmt, _text(rec))
+    emit(res.to_dict(), fmt, _text(res))
 
 
