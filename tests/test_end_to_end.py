@@ -229,11 +229,24 @@ def _approx_equal(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+def _golden_inputs(micro_zoo, out: Path) -> dict:
+    """The norm of each scanned projector: the golden's numbers hold only for (nearly) these weights. Training is
+    reproducible on one machine up to float noise, not across CPU models (another float summation order trains
+    another model)."""
+    from safetensors.torch import load_file
+
+    def norm(d: Path) -> float:
+        w = load_file(d / "model.safetensors")
+        return float(sum(v.double().pow(2).sum() for k, v in w.items() if "multi_modal_projector" in k) ** 0.5)
+
+    return {"backdoored": norm(out / "backdoored"), "benign": norm(out / "benign"), "reference": norm(micro_zoo.reference)}
+
+
 def _golden_runs(micro_zoo, out: Path) -> dict:
     from projlens_defense.cache import cache_dir
 
     subs = [(str(out), "<ATTACKS>"), (str(micro_zoo.root), "<ZOO>"), (str(cache_dir()), "<CACHE>")]
-    runs = {}
+    runs: dict = {"inputs": _golden_inputs(micro_zoo, out)}
     for name, args in {
         "reference": [str(out / "backdoored"), str(out / "benign"), "--reference", str(micro_zoo.reference)],
         "reference-free": [str(out / "benign"), str(out / "backdoored")],
@@ -246,9 +259,31 @@ def _golden_runs(micro_zoo, out: Path) -> dict:
     return runs
 
 
+def _shape(obj):
+    """The structure of a scan output without its values: dict keys (recursively), the element shape of lists,
+    the type of a leaf. What must not change with the machine that trained the checkpoints."""
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items() if k not in SHAPE_FREE_KEYS}
+    if isinstance(obj, list):
+        return [_shape(obj[0])] if obj and not isinstance(obj[0], (str, int, float)) else "list"
+    return "number" if isinstance(obj, (int, float)) and not isinstance(obj, bool) else type(obj).__name__
+
+
+SHAPE_FREE_KEYS = {"evidence", "zscores", "signals", "detectors", "suspected_target_tokens", "signals_used"}
+"""Keys whose contents (not presence) follow the data: which evidence and tokens a scan reports differs between
+two trained models."""
+
+
+def _text_labels(lines: list[str]) -> list[str]:
+    """The labels of a text report (what precedes the first colon of each labelled line)."""
+    return sorted({line.split(":")[0] for line in lines if ":" in line and not line[:1].isdigit()})
+
+
 def test_scan_output_matches_the_golden(micro_zoo, micro_attacks):
     """The CLI's scan output (JSON and text, exit codes) is what main printed before the refactoring into
-    a CLI package (regenerate with PROJLENS_WRITE_GOLDEN=1 only when a change of output is intended)."""
+    a CLI package (regenerate with PROJLENS_WRITE_GOLDEN=1 only when a change of output is intended).
+    Value for value where the scanned projectors are the golden's (norms within 1e-5); elsewhere (a CPU model
+    that trains other weights) the structure of the output: keys, types and text labels."""
     import os
 
     runs = _golden_runs(micro_zoo, micro_attacks[0])
@@ -256,7 +291,17 @@ def test_scan_output_matches_the_golden(micro_zoo, micro_attacks):
         GOLDEN.write_text(json.dumps(runs, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
     assert runs.keys() == golden.keys()
+    same_bytes = runs["inputs"] == pytest.approx(golden["inputs"], rel=1e-5)
     for key in golden:
+        if key == "inputs":
+            continue
+        if not same_bytes:
+            got, want = runs[key]["output"], golden[key]["output"]
+            if key.endswith("/text"):
+                assert _text_labels(got) == _text_labels(want), key
+            else:
+                assert _shape(got) == _shape(want), key
+            continue
         assert runs[key]["exit_code"] == golden[key]["exit_code"], key
         if key.endswith("/text"):  # numbers printed rounded: the lines match exactly
             assert runs[key]["output"] == golden[key]["output"], key

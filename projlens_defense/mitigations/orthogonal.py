@@ -6,7 +6,8 @@ left or right singular vector lies far (by principal angle) from the benign subs
 
 What it does in practice: it lowers ASR but need not clear it, and it removes components from a benign
 update too (the short benign fine-tune spans only part of the task's update), at a cost in clean accuracy.
-Measured on the micro zoo (64 samples): badnets ASR 0.92 -> 0.18 with clean 0.86 -> 0.85, and the benign control
+Measured on the micro zoo (64 samples): badnets ASR 0.92 -> 0.18 with clean 0.86 -> 0.85 (on a build from
+another CPU 0.995 -> 0.03 with clean 0.89 -> 0.815), and the benign control
 loses components and clean 0.905 -> 0.86 (tests/test_mitigations_behaviour.py); on the default zoo it leaves
 targeted-refusal and malicious-injection at ASR 1.00 and costs up to 13 points of clean accuracy
 (benchmarks/results/mitigation_table.md).
