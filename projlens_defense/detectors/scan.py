@@ -36,6 +36,7 @@ from projlens_defense.errors import (
 from projlens_defense.jsonsafe import finite
 from projlens_defense.projector import Projector
 from projlens_defense.scan_input import MissingInput, ScanInput
+from projlens_defense.task_subspace import fitted_task_subspace, residual_share_test
 
 __all__ = ["ScanResult", "Scanner", "find_checkpoints", "repair_judge"]
 
@@ -132,6 +133,29 @@ NO_CALIBRATION = ("no calibration for this model{what}: fit one with `projlens-d
                   "--data CLEAN.json --generate 8`, or pass --calibration FILE")
 REFERENCE_FREE_CLEAN = ("below the threshold, but without the reference the weight-only signals cannot back a "
                         "clean verdict: scan with --reference for one")
+
+
+def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
+    """Why a reference-mode update below the lens threshold still cannot be called clean: its top component
+    outside the benign task subspace carries more of the update than the benign fine-tunes' top one (the
+    data-free repair's test, at the calibration's FPR, so a benign update trips it with that probability);
+    None when no layer does or the calibration has no task subspace for this model."""
+    if inp.reference is None:
+        return None
+    deltas = [d.float() for d in inp.deltas()]
+    task = fitted_task_subspace(cal, deltas)
+    if task is None:
+        return None
+    over = []
+    for li, (d, layer) in enumerate(zip(deltas, task, strict=True)):
+        shares, bounds, n = residual_share_test(d, layer, cal.fpr)
+        if n:
+            over.append(f"{inp.projector.layer_name(li)} {shares[0]:.3f} > {bounds[0]:.3f}")
+    if not over:
+        return None
+    return ("below the lens threshold, but the update's top component outside the benign task subspace exceeds "
+            f"the benign bound (FPR {cal.fpr}) in " + ", ".join(over) + ": a clean verdict cannot be backed; "
+            "`sanitize` (data-free) removes such components")
 
 
 class Scanner:
@@ -287,6 +311,10 @@ class Scanner:
             res.reason = REFERENCE_FREE_CLEAN
         else:
             res.verdict = "clean"
+            share = _share_test_reason(inp, cal)
+            if share:
+                res.verdict = "inconclusive"
+                res.reason = share
 
     def scan_paths(self, paths: Sequence[str | os.PathLike[str]]) -> tuple[list[ScanResult], list[str]]:
         """Scan every checkpoint under ``paths``; returns (results, skipped entries).

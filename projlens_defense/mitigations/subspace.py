@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from projlens_defense.lens import DEFAULT_STD_FLOOR, lens_reading, stored_task_basis, token_novelty
-from projlens_defense.linalg import residual_shares, top_singular
+from projlens_defense.linalg import top_singular
 from projlens_defense.mitigations.base import CleanData, MitigationResult
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
@@ -43,7 +43,7 @@ from projlens_defense.mitigations.probe import (
     target_batch,
 )
 from projlens_defense.projector import Projector, ProjectorModule
-from projlens_defense.stats import prediction_bound
+from projlens_defense.task_subspace import TaskLayer, fitted_task_subspace, residual_share_test
 from projlens_defense.tokens import token_name
 
 Component = tuple[int, int, float, torch.Tensor, torch.Tensor]  # layer, index, sigma, u, v
@@ -89,28 +89,6 @@ def task_basis(calibration: Any, width: int, rank: int) -> torch.Tensor | None:
     state = getattr(calibration, "detector_states", {}).get("logit-lens") if calibration is not None else None
     basis = stored_task_basis(state) if state else None
     return basis[:, :rank] if basis is not None and basis.shape[0] == width and rank > 0 else None
-
-
-TaskLayer = tuple[torch.Tensor, torch.Tensor, list[list[float]]]  # output basis, input basis, null shares by rank
-
-
-def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[TaskLayer] | None:
-    """Per layer, (output basis, input basis, benign residual-share null per benign update and rank) of a
-    calibration's task subspace fitted for layers of these shapes (None without one)."""
-    ts = getattr(calibration, "task_subspace", None) if calibration is not None else None
-    layers = ts.get("layers") if ts else None
-    if not layers or len(layers) != len(delta):
-        return None
-    out = []
-    for spec, d in zip(layers, delta, strict=True):
-        left, right = (torch.tensor(spec[k], dtype=torch.float32) for k in ("left", "right"))
-        if left.ndim != 2 or right.ndim != 2 or left.shape[0] != d.shape[0] or right.shape[0] != d.shape[1]:
-            return None
-        if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
-            return None
-        ranked = spec.get("residual_share_null_ranked") or [[x] for x in spec["residual_share_null"]]
-        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [[float(x) for x in r] for r in ranked]))
-    return out
 
 
 def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> list[float] | None:
@@ -236,10 +214,7 @@ class SubspaceMitigation(LensGuidedMitigation):
         layers = []
         for li, (left, right, null) in enumerate(task):
             m = delta[li].float()
-            ranks = min(len(r) for r in null)
-            bounds = [prediction_bound([r[j] for r in null], fpr) for j in range(ranks)]
-            shares = residual_shares(m, left, min(int(self.k), ranks))
-            k = next((i for i, (x, b) in enumerate(zip(shares, bounds, strict=False)) if x <= b), len(shares))
+            shares, bounds, k = residual_share_test(m, (left, right, null), fpr, int(self.k))
             layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bounds[0], 6),
                            "benign_bounds_by_rank": [round(b, 6) for b in bounds[: k + 1]], "removed": k,
                            "residual_shares": [round(x, 6) for x in shares]})
