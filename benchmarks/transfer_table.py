@@ -49,8 +49,14 @@ def run(cmd: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProce
     return r
 
 
+def zoo_args(zoo: str) -> list[str]:
+    """The CLI's zoo options for ``PRESET`` or ``PRESET:SEED``."""
+    name, _, seed = zoo.partition(":")
+    return ["--zoo", name, "--zoo-seed", seed or "0"]
+
+
 def evaluate(ckpt: Path, variant: str | None, zoo: str) -> dict:
-    cmd = [*CLI, "evaluate", str(ckpt), "--zoo", zoo, "--format", "json"]
+    cmd = [*CLI, "evaluate", str(ckpt), *zoo_args(zoo), "--format", "json"]
     if variant:
         cmd += ["--variant", variant]
     return json.loads(run(cmd).stdout)
@@ -60,7 +66,7 @@ def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
     """The spec's fine-tune (attack or benign control), made once and reused."""
     ck = out / "ckpt" / spec["name"]
     if not has_attack_record(ck):
-        cmd = [*CLI, "attack", "--zoo", zoo, "--variant", spec["variant"] or "none", "--seed", str(spec["seed"]),
+        cmd = [*CLI, "attack", *zoo_args(zoo), "--variant", spec["variant"] or "none", "--seed", str(spec["seed"]),
                "--out", str(ck), "--force", "--format", "json"]
         if spec["variant"]:
             cmd += ["--poison-rate", str(spec["rate"])]
@@ -80,7 +86,8 @@ def one(spec: dict, zoo: str, out: Path, clean_data: str, few_shot: bool = True)
         r = run([*CLI, "scan", str(ck), *extra, "--format", "json"], ok=(0, 1, 5))
         res = json.loads(r.stdout)[0]
         row[f"scan_{mode}"] = {k: res.get(k) for k in ("verdict", "score", "threshold", "p_value", "reason",
-                                                       "suspected_target_tokens", "calibration")}
+                                                       "suspected_target_tokens", "calibration", "zscores",
+                                                       "signals_used")}
     ev_variant = spec["variant"] or "malicious-injection"
     modes = [("data-free", []), ("few-shot", ["--clean-data", clean_data, "--n-clean", "64", "--n-eval", "0"])]
     for how, extra in modes if few_shot else modes[:1]:
@@ -171,7 +178,7 @@ def markdown(zoo: str, s: dict, rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", default="default")
+    ap.add_argument("--zoo", default="default", help="a zoo preset, or PRESET:SEED for another build of it")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="names of the checkpoints to run (default: all)")
@@ -180,7 +187,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lines = run([*CLI, "zoo", "build", "--zoo", args.zoo, "--format", "json"]).stdout
+    lines = run([*CLI, "zoo", "build", *zoo_args(args.zoo), "--format", "json"]).stdout
     zoo = json.loads(lines)
     ref = zoo["reference"]
     from projlens_defense.detectors.calibration import load_calibration
