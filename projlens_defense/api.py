@@ -461,6 +461,10 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
         warnings.append(f"the calibrated scan still flags the repaired projector (z {check.get('score')} > "
                         f"{check.get('threshold')}): the repair may be incomplete; check it with `evaluate` or "
                         "repair few-shot with clean data")
+    elif check.get("verdict_after") == "inconclusive":
+        warnings.append("the calibrated scan does not flag the repaired projector but cannot call it clean either: a "
+                        "component of what is left outside the benign task subspace still exceeds the benign bound; "
+                        "check the repair with `evaluate`")
     staged.finish(result.projector, warnings)
 
     clean_accuracy = None
