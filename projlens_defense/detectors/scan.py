@@ -142,7 +142,7 @@ def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
     None when no layer does or the calibration has no task subspace for this model."""
     if inp.reference is None:
         return None
-    deltas = [d.float() for d in inp.deltas()]
+    deltas = inp.deltas()
     task = fitted_task_subspace(cal, deltas)
     if task is None:
         return None

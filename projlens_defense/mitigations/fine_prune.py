@@ -7,8 +7,8 @@ samples with the pruned channels held at zero.
 
 Measured on the micro zoo (64 samples): badnets ASR 0.92 -> 0.04 with clean 0.86 -> 0.90, 66 of 128 channels
 pruned (tests/test_mitigations_behaviour.py); on a micro zoo built on another CPU ASR 0.995 -> 0.27 (in
-process) and 0.915 (the CLI's sample draw) with clean kept: it need not clear a backdoor; on the default zoo it leaves blended at ASR 0.50 and costs 2.5-6.8
-points of clean accuracy (benchmarks/results/mitigation_table.md).
+process) and 0.915 (the CLI's sample draw) with clean kept: it need not clear a backdoor; on the default zoo
+it leaves blended at ASR 0.50 and costs 2.5-6.8 points of clean accuracy (benchmarks/results/mitigation_table.md).
 """
 
 from __future__ import annotations

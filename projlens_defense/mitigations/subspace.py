@@ -212,9 +212,9 @@ class SubspaceMitigation(LensGuidedMitigation):
         fpr = float(getattr(self.calibration, "fpr", 0.01))
         comps: list[Component] = []
         layers = []
-        for li, (left, right, null) in enumerate(task):
+        for li, (left, right, _) in enumerate(task):
             m = delta[li].float()
-            shares, bounds, k = residual_share_test(m, (left, right, null), fpr, int(self.k))
+            shares, bounds, k = residual_share_test(m, task[li], fpr, int(self.k))
             layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bounds[0], 6),
                            "benign_bounds_by_rank": [round(b, 6) for b in bounds[: k + 1]], "removed": k,
                            "residual_shares": [round(x, 6) for x in shares]})
