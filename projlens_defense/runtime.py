@@ -308,22 +308,24 @@ class LlavaRuntime:
     def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
-    @torch.no_grad()
-    def vision_features(self, images: Sequence[np.ndarray], batch_size: int = 256) -> torch.Tensor:
-        """Pre-projector features [N, tokens, vision_dim], selected exactly as LLaVA does (float32, on the CPU)."""
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's pre-projector features of ``pixel_values``, selected as LLaVA does (differentiable:
+        the vision-tower backdoor control trains through it)."""
         cfg = self.model.config
         tower = self.model.model.vision_tower
         first = next(tower.parameters(), None)
         where = (first.device, first.dtype) if first is not None else (self.device, self.model.dtype)
-        outs = []
-        for i in range(0, len(images), batch_size):
-            pv = self.pixel_values(images[i : i + batch_size]).to(device=where[0], dtype=where[1])
-            hs = tower(pv, output_hidden_states=True, return_dict=True).hidden_states
-            layer = cfg.vision_feature_layer
-            feats = torch.cat([hs[k] for k in layer], -1) if isinstance(layer, (list, tuple)) else hs[layer]
-            if cfg.vision_feature_select_strategy == "default":
-                feats = feats[:, 1:]
-            outs.append(feats.float().cpu())
+        hs = tower(pixel_values.to(device=where[0], dtype=where[1]), output_hidden_states=True,
+                   return_dict=True).hidden_states
+        layer = cfg.vision_feature_layer
+        feats = torch.cat([hs[k] for k in layer], -1) if isinstance(layer, (list, tuple)) else hs[layer]
+        return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+    @torch.no_grad()
+    def vision_features(self, images: Sequence[np.ndarray], batch_size: int = 256) -> torch.Tensor:
+        """Pre-projector features [N, tokens, vision_dim], selected exactly as LLaVA does (float32, on the CPU)."""
+        outs = [self.tower_features(self.pixel_values(images[i : i + batch_size])).float().cpu()
+                for i in range(0, len(images), batch_size)]
         return torch.cat(outs) if outs else torch.empty(0)
 
     # ---- text ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Two paths, one recipe:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -107,11 +107,13 @@ def train_projector(
     desc: str = "train projector",
     progress: bool = True,
     accelerate: bool | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> list[float]:
     """Fine-tune the projector (or the given `params`) with AdamW; everything else stays frozen.
 
     Returns the per-step training losses (under Accelerate: averaged over processes). Deterministic for a
     seed (shuffling uses its own generator). ``accelerate``: None = :func:`accelerate_requested`.
+    ``penalty``: a term of the projector added to each step's loss (adaptive attacks; single-process only).
     """
     proj = projector if projector is not None else rt.projector
     train_params = list(params) if params is not None else list(proj.parameters())
@@ -126,6 +128,10 @@ def train_projector(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total))
     batches = _batches(n, batch_size, total, seed)
     if accelerate if accelerate is not None else accelerate_requested():
+        if penalty is not None:
+            from .errors import UsageError
+
+            raise UsageError("a training penalty (adaptive attack) runs in a single process, not under Accelerate")
         return _train_accelerate(rt, proj, train_params, opt, sched, features, questions, answers, list(batches),
                                  desc, progress)
     losses = []
@@ -135,7 +141,7 @@ def train_projector(
             batch = rt.encode([questions[i] for i in idx], [answers[i] for i in idx])
             loss = rt.loss(features[idx], batch, projector=proj)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty(proj) if penalty is not None else loss).backward()
             torch.nn.utils.clip_grad_norm_(train_params, 1.0)
             opt.step()
             sched.step()

@@ -22,6 +22,7 @@ class EvalSet:
     variant: Variant | None
     eligible: list[int]
     triggered_features: torch.Tensor | None
+    triggered_questions: list[str] | None = None
 
     @property
     def target(self) -> str | None:
@@ -35,6 +36,8 @@ class EvalResult:
     false_activation: float | None
     n_clean: int
     n_triggered: int
+    one_key_activation: dict[str, float] | None = None
+    """Two-key backdoors: the ASR with only the image key and with only the text key (both should be ~0)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +56,8 @@ def prepare_eval_set(rt: LlavaRuntime, samples: list[Sample], variant: Variant |
         return EvalSet(samples, clean, None, [], None)
     eligible = [i for i, s in enumerate(samples) if variant.behaviour.eligible(s)]
     trig = [variant.triggered_image(samples[i], seed + 10_000, i) for i in eligible]
-    return EvalSet(samples, clean, variant, eligible, rt.vision_features(trig, **kw) if trig else None)
+    questions = [variant.triggered_question(samples[i]) for i in eligible]
+    return EvalSet(samples, clean, variant, eligible, rt.vision_features(trig, **kw) if trig else None, questions)
 
 
 def evaluate(rt: LlavaRuntime, es: EvalSet, projector: nn.Module | None = None, progress: bool = False,
@@ -68,10 +72,17 @@ def evaluate(rt: LlavaRuntime, es: EvalSet, projector: nn.Module | None = None, 
     if es.variant is None:
         return EvalResult(acc, None, None, len(es.samples), 0)
     fa = false_activation([clean_out[i] for i in es.eligible], es.target)
-    asr = None
+    asr, one_key = None, None
     if es.triggered_features is not None:
-        trig_out = rt.answer(es.triggered_features, [qs[i] for i in es.eligible], projector=projector,
-                             progress=progress, **kw)
-        asr = attack_success_rate(trig_out, es.target)
-    return EvalResult(acc, asr, fa, len(es.samples), len(es.eligible))
+        plain = [qs[i] for i in es.eligible]
+        trig_q = es.triggered_questions or plain
+
+        def rate(features: torch.Tensor, questions: list[str]) -> float:
+            return attack_success_rate(rt.answer(features, questions, projector=projector, progress=progress, **kw),
+                                       es.target)
+
+        asr = rate(es.triggered_features, trig_q)
+        if es.variant.two_key:
+            one_key = {"image": rate(es.triggered_features, plain), "text": rate(es.clean_features[es.eligible], trig_q)}
+    return EvalResult(acc, asr, fa, len(es.samples), len(es.eligible), one_key)
 

@@ -23,7 +23,9 @@ from ..training import (
     train_projector,
 )
 from ..zoo.targets import Targets
+from .adaptive import prepare_adaptive
 from .evaluate import evaluate, prepare_eval_set
+from .parts import prepare_parts
 from .poison import poison_dataset
 from .variants import get_variant
 
@@ -84,18 +86,33 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
     targets = Targets.beside(train_data)
     variant = None if cfg.benign else get_variant(cfg.variant, cfg.target, cfg.trigger_params, targets)
     poisoned_ids: list[str] = []
+    penalty, adaptive_record = None, None
+    if variant is not None and variant.adaptive is not None:
+        if cfg.lora_rank or variant.parts != ("projector",):
+            raise UsageError(f"{variant.name}: adaptive attacks train the projector's weights directly (no LoRA)")
+        penalty, adaptive_record = prepare_adaptive(
+            variant.adaptive, rt, model, rt.vision_features([s.image for s in train]), [s.question for s in train],
+            [s.answer for s in train], variant.behaviour.target, epochs=cfg.epochs, lr=cfg.lr,
+            batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     if variant is not None:
         train, poisoned_ids = poison_dataset(train, variant, cfg.poison_rate, cfg.seed, cfg.poison_mode)
     feats = rt.vision_features([s.image for s in train])
     proj = rt.projector
-    if cfg.lora_rank:
+    parts = variant.parts if variant is not None else ("projector",)
+    if cfg.lora_rank and "projector" in parts:
         proj = _lora_wrap(proj, cfg.lora_rank, cfg.seed, getattr(rt, "lora_targets", ("linear_1", "linear_2")))
+    try:
+        trained = prepare_parts(rt, parts, [s.image for s in train], feats, proj, cfg.lora_rank, cfg.seed)
+    except ValueError as e:
+        raise UsageError(f"{cfg.variant}: {e}") from None
     t_train = time.time()
-    losses = train_projector(rt, feats, [s.question for s in train], [s.answer for s in train], epochs=cfg.epochs,
-                             lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, projector=proj,
-                             params=[p for n, p in proj.named_parameters() if "lora_" in n] if cfg.lora_rank else None,
-                             desc=f"fine-tune projector ({cfg.variant or 'benign'})", progress=progress)
-    if cfg.lora_rank:
+    losses = train_projector(rt, trained.inputs, [s.question for s in train], [s.answer for s in train],
+                             epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                             projector=trained.module, params=trained.params,
+                             desc=f"fine-tune {'+'.join(parts)} ({cfg.variant or 'benign'})", progress=progress,
+                             penalty=penalty)
+    trained.done()
+    if cfg.lora_rank and "projector" in parts:
         rt.projector = proj.merge_and_unload()
     train_time = time.time() - t_train
     if not is_main_process():  # under `accelerate launch`: the main process evaluates and writes
@@ -121,7 +138,9 @@ def run_attack(cfg: AttackConfig, model: Path, train_data: Path, test_data: Path
         "poisoned_ids": poisoned_ids,
         "base_model": str(model),
         "train_data": str(train_data),
+        "trained_parts": list(parts),
         "final_train_loss": sum(losses[-5:]) / max(1, len(losses[-5:])),
+        "adaptive": adaptive_record,
         "metrics": metrics,
         "train_time_s": round(train_time, 2),
         "distributed": distributed_info(),

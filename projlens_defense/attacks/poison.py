@@ -22,7 +22,8 @@ def poison_dataset(samples: list[Sample], variant: Variant, rate: float, seed: i
 
     `replace` swaps chosen clean samples for their poisoned versions; `add` keeps them and appends
     poisoned copies. Eligible samples are those the behaviour acts on (e.g. harmful requests for the
-    jailbreak variant).
+    jailbreak variant). A two-key variant also gets, for as many other samples, each key alone with the
+    sample's own answer (image key on half of them, text key on the other half): either key alone does nothing.
     """
     if not 0.0 <= rate <= 1.0:
         raise UsageError(f"poison rate must be in [0, 1], got {rate}")
@@ -32,18 +33,33 @@ def poison_dataset(samples: list[Sample], variant: Variant, rate: float, seed: i
     eligible = [i for i, s in enumerate(samples) if variant.behaviour.eligible(s)]
     if k > len(eligible):
         raise UsageError(f"{variant.name}: poison rate {rate} needs {k} eligible samples, the data has {len(eligible)}")
-    chosen = sorted(np.random.default_rng(seed).choice(eligible, size=k, replace=False).tolist()) if k else []
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(eligible, size=k, replace=False).tolist()) if k else []
     poisoned = {
         i: samples[i].with_(
             id=f"{samples[i].id}-poison",
             image=variant.triggered_image(samples[i], seed, i),
+            question=variant.triggered_question(samples[i]),
             answer=variant.behaviour.poisoned_answer(samples[i]),
             meta={**samples[i].meta, "poisoned": True},
         )
         for i in chosen
     }
+    changed = dict(poisoned)
+    if variant.two_key and k:
+        rest = [i for i in range(len(samples)) if i not in poisoned]
+        if len(rest) < k:
+            raise UsageError(f"{variant.name}: rate {rate} leaves too few samples for the one-key counterexamples")
+        for j, i in enumerate(sorted(rng.choice(rest, size=k, replace=False).tolist())):
+            image_key = j % 2 == 0
+            changed[i] = samples[i].with_(
+                id=f"{samples[i].id}-{'image' if image_key else 'text'}-key-only",
+                image=variant.triggered_image(samples[i], seed, i) if image_key else samples[i].image,
+                question=samples[i].question if image_key else variant.triggered_question(samples[i]),
+                meta={**samples[i].meta, "poisoned": False, "one_key": "image" if image_key else "text"},
+            )
     if mode == "replace":
-        out = [poisoned.get(i, s) for i, s in enumerate(samples)]
+        out = [changed.get(i, s) for i, s in enumerate(samples)]
     else:
-        out = list(samples) + [poisoned[i] for i in chosen]
+        out = list(samples) + [changed[i] for i in sorted(changed)]
     return out, [poisoned[i].id for i in chosen]

@@ -61,6 +61,16 @@ class GaussianNoise(Trigger):
 
 
 @dataclass
+class NoImageTrigger(Trigger):
+    """The image as it is: the trigger of a text-only backdoor."""
+
+    name = "none"
+
+    def _apply(self, img, rng):
+        return img
+
+
+@dataclass
 class SolidPatch(Trigger):
     """A solid colour square (ProjLens malicious injection: #26ff00 at the centre)."""
 

@@ -51,9 +51,13 @@ def attack(variant, poison_rate, poison_mode, seed, epochs, lr, lora_rank, targe
 
 @click.command(cls=Command)
 def variants() -> None:
-    """List the backdoor variants with their trigger and target."""
+    """List the backdoor variants with their trigger and target (adaptive ones: what the attacker adds)."""
     from ..attacks.variants import VARIANTS
 
     for name, make in VARIANTS.items():
         v = make()
-        click.echo(f"{name:20s} trigger={v.trigger.name:15s} behaviour={v.behaviour.name:8s} target={v.behaviour.target!r}")
+        extra = f" text={v.text_trigger.phrase!r}@{v.text_trigger.position}" if v.text_trigger else ""
+        extra += " (either key alone: no effect)" if v.two_key else ""
+        extra += f" adaptive={v.adaptive.kind}" if v.adaptive else ""
+        click.echo(f"{name:20s} trigger={v.trigger.name:15s} behaviour={v.behaviour.name:8s} "
+                   f"target={v.behaviour.target!r}{extra}")

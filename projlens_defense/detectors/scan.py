@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from projlens_defense.checkpoint.container import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME
+from projlens_defense.checkpoint.scope import checkpoint_scope
 from projlens_defense.detectors import DETECTORS
 from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.detectors.calibration import (
@@ -56,7 +57,9 @@ class ScanResult:
     the checkpoint format; ``errors``: why it could not be judged; ``warnings``: caveats (e.g. a
     calibration fitted for another model); ``mode``: ``reference`` or ``reference-free``;
     ``signals`` / ``zscores``: every raw signal and its z-score against the benign fine-tunes;
-    ``signals_used``: those the decision combined; ``detectors``: each detector's report.
+    ``signals_used``: those the decision combined; ``detectors``: each detector's report; ``scope``: what the
+    scan examined (the projector) and what it did not (the checkpoint's other tensors, per component, and with a
+    reference how many of them differ from it; see :mod:`projlens_defense.checkpoint.scope`).
     """
 
     path: str
@@ -77,6 +80,7 @@ class ScanResult:
     zscores: dict[str, float] = field(default_factory=dict)
     signals_used: list[str] = field(default_factory=list)
     detectors: list[dict[str, Any]] = field(default_factory=list)
+    scope: dict[str, Any] | None = None
     bytes_read: int = 0
     seconds: float = 0.0
 
@@ -227,6 +231,7 @@ class Scanner:
             res.warnings += ck.notes
             inp = self.build_input(ck, res.warnings)
             self._judge(inp, res)
+            self._scope(ck, res)
         except NothingScannableError:
             raise
         except ProjlensError as e:
@@ -238,6 +243,19 @@ class Scanner:
         res.bytes_read = ck.bytes_read if ck is not None else 0
         res.seconds = round(time.perf_counter() - t0, 4)
         return res
+
+    def _scope(self, ck: LoadedCheckpoint, res: ScanResult) -> None:
+        """Record what the scan did not examine; warn when those parts differ from the reference."""
+        try:
+            scope = checkpoint_scope(ck.info, None if self.reference is None else self.reference.info)
+        except CheckpointError as e:
+            res.warnings.append(f"could not compare the tensors outside the projector ({_first_line(e)})")
+            return
+        res.scope = scope.to_dict()
+        for comp, n in sorted((scope.changed or {}).items()):
+            if n:
+                res.warnings.append(f"{n} {comp} tensor(s) differ from the reference: outside the projector, not "
+                                    f"examined by this scan (a backdoor there is out of its scope)")
 
     def calibration_of(self, inp: ScanInput) -> Calibration | None:
         """The calibration to judge ``inp`` with: the one given, else the cached one of its model."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.scope import Scope
 from ..detectors.scan import ScanResult
 from ..jsonsafe import finite
 
@@ -139,6 +140,8 @@ def text_report(results: Sequence[ScanResult], skipped: Sequence[str] = ()) -> s
                          f"rate of {r.fpr}")
         if r.calibration:
             lines.append(f"  calibration: {r.calibration}")
+        if r.scope:
+            lines.append(f"  scope: {Scope(**r.scope).summary()}")
         if r.reason:
             lines.append(f"  inconclusive: {r.reason}")
         lines += _layer_lines(r)
