@@ -56,6 +56,7 @@ def run_cell(name: str, ckpt: Path, variant: str | None, args: argparse.Namespac
         done[key] = {**measure(ckpt), "seconds": round(time.time() - t, 2)}
         save()
     repaired = args.out.with_suffix(".repaired")
+    repaired.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         for mode in modes(method):
             key = f"{name}|{method}|{mode}"
