@@ -14,52 +14,42 @@ import json
 import time
 from pathlib import Path
 
-from projlens_defense.attacks.evaluate import evaluate, prepare_eval_set
-from projlens_defense.attacks.finetune import AttackConfig, run_attack
-from projlens_defense.attacks.variants import VARIANTS
-from projlens_defense.conversations import load_conversations
-from projlens_defense.runinfo import read_attack_record
-from projlens_defense.runtime import LlavaRuntime
-from projlens_defense.zoo.build import config_from_name, get_zoo
+import projlens_defense as pld
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--zoo", default="default", choices=["default", "micro", "qwen2vl"])
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(pld.VARIANTS))
     ap.add_argument("--rates", nargs="*", type=float, default=[0.1])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--lora-rank", type=int, default=0)
     args = ap.parse_args()
-    zoo = get_zoo(config_from_name(args.zoo), calibrate=False)  # attacks need no benign null
+    pld.load_zoo(args.zoo, progress=False)  # built (and self-calibrated) once, before the cells
     args.out.mkdir(parents=True, exist_ok=True)
-    test = load_conversations(zoo.test_data)
 
-    def cell(name: str, cfg: AttackConfig) -> dict:
+    def cell(name: str, variant: str, **kw: object) -> pld.AttackRecord:
         d = args.out / name
-        done = read_attack_record(d)
+        done = pld.read_attack_record(d)
         if done is not None:
-            return done.raw
+            return done
         t = time.time()
-        rec = run_attack(cfg, zoo.reference, zoo.train_data, zoo.test_data, d)
+        rec = pld.attack(variant, d, zoo_preset=args.zoo, lora_rank=args.lora_rank, force=True, **kw).record
         print(f"{name}: {time.time() - t:.1f} s (attack + evaluation)", flush=True)
         return rec
 
     rows = []
     for seed in args.seeds:
-        cell(f"benign-s{seed}", AttackConfig(variant=None, seed=seed, lora_rank=args.lora_rank))
-        rt = LlavaRuntime.from_pretrained(args.out / f"benign-s{seed}")
+        cell(f"benign-s{seed}", "none", seed=seed)
         for v in args.variants:
-            es = prepare_eval_set(rt, test, VARIANTS[v](), seed)
-            b = evaluate(rt, es)
+            b = pld.evaluate(args.out / f"benign-s{seed}", v, zoo_preset=args.zoo, seed=seed).metrics
             for rate in args.rates:
                 suffix = f"-lora{args.lora_rank}" if args.lora_rank else ""
-                rec = cell(f"{v}-p{rate:g}-s{seed}{suffix}",
-                           AttackConfig(variant=v, poison_rate=rate, seed=seed, lora_rank=args.lora_rank))
-                m = rec["metrics"]
+                rec = cell(f"{v}-p{rate:g}-s{seed}{suffix}", v, poison_rate=rate, seed=seed)
+                m = rec.metrics or {}
                 rows.append((v, rate, seed, m["clean_accuracy"], m["asr"], m["false_activation"], b.clean_accuracy,
-                             b.asr, b.false_activation, rec["wall_time_s"]))
+                             b.asr, b.false_activation, rec.raw["wall_time_s"]))
     print("\n| variant | poison | seed | clean acc | ASR | false act. | benign clean acc | benign ASR | benign false act. | attack+eval s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

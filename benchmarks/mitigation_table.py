@@ -1,10 +1,12 @@
 """Issue-5 acceptance table: every mitigation on every variant (and benign controls), side by side.
 
-For each checkpoint the runtime is loaded once, the test set's clean and triggered vision features are
-computed once, and every method's repaired projector (or guard) is swapped in and evaluated in-process
-(no checkpoints written). Data-free methods get no samples; few-shot ones get ``--n-clean`` clean samples
-drawn (seeded) from the zoo's train.json, never a triggered one. Results are cached per cell in
-``--out`` (rerun to resume) and printed as Markdown.
+Each checkpoint is measured as is and after every method, through the public API: ``pld.sanitize`` writes the
+repaired checkpoint (hard-linked to its input: only the projector differs) under ``<--out>.repaired/`` and
+``pld.evaluate`` measures it on the zoo's test set. Data-free methods get no samples; few-shot ones get
+``--n-clean`` clean samples drawn (seeded by ``--clean-seed``) from the zoo's train.json, never a triggered one.
+Run-time guards (``norm-guard``) are not weight edits, so ``sanitize`` cannot write them: they are listed as
+skipped. A method that removes nothing is recorded with the unrepaired numbers and ``removed: 0``. Results are
+cached per cell in ``--out`` (rerun to resume) and printed as Markdown.
 
     python benchmarks/mitigation_table.py --ckpts /tmp/pl_ckpts --out runs/mitigation_table.json
 
@@ -18,25 +20,17 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from projlens_defense.attacks.evaluate import evaluate, prepare_eval_set
-from projlens_defense.attacks.finetune import AttackConfig, run_attack
-from projlens_defense.attacks.variants import VARIANTS, get_variant
-from projlens_defense.checkpoint import load_projector
-from projlens_defense.conversations import load_conversations
-from projlens_defense.detectors.lens_context import lens_context
-from projlens_defense.mitigations import MITIGATIONS, CleanData
-from projlens_defense.runinfo import has_attack_record
-from projlens_defense.runtime import LlavaRuntime
-from projlens_defense.zoo.build import config_from_name, get_zoo
+import projlens_defense as pld
 
 
 def modes(name: str) -> list[str]:
-    cls = MITIGATIONS[name]
+    cls = pld.MITIGATIONS[name]
+    if cls.run_time_only:  # a guard, not a weight edit: sanitize cannot write it
+        return []
     out = [] if cls.requires_clean else ["data-free"]
     return out + (["few-shot"] if cls.uses_clean else [])
 
@@ -51,34 +45,40 @@ def summarize(report: dict) -> dict:
     return out
 
 
-def run_cell(name: str, ckpt: Path, variant: str | None, args: argparse.Namespace, zoo: Any, test: list, train: list,
-             reference: Any, done: dict, save: Any) -> None:
-    rt = LlavaRuntime.from_pretrained(ckpt)
-    suspect = load_projector(ckpt)
-    es = prepare_eval_set(rt, test, get_variant(variant) if variant else None, args.seed)
-    clean = CleanData.from_samples(rt, train, args.n_clean, args.clean_seed)
-    lens, calibration = lens_context(ckpt, reference)
+def run_cell(name: str, ckpt: Path, variant: str | None, args: argparse.Namespace, zoo: Any, done: dict,
+             save: Callable[[], None]) -> None:
+    def measure(path: Path) -> dict:
+        return pld.evaluate(path, variant, data=zoo.test_data, seed=args.seed).metrics.to_dict()
+
     key = f"{name}|none|-"
     if key not in done:
         t = time.time()
-        r = evaluate(rt, es, projector=rt.projector)
-        done[key] = {**r.to_dict(), "seconds": round(time.time() - t, 2)}
+        done[key] = {**measure(ckpt), "seconds": round(time.time() - t, 2)}
         save()
+    repaired = args.out.with_suffix(".repaired")
+    repaired.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         for mode in modes(method):
             key = f"{name}|{method}|{mode}"
             if key in done:
                 continue
-            cls = MITIGATIONS[method]
-            kw = {"lens": lens, "calibration": calibration} if MITIGATIONS[method].uses_lens else {}
-            torch.manual_seed(0)
+            clean = {"clean_data": zoo.train_data, "n_clean": args.n_clean, "n_eval": 0,
+                     "clean_seed": args.clean_seed} if mode == "few-shot" else {}
             t = time.time()
-            res = cls(**kw).apply(suspect, reference, clean if mode == "few-shot" else None)
+            try:
+                res = pld.sanitize(ckpt, repaired / f"{name}-{method}-{mode}", method=method, reference=zoo.reference,
+                                   force=True, link=True, **clean)
+            except pld.NothingRemovedError as e:
+                done[key] = {**done[f"{name}|none|-"], "seconds": round(time.time() - t, 2),
+                             "report": {"removed": 0, "message": str(e)[-300:]}}
+                save()
+                continue
             fit_s = time.time() - t
-            r = evaluate(rt, es, projector=res.as_module())
-            done[key] = {**r.to_dict(), "seconds": round(fit_s, 2), "report": summarize(res.report)}
-            print(f"{name:28s} {method:17s} {mode:9s} clean {r.clean_accuracy:.4f} ASR "
-                  f"{'n/a' if r.asr is None else f'{r.asr:.4f}'}  ({fit_s:.0f} s) {done[key]['report']}", flush=True)
+            r = measure(res.out)
+            done[key] = {**r, "seconds": round(fit_s, 2), "report": summarize(res.report)}
+            asr = "n/a" if r["asr"] is None else f"{r['asr']:.4f}"
+            print(f"{name:28s} {method:17s} {mode:9s} clean {r['clean_accuracy']:.4f} ASR {asr}  ({fit_s:.0f} s) "
+                  f"{done[key]['report']}", flush=True)
             save()
 
 
@@ -112,17 +112,17 @@ def main() -> None:
     ap.add_argument("--ckpts", type=Path, required=True, help="Directory of attack/benign checkpoints.")
     ap.add_argument("--out", type=Path, required=True, help="Results JSON (resumable).")
     ap.add_argument("--zoo", default="default", choices=["default", "micro"])
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(pld.VARIANTS))
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--benign-seeds", nargs="*", type=int, default=[0])
-    ap.add_argument("--methods", nargs="*", default=list(MITIGATIONS))
+    ap.add_argument("--methods", nargs="*", default=list(pld.MITIGATIONS))
     ap.add_argument("--n-clean", type=int, default=64)
     ap.add_argument("--clean-seed", type=int, default=0)
     ap.add_argument("--generate-missing", action="store_true")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    zoo = get_zoo(config_from_name(args.zoo))
+    zoo = pld.load_zoo(args.zoo, progress=False)
     done: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
 
     def save() -> None:
@@ -133,19 +133,20 @@ def main() -> None:
 
     benign = [f"benign-s{s}" for s in args.benign_seeds]
     if not args.table_only:
-        test, train = load_conversations(zoo.test_data), load_conversations(zoo.train_data)
-        reference = load_projector(zoo.reference)
-        cells = [(b, None, AttackConfig(variant=None, seed=int(b.split("-s")[1]))) for b in benign]
-        cells += [(f"{v}-p{args.rate:g}-s{args.seed}", v, AttackConfig(variant=v, poison_rate=args.rate, seed=args.seed))
+        skipped = [m for m in args.methods if pld.MITIGATIONS[m].run_time_only]
+        if skipped:
+            print(f"skip {', '.join(skipped)}: run-time guard(s), not weight edits (sanitize cannot write them)")
+        cells = [(b, None, {"variant": "none", "seed": int(b.split("-s")[1])}) for b in benign]
+        cells += [(f"{v}-p{args.rate:g}-s{args.seed}", v, {"variant": v, "poison_rate": args.rate, "seed": args.seed})
                   for v in args.variants]
-        for name, variant, cfg in cells:
+        for name, variant, spec in cells:
             ckpt = args.ckpts / name
-            if not has_attack_record(ckpt):
+            if not pld.has_attack_record(ckpt):
                 if not args.generate_missing:
                     print(f"skip {name}: no checkpoint in {args.ckpts}", flush=True)
                     continue
-                run_attack(cfg, zoo.reference, zoo.train_data, zoo.test_data, ckpt, progress=False)
-            run_cell(name, ckpt, variant, args, zoo, test, train, reference, done, save)
+                pld.attack(out=ckpt, zoo_preset=args.zoo, force=True, **spec)
+            run_cell(name, ckpt, variant, args, zoo, done, save)
     print(table(done, args.variants, args.rate, args.seed, benign, args.methods))
 
 

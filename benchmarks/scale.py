@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+import projlens_defense as pld
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scan_speed  # noqa: E402  (the 7B-shaped checkpoint writer)
 
@@ -79,12 +81,10 @@ def run(cmd: list[str]) -> dict:
 def write_step(ckpt: Path, out: Path, link: bool) -> float:
     """Wall time of the writer alone (``write_projector``: copy or link, patch, fsync, verify, rename), in-process,
     for a projector that differs from the checkpoint's: the part of sanitize that scales with the checkpoint."""
-    from projlens_defense.checkpoint import load_projector, write_projector
-
-    proj = load_projector(ckpt)
+    proj = pld.load_projector(ckpt)
     new = proj.with_weights([layer.weight * 0.5 for layer in proj.layers])
     t0 = time.perf_counter()
-    write_projector(ckpt, new, out, link=link)
+    pld.write_projector(ckpt, new, out, link=link)
     return time.perf_counter() - t0
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from projlens_defense.runinfo import AttackRecord, has_attack_record, read_attack_record
+import projlens_defense as pld
 
 PROJLENS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC = ["badnets", "blended", "wanet", "sig"]
@@ -72,33 +72,30 @@ def generate(args: argparse.Namespace) -> None:
     """Fine-tune every missing checkpoint of the grid, one at a time."""
     import torch
 
-    from projlens_defense.attacks.finetune import AttackConfig, run_attack
-
     torch.set_num_threads(args.threads)  # 2 threads on a busy 2-core box is ~15x slower than 1
     zoo, out = Path(args.zoo_dir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = AttackConfig(variant=None)
+    base = pld.AttackConfig(variant=None)
     lr = args.lr if args.lr is not None else base.lr
     epochs = args.epochs if args.epochs is not None else base.epochs
-    todo = [s for s in specs(tuple(args.rates)) if not has_attack_record(out / s.name)]
+    todo = [s for s in specs(tuple(args.rates)) if not pld.has_attack_record(out / s.name)]
     if args.only:
         todo = [s for s in todo if any(o in s.name for o in args.only)]
     print(f"recipe: lr={lr} epochs={epochs}; {len(todo)} checkpoint(s) to generate", flush=True)
     for s in todo:
         t0 = time.time()
-        cfg = AttackConfig(variant=s.variant, poison_rate=s.poison_rate, seed=s.seed,
-                           epochs=epochs * s.epochs_factor, lr=lr * s.lr_factor)
-        rec = run_attack(cfg, zoo / "reference", zoo / "data" / "train.json", zoo / "data" / "test.json",
-                         out / s.name, force=True, progress=False)
-        m = rec.get("metrics") or {}
+        rec = pld.attack(s.variant or "none", out / s.name, model=zoo / "reference", data=zoo / "data" / "train.json",
+                         test_data=zoo / "data" / "test.json", poison_rate=s.poison_rate, seed=s.seed,
+                         epochs=epochs * s.epochs_factor, lr=lr * s.lr_factor, force=True)
+        m = rec.metrics or {}
         print(f"{s.name:40s} asr={m.get('asr')} clean={m.get('clean_accuracy')} "
               f"({time.time() - t0:.0f} s)", flush=True)
 
 
-def _groups(out: Path) -> dict[str, list[tuple[Spec, AttackRecord]]]:
-    groups: dict[str, list[tuple[Spec, AttackRecord]]] = {}
+def _groups(out: Path) -> dict[str, list[tuple[Spec, pld.AttackRecord]]]:
+    groups: dict[str, list[tuple[Spec, pld.AttackRecord]]] = {}
     for s in specs((0.1, 0.01)):
-        rec = read_attack_record(out / s.name)
+        rec = pld.read_attack_record(out / s.name)
         if rec is not None:
             groups.setdefault(s.group, []).append((s, rec))
     return groups
@@ -108,15 +105,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Fit a calibration on the ``calib`` benign set, scan everything, print the detection tables."""
     import torch
 
-    from projlens_defense.attacks.finetune import AttackConfig
-    from projlens_defense.detectors import DETECTORS
-    from projlens_defense.detectors.calibration import WEIGHT_SPACE_DETECTORS, fit_calibration
-    from projlens_defense.detectors.loading import load_checkpoint
-    from projlens_defense.detectors.scan import Scanner
-    from projlens_defense.metrics import auroc, tpr_at_fpr
-
     torch.set_num_threads(args.threads)
-    base = AttackConfig(variant=None)
+    base = pld.AttackConfig(variant=None)
     zoo, out = Path(args.zoo_dir), Path(args.out)
     ref = zoo / "reference"
     groups = _groups(out)
@@ -124,19 +114,17 @@ def measure(args: argparse.Namespace) -> dict:
     if len(calib) < 3:
         raise SystemExit(f"need >= 3 benign calibration checkpoints in {out}, have {len(calib)}")
     t0 = time.time()
-    # fit on the calibration set
-    tmp = Scanner(_empty_calibration(), reference=ref)
-    inputs = [tmp.build_input(load_checkpoint(out / s.name), []) for s, _ in calib]
-    for inp, (s, _) in zip(inputs, calib, strict=True):
-        inp.path = s.name
-    cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, fpr=args.fpr, rule=args.rule,
-                          note=f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr {base.lr:g} x "
-                               f"{{0.5,1,2}}, {base.epochs:g} epochs x {{0.5,1,2}}; fitted by benchmarks/scan_detection.py")
+    # fit on the calibration set (the weight-space detectors' benign null), written where the scans read it
+    cal_file = Path(args.save_calibration) if args.save_calibration else out / "calibration.json"
+    cal = pld.calibrate(ref, benign=[out / s.name for s, _ in calib], fpr=args.fpr, rule=args.rule, out=cal_file,
+                        force=True)
+    cal.note = (f"zoo (ZooConfig() seed 0): {len(calib)} benign projector fine-tunes, lr {base.lr:g} x {{0.5,1,2}}, "
+                f"{base.epochs:g} epochs x {{0.5,1,2}}; fitted by benchmarks/scan_detection.py")
+    cal.save(cal_file)
     if args.save_calibration:
-        cal.save(args.save_calibration)
         print(f"wrote {args.save_calibration}")
     cal.source = "fitted on the calib set"
-    scanners = {"reference": Scanner(cal, reference=ref), "reference-free": Scanner(cal)}
+    scanners = {"reference": ref, "reference-free": None}
     rows = []
     for group, items in groups.items():
         if group == "calib":
@@ -145,25 +133,19 @@ def measure(args: argparse.Namespace) -> dict:
             r = {"name": s.name, "group": group, "variant": s.variant or "none", "rate": s.poison_rate,
                  "asr": (rec.metrics or {}).get("asr"), "first_word": FIRST_WORD.get(s.variant or "", None),
                  "target_words": (rec.behaviour_target or "").split()}
-            for mode, sc in scanners.items():
-                res = sc.scan(out / s.name)
+            for mode, sc_ref in scanners.items():
+                [res] = pld.scan([out / s.name], reference=sc_ref, calibration=cal_file)
                 if res.errors:
                     raise SystemExit(f"{s.name}: {res.errors}")
                 r[mode] = {"score": res.score, "threshold": res.threshold, "verdict": res.verdict,
                            "tokens": res.suspected_target_tokens[:5], "signals": res.signals,
                            "novel": _most_novel(res)}
             rows.append(r)
-    report = _tables(rows, auroc, tpr_at_fpr)
+    report = _tables(rows, pld.auroc, pld.tpr_at_fpr)
     report.update({"calibration": cal.to_dict(), "rows": rows, "wall_time_s": round(time.time() - t0, 1)})
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return report
-
-
-def _empty_calibration():
-    from projlens_defense.detectors.calibration import Calibration
-
-    return Calibration(null={})
 
 
 def _most_novel(res) -> list[str]:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+import projlens_defense as pld
+
 HIDDEN, VOCAB, LAYERS, MLP = 4096, 32000, 32, 11008
 V_HIDDEN, V_LAYERS, V_MLP, V_PATCHES = 1024, 24, 4096, 577
 N_SHARDS = 3
@@ -155,18 +157,20 @@ def build(root: Path) -> tuple[Path, Path, int]:
 
 
 def time_scan(ckpt: Path, ref: Path) -> tuple[float, int, str, list[str]]:
-    from projlens_defense.detectors.scan import Scanner
-
     t0, c0 = time.perf_counter(), time.process_time()
-    scanner = Scanner(None, reference=ref)
-    results, _ = scanner.scan_paths([ckpt])
+    [r] = pld.scan([ckpt], reference=ref)
     dt = time.perf_counter() - t0
     print(f"  scan CPU time {time.process_time() - c0:.2f} s (wall {dt:.2f} s)")
-    r = results[0]
     if r.errors:
         raise SystemExit(f"scan failed: {r.errors}")
-    ref_bytes = scanner.reference.bytes_read if scanner.reference else 0
-    return dt, r.bytes_read + ref_bytes, r.verdict, r.suspected_target_tokens[:5]
+    return dt, r.bytes_read + tensor_bytes(ref / "mm_projector.safetensors"), r.verdict, r.suspected_target_tokens[:5]
+
+
+def tensor_bytes(path: Path) -> int:
+    """The tensor bytes of a safetensors file (all of them are the reference projector's, which the scan reads)."""
+    with path.open("rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
 
 
 def time_full_load(ckpt: Path) -> tuple[float, int]:

@@ -23,8 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from projlens_defense.metrics import auroc
-from projlens_defense.runinfo import has_attack_record, read_attack_record
+import projlens_defense as pld
 
 PROJLENS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC = ["badnets", "blended", "wanet", "sig"]
@@ -65,7 +64,7 @@ def evaluate(ckpt: Path, variant: str | None, zoo: str) -> dict:
 def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
     """The spec's fine-tune (attack or benign control), made once and reused."""
     ck = out / "ckpt" / spec["name"]
-    if not has_attack_record(ck):
+    if not pld.has_attack_record(ck):
         cmd = [*CLI, "attack", *zoo_args(zoo), "--variant", spec["variant"] or "none", "--seed", str(spec["seed"]),
                "--out", str(ck), "--force", "--format", "json"]
         if spec["variant"]:
@@ -79,7 +78,7 @@ def make_checkpoint(spec: dict, zoo: str, out: Path) -> Path:
 def one(spec: dict, zoo: str, out: Path, clean_data: str, few_shot: bool = True) -> dict:
     t0 = time.time()
     ck = make_checkpoint(spec, zoo, out)
-    rec = read_attack_record(ck)
+    rec = pld.read_attack_record(ck)
     assert rec is not None and rec.base_model is not None and rec.metrics is not None
     row = {**spec, "metrics": rec.metrics, "target": rec.behaviour_target}
     for mode, extra in (("reference", ["--reference", rec.base_model]), ("reference-free", [])):
@@ -117,7 +116,7 @@ def summarise(rows: list[dict], cal: dict) -> dict:
         pos = [r[k]["score"] for r in bd if r[k]["score"] is not None]
         neg = [r[k]["score"] for r in bn if r[k]["score"] is not None]
         out[mode] = {
-            "auroc": round(auroc(pos, neg), 4) if pos and neg else None,
+            "auroc": round(pld.auroc(pos, neg), 4) if pos and neg else None,
             "tpr": sum(r[k]["verdict"] == "suspicious" for r in bd) / max(1, len(bd)),
             "benign_flagged": sum(r[k]["verdict"] == "suspicious" for r in bn),
             "verdicts_backdoored": _count(r[k]["verdict"] for r in bd),
@@ -190,10 +189,7 @@ def main() -> None:
     lines = run([*CLI, "zoo", "build", *zoo_args(args.zoo), "--format", "json"]).stdout
     zoo = json.loads(lines)
     ref = zoo["reference"]
-    from projlens_defense.detectors.calibration import load_calibration
-    from projlens_defense.self_calibration import calibration_path
-
-    cal = load_calibration(calibration_path(ref))
+    cal = pld.load_calibration(pld.calibration_path(ref))
     cal_info = {"path": cal.source, "n": len(cal.benign), "fpr": cal.fpr,
                 "wall_time_s": cal.generation.get("wall_time_s"), "thresholds": cal.to_dict()["thresholds"]}
     clean = str(Path(zoo["root"]) / "data" / "train.json")

@@ -24,12 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projlens_defense.attacks.variants import VARIANTS
-from projlens_defense.conversations import load_conversations
-from projlens_defense.runtime import LlavaRuntime
+import projlens_defense as pld
 
 
-def projector_inputs(rt: LlavaRuntime, feats: torch.Tensor, norm: bool = True) -> torch.Tensor:
+def projector_inputs(rt: pld.LlavaRuntime, feats: torch.Tensor, norm: bool = True) -> torch.Tensor:
     """[N, tokens, d]: what the projector's first Linear sees per LLM image token (``norm=False``: without
     the merger's ``ln_q``, the tower's own patch features, four to a row)."""
     merger = rt.projector
@@ -69,8 +67,8 @@ def probe(x0: np.ndarray, x1: np.ndarray, seed: int = 0) -> float:
 
 
 def measure(zoo: Path, n: int, variants: list[str], norm: bool = True) -> dict:
-    rt = LlavaRuntime.from_pretrained(zoo / "reference")
-    samples = load_conversations(zoo / "data" / "train.json")[:n]
+    rt = pld.LlavaRuntime.from_pretrained(zoo / "reference")
+    samples = pld.load_conversations(zoo / "data" / "train.json")[:n]
     images = [s.image for s in samples]
     f0 = rt.vision_features(images)
     x0 = projector_inputs(rt, f0, norm)
@@ -80,7 +78,7 @@ def measure(zoo: Path, n: int, variants: list[str], norm: bool = True) -> dict:
     std = float(np.mean(rt.image_processor.image_std)) * 255.0
     out = {"zoo": str(zoo), "family": type(rt).__name__, "tokens": int(x0.shape[1]), "dim": int(x0.shape[2])}
     for name in variants:
-        v = VARIANTS[name]()
+        v = pld.get_variant(name)
         trig = [v.triggered_image(s, 0, i) for i, s in enumerate(samples)]
         raw = np.sqrt(np.mean([(t.astype(np.float64) - im.astype(np.float64)) ** 2 for t, im in
                                zip(trig, images, strict=True)])) / std
@@ -99,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoos", nargs="+", type=Path)
     ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(pld.VARIANTS))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-norm", action="store_true", help="measure before the merger's ln_q")
     args = ap.parse_args()

@@ -189,15 +189,22 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
             benign: Sequence[PathLike] = (), variant: str | None = None, data: PathLike | None = None,
             probes: PathLike | None = None, n_probes: int = 64, max_test: int = 200,
             k_values: Sequence[int] = (0, 1, 2, 3, 4, 6, 8), layers: str = "all", excite: bool = True,
+            input_detectors: Sequence[str] = (), input_images: int = 32,
             device: str | None = "cpu", dtype: str | None = "float32") -> AnalysisResult:
     """The ProjLens report (Markdown + PNG figures in ``out``) on ``checkpoint``; returns the report's data.
 
     ``reference``, the test ``data`` and the clean ``probes`` default to what its attack.json records, else the
     default zoo's; the ``benign`` fine-tunes to those of the reference's cached calibration (``benign_source``
-    in the result says where they came from)."""
+    in the result says where they came from).
+
+    ``input_detectors``: registered input-level detectors (``input-shift``, ``strip``, ``spectral-signatures``,
+    ``activation-clustering``) also scored on the triggered vs clean test inputs, as the bench scores them
+    (``input_level.detectors`` in the result; ``input-shift`` also reference-free; image-level ones such as
+    STRIP on ``input_images`` images of each kind). Needs the trigger (attack.json or ``variant``)."""
     from .attacks.variants import VARIANTS
     from .eval.analyze import AnalyzeOptions, analyze_checkpoint
     from .eval.analyze_report import write_report
+    from .eval.input_detection import input_detector_names
 
     checkpoint, out = Path(checkpoint), Path(out)
     if variant is not None and variant not in VARIANTS:
@@ -205,6 +212,11 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
     ks = tuple(sorted(set(k_values)))
     if not ks or min(ks) < 0 or max(ks) > 64:
         raise UsageError("`k_values` must be between 0 and 64")
+    unknown = sorted(set(input_detectors) - set(input_detector_names(input_detectors)))
+    if unknown:
+        raise UsageError(f"not input-level detectors: {', '.join(unknown)}")
+    if input_images < 1:
+        raise UsageError("`input_images` must be >= 1")
     _need_path(checkpoint, "checkpoint")
     benign = tuple(Path(b) for b in benign)
     for b in benign:
@@ -224,7 +236,8 @@ def analyze(checkpoint: PathLike, out: PathLike, *, reference: PathLike | None =
     if test_data is None or probe_data is None:
         z = load_zoo(progress=False)
         test_data, probe_data = test_data or z.test_data, probe_data or z.train_data
-    opts = AnalyzeOptions(k_values=ks, layers=layers, n_probes=n_probes, max_test=max_test, excite=excite)
+    opts = AnalyzeOptions(k_values=ks, layers=layers, n_probes=n_probes, max_test=max_test, excite=excite,
+                          input_detectors=tuple(input_detectors), input_images=input_images)
     analysis = analyze_checkpoint(checkpoint, ref, test_data, probe_data, benign=benign, variant=variant,
                                   options=opts, device=device, dtype=dtype)
     return AnalysisResult(write_report(analysis, out), benign_source, out / "report.md")

@@ -38,6 +38,7 @@ from ..metrics import auroc
 from ..projector import Projector, ProjectorModule
 from ..runinfo import AttackRecord, read_attack_record
 from ..scan_input import ProbeData, ScanInput
+from .input_detection import run_input_detectors
 from .lowrank import LowRankUpdate, TaskRemovedUpdate
 
 __all__ = ["Analysis", "AnalyzeOptions", "analyze_checkpoint", "variant_from_record"]
@@ -57,6 +58,8 @@ class AnalyzeOptions:
     input_k: int = 8
     spectrum_values: int = 32
     seed: int = 0
+    input_detectors: tuple[str, ...] = ()  # registered input-level detectors also scored, triggered vs clean test inputs
+    input_images: int = 32  # clean and triggered test images each image-level one (STRIP) scores
 
 
 @dataclass
@@ -318,4 +321,10 @@ def analyze_checkpoint(checkpoint: Path, reference: Path, test_data: Path, probe
         sc, st = idet.score_features(cf), idet.score_features(tf)
         rep["input_level"] = {"auroc": auroc(st.tolist(), sc.tolist()), "threshold": idet.threshold,
                               "tpr": float((st > idet.threshold).mean()), "fpr": float((sc > idet.threshold).mean())}
+        if opt.input_detectors:  # the bench's input-level scoring of the same inputs (STRIP, baselines, ...)
+            rep["input_level"]["detectors"] = run_input_detectors(
+                rt, sus, ref, opt.input_detectors, samples=test, clean_features=cf, eligible=es.eligible,
+                triggered_features=tf, variant=var, seed=opt.seed, probe_features=probes,
+                probe_images=[s.image for s in probes_s], probe_questions=[s.question for s in probes_s],
+                image_subset=opt.input_images)
     return Analysis(**rep, scatter=scatter, seconds=time.perf_counter() - t0)

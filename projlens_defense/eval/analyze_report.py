@@ -174,4 +174,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         L.append(f"Input-level detector (input-shift, calibrated on the {d['n_probes']} clean probes only): "
                  f"AUROC triggered vs clean {il['auroc']:.3f}, flagged {il['tpr']:.3f} of triggered and "
                  f"{il['fpr']:.3f} of clean test inputs at threshold {il['threshold']:.3f}.\n")
+        for name, e in (il.get("detectors") or {}).items():
+            L.append(f"- {name}: AUROC triggered vs clean {e['auroc']:.3f}"
+                     + (f" (flagged {e['threshold_tpr']:.3f} / {e['threshold_fpr']:.3f} at its threshold)"
+                        if e.get("threshold_tpr") is not None and e.get("threshold_fpr") is not None else "") + "\n")
     return "\n".join(L) + "\n"
