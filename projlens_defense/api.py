@@ -314,8 +314,10 @@ def bench(out: PathLike, *, preset: str = "tiny", zoo_preset: str | None = None,
                          "to run every fine-tune under `accelerate launch`")
     p = PRESETS[preset]
     shard_spec = parse_shard(shard)
-    names = {"variants": _names(VARIANTS, variants, "variant(s)"),
-             "detectors": _names(DETECTORS, detectors, "detector(s)")}
+    names = {"variants": _names(VARIANTS, variants or p.get("variants", ()), "variant(s)"),
+             "detectors": _names(DETECTORS, detectors or p.get("detectors", ()), "detector(s)")}
+    if mitigations is None and "mitigations" in p:
+        mitigations = p["mitigations"]
     mit = _names(MITIGATIONS, mitigations or (), "mitigation(s)") if mitigations is None or mitigations else []
     model, data, test_data = model_and_data(model, data, zoo_preset=zoo_preset or p["zoo"], test_data=test_data)
     mparams = resolve_params(p.get("mitigation_params", {}), dict(mitigation_params or {}), mit)
@@ -325,10 +327,15 @@ def bench(out: PathLike, *, preset: str = "tiny", zoo_preset: str | None = None,
         seeds=list(seeds) or p["seeds"], detectors=names["detectors"], mitigations=mit,
         model=str(model), train_data=str(data), test_data=str(test_data), out=out, n_clean=n_clean,
         n_input_images=n_input_images, epochs=epochs, jobs=jobs, shard=shard_spec, launcher=launcher,
-        launch_args=launch_args, mitigation_params=mparams,
+        launch_args=launch_args, mitigation_params=mparams, benign_seeds=p.get("benign_seeds"),
+        recipe_spread=p.get("recipe_spread", False), eval_benign_variants=p.get("eval_benign_variants", True),
     )
     recs = run_bench(cfg, progress=progress)
     write_summary(recs, out)
+    if preset == "population":
+        from .eval.population import write_population_summary
+
+        write_population_summary(recs, out)
     return recs
 
 

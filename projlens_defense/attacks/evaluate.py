@@ -40,7 +40,10 @@ class EvalResult:
     """Two-key backdoors: the ASR with only the image key and with only the text key (both should be ~0)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["one_key_activation"] is None:  # only two-key backdoors have it
+            del out["one_key_activation"]
+        return out
 
 
 def prepare_eval_set(rt: LlavaRuntime, samples: list[Sample], variant: Variant | None, seed: int = 0,

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +28,23 @@ from ..runinfo import environment, has_attack_record, read_attack_record
 if TYPE_CHECKING:
     from ..mitigations.base import CleanData
 
+POPULATION_VARIANTS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output", "badnets",
+                       "blended", "wanet", "sig", "text-trigger", "two-key", "projector-and-llm-lora",
+                       "adaptive-spread", "adaptive-hide-target", "adaptive-mimic"]
+"""Every in-scope family (the projector is poisoned): ProjLens, classic, text / two-key / with LLM LoRA, adaptive."""
+RECIPE_SPREAD = [(lr, ep) for lr in (0.5, 1.0, 2.0) for ep in (0.5, 1.0, 2.0)]
+"""(learning-rate, epochs) factors on the attack recipe a population cell draws from (backdoored and benign alike)."""
+
 PRESETS = {
     # tiny: a quick look on 2 cores; unlearn gets 4 unlearning rounds instead of 12 (its cost dominates a cell)
     "tiny": {"zoo": "micro", "poison_rates": [0.1], "seeds": [0, 1], "mitigation_params": {"unlearn": {"rounds": 4}}},
     "full": {"zoo": "default", "poison_rates": [0.1, 0.01], "seeds": [0, 1, 2], "mitigation_params": {}},
+    # population: 14 families x 2 rates x 5 seeds + 60 benign = 200 fine-tunes, each with its own lr / epochs
+    # from RECIPE_SPREAD; detection only (no mitigations, no input detectors), benign cells measure clean accuracy
+    "population": {"zoo": "default", "poison_rates": [0.1, 0.01], "seeds": [0, 1, 2, 3, 4],
+                   "benign_seeds": list(range(100, 160)), "variants": POPULATION_VARIANTS, "recipe_spread": True,
+                   "mitigations": [], "detectors": ["spectral"], "eval_benign_variants": False,
+                   "mitigation_params": {}},
 }
 
 
@@ -45,14 +59,19 @@ class Cell:
     train_data: str
     test_data: str
     epochs: float | None = None
+    lr: float | None = None
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if d["lr"] is None:  # cells without their own learning rate keep the keys they had before it existed
+            del d["lr"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def label(self) -> str:
-        return f"{self.variant or 'benign'}-p{self.poison_rate:g}-s{self.seed}" if self.variant else f"benign-s{self.seed}"
+        base = f"{self.variant}-p{self.poison_rate:g}-s{self.seed}" if self.variant else f"benign-s{self.seed}"
+        return base if self.lr is None else f"{base}-lr{self.lr:g}-ep{self.epochs:g}"
 
 
 @dataclass
@@ -74,13 +93,27 @@ class BenchConfig:
     launcher: str = "local"
     launch_args: str = ""
     mitigation_params: dict = field(default_factory=dict)  # method name -> parameters overriding its defaults
+    benign_seeds: list[int] | None = None  # seeds of the benign controls (default: `seeds`)
+    recipe_spread: bool = False  # each cell draws its lr / epochs factors from RECIPE_SPREAD
+    eval_benign_variants: bool = True  # benign controls measure every variant's trigger (else clean accuracy only)
     extra: dict = field(default_factory=dict)
+
+    def _cell(self, variant: str | None, rate: float, seed: int) -> Cell:
+        base = {"model": self.model, "train_data": self.train_data, "test_data": self.test_data, "epochs": self.epochs}
+        if not self.recipe_spread:
+            return Cell(variant, rate, seed, **base)
+        from ..attacks.finetune import AttackConfig
+
+        recipe = AttackConfig(variant=None)
+        lr_f, ep_f = RECIPE_SPREAD[zlib.crc32(f"{variant}|{rate}|{seed}".encode()) % len(RECIPE_SPREAD)]
+        base["epochs"] = (self.epochs or recipe.epochs) * ep_f
+        return Cell(variant, rate, seed, **base, lr=recipe.lr * lr_f)
 
     def cells(self) -> list[Cell]:
         """The whole grid (benign controls included), sorted by key, then this shard's part."""
-        base = {"model": self.model, "train_data": self.train_data, "test_data": self.test_data, "epochs": self.epochs}
-        grid = [Cell(None, 0.0, s, **base) for s in self.seeds]
-        grid += [Cell(v, r, s, **base) for v in self.variants for r in self.poison_rates for s in self.seeds]
+        benign = self.seeds if self.benign_seeds is None else self.benign_seeds
+        grid = [self._cell(None, 0.0, s) for s in benign]
+        grid += [self._cell(v, r, s) for v in self.variants for r in self.poison_rates for s in self.seeds]
         grid.sort(key=lambda c: c.key)
         i, n = self.shard
         return [c for k, c in enumerate(grid) if k % n == i]
@@ -156,6 +189,8 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     acfg = AttackConfig(variant=cell.variant, poison_rate=cell.poison_rate, seed=cell.seed)
     if cell.epochs is not None:
         acfg.epochs = cell.epochs
+    if cell.lr is not None:
+        acfg.lr = cell.lr
     if cfg.launcher == "accelerate":
         launch_attack(cell, ckpt, cfg.launch_args)
     else:
@@ -166,13 +201,15 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
 
     rt = LlavaRuntime.from_pretrained(ckpt)
     test = load_conversations(cell.test_data)
-    eval_variants = [cell.variant] if cell.variant else cfg.variants
+    eval_variants = [cell.variant] if cell.variant else cfg.variants if cfg.eval_benign_variants else []
     targets = Targets.beside(cell.test_data)
     sets = {v: prepare_eval_set(rt, test, get_variant(v, targets=targets), cell.seed) for v in eval_variants}
+    if not eval_variants:
+        sets["none"] = prepare_eval_set(rt, test, None, cell.seed)
     metrics = {v: evaluate(rt, es).to_dict() for v, es in sets.items()}
     t_eval = time.time() - t0 - t_attack
 
-    detectors = _run_detectors(ckpt, cell.model, cfg.detectors)
+    detectors, weight_features = _run_detectors(ckpt, cell.model, cfg.detectors)
     t_det = time.time() - t0 - t_attack - t_eval
 
     wants = cfg.mitigations or (cell.variant is not None and input_detector_names(cfg.detectors))
@@ -186,7 +223,8 @@ def run_cell(cell: Cell, cfg: BenchConfig) -> dict:
     return {
         "key": cell.key, "label": cell.label, "cell": asdict(cell), "benign": cell.variant is None,
         "launcher": cfg.launcher, "attack_distributed": attack_distributed,
-        "metrics": metrics, "detectors": detectors, "input_detectors": inputs, "mitigations": mitigations,
+        "metrics": metrics, "detectors": detectors, "weight_features": weight_features, "input_detectors": inputs,
+        "mitigations": mitigations,
         "timings_s": {"attack": round(t_attack, 2), "evaluate": round(t_eval, 2), "detectors": round(t_det, 2),
                       "input_detectors": round(t_inp, 2), "mitigations": round(t_mit, 2)},
         "wall_time_s": round(time.time() - t0, 2), "environment": environment(),
@@ -216,19 +254,25 @@ def launch_attack(cell: Cell, ckpt: Path, launch_args: str = "") -> None:
         raise ProjlensError(f"{cell.label}: `accelerate launch ... attack` failed (exit {r.returncode}):\n{tail}")
 
 
-def _run_detectors(ckpt: Path, reference: str, names: Sequence[str]) -> dict[str, float | None]:
+def _run_detectors(ckpt: Path, reference: str, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, float]]:
     """Checkpoint-level scores: each detector's own score, plus the calibrated scan decision (with the cached
-    self-generated calibration of the cell's reference; None where there is none)."""
+    self-generated calibration of the cell's reference; None where there is none) and its verdict; and the
+    update's per-layer spectral statistics (the weight features supervised baselines learn from)."""
     from ..detectors.scan import Scanner
 
-    out: dict[str, float | None] = {}
+    out: dict[str, Any] = {}
+    features: dict[str, float] = {}
     for mode, ref in (("reference", reference), ("reference-free", None)):
         res = Scanner(None, reference=ref).scan(ckpt)
         out[f"scan[{mode}]"] = res.score
+        out[f"verdict[{mode}]"] = res.verdict
         for rep in res.detectors:
             if rep["name"] in names:
                 out.setdefault(rep["name"], rep["score"])
-    return out
+            if rep["name"] == "spectral" and mode == "reference":
+                for layer, stats in (rep.get("evidence") or {}).get("layers", {}).items():
+                    features.update({f"{layer}.{k}": float(v) for k, v in stats.items()})
+    return out, features
 
 
 def _run_input_detectors(rt, sets: dict, probes: list, clean: CleanData | None, ckpt: Path, cell: Cell, cfg: BenchConfig) -> dict:

@@ -34,7 +34,7 @@ def detector_scores(records: list[dict], name: str) -> tuple[list[float], list[f
 
 def detector_rows(records: list[dict]) -> list[dict]:
     """Checkpoint-level detection per detector: backdoored cells are positives, benign controls negatives."""
-    names = sorted({n for r in records for n in r["detectors"]})
+    names = sorted({n for r in records for n, v in r["detectors"].items() if not isinstance(v, str)})  # not verdicts
     rows = []
     for n in names:
         pos, neg = detector_scores(records, n)

@@ -1,0 +1,61 @@
+"""The population preset's grid and its leave-one-family-out tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from projlens_defense.eval.bench import PRESETS, RECIPE_SPREAD, BenchConfig
+from projlens_defense.eval.population import population_tables, write_population_summary
+
+
+def _config(tmp_path: Path) -> BenchConfig:
+    p = PRESETS["population"]
+    return BenchConfig(variants=p["variants"], poison_rates=p["poison_rates"], seeds=p["seeds"], detectors=["spectral"],
+                       mitigations=[], model="m", train_data="t", test_data="e", out=tmp_path,
+                       benign_seeds=p["benign_seeds"], recipe_spread=True, eval_benign_variants=False)
+
+
+def test_the_population_grid_has_200_cells_with_a_spread_recipe(tmp_path):
+    cells = _config(tmp_path).cells()
+    assert len(cells) == 200 and sum(c.variant is None for c in cells) == 60
+    assert len({c.key for c in cells}) == 200
+    pairs = {(round(c.lr / 5e-3, 3), round(c.epochs / 20.0, 3)) for c in cells}
+    assert pairs == set(RECIPE_SPREAD)  # every lr / epochs combination is drawn, benign and backdoored alike
+    benign_pairs = {(round(c.lr / 5e-3, 3), round(c.epochs / 20.0, 3)) for c in cells if c.variant is None}
+    assert len(benign_pairs) >= 7
+    shard = BenchConfig(**{**_config(tmp_path).__dict__, "shard": (1, 4)}).cells()
+    assert len(shard) == 50
+
+
+def _record(key: str, variant: str | None, top1: float, norm: float, verdict: str) -> dict:
+    return {"key": key, "benign": variant is None, "cell": {"variant": variant}, "metrics": {},
+            "detectors": {"scan[reference]": top1, "scan[reference-free]": 0.0, "spectral": top1,
+                          "verdict[reference]": verdict, "verdict[reference-free]": "inconclusive"},
+            "weight_features": {f"linear_2.{k}": v for k, v in {"fro_norm": norm, "top1_energy": top1,
+                                                                 "top5_energy": top1, "stable_rank": 1 / top1,
+                                                                 "gap12": 2.0, "effective_rank": 3.0}.items()}}
+
+
+def test_leave_one_family_out_shows_what_a_supervised_detector_cannot_know(tmp_path):
+    rng = np.random.default_rng(0)
+    recs = [_record(f"b{i}", None, 0.3 + 0.02 * rng.standard_normal(), 1.0 + 0.05 * rng.standard_normal(), "clean")
+            for i in range(40)]
+    # family A: spiky spectrum, normal norm; family B: flat spectrum, big norm (what A taught is no help)
+    recs += [_record(f"a{i}", "fam-a", 0.8 + 0.02 * rng.standard_normal(), 1.0 + 0.05 * rng.standard_normal(),
+                     "suspicious") for i in range(20)]
+    recs += [_record(f"z{i}", "fam-b", 0.3 + 0.02 * rng.standard_normal(), 3.0 + 0.05 * rng.standard_normal(),
+                     "clean" if i % 2 else "suspicious") for i in range(20)]
+    t = population_tables(recs)
+    assert t["n_backdoored"] == 40 and t["n_benign"] == 40
+    seen = t["per_family"]["fam-b"]["supervised spectral LR (all families seen)"]["auroc"]
+    held = t["per_family"]["fam-b"]["supervised spectral LR (leave-one-family-out)"]["auroc"]
+    assert seen > 0.95 and held < 0.8  # trained on A only, the detector reads B's spectrum as benign
+    assert t["per_family"]["fam-a"]["top-1 energy share"]["auroc"] == 1.0
+    assert t["per_family"]["fam-b"]["dW Frobenius norm"]["auroc"] == 1.0
+    v = t["verdicts"]["reference"]
+    assert v["tpr_at_threshold"] == 0.75 and v["fpr_at_threshold"] == 0.0 and v["per_family_tpr"]["fam-b"] == 0.5
+    write_population_summary(recs, tmp_path)
+    text = (tmp_path / "population.md").read_text()
+    assert "| fam-b |" in text and "TPR 0.750, FPR 0.000" in text
