@@ -269,12 +269,16 @@ def test_scan_json_fields(world: dict[str, Path], calibration_file: Path, tmp_pa
     sus, ben = data
     assert sus["verdict"] == "suspicious" and f"tok{TARGET}" in sus["suspected_target_tokens"][:2]
     assert ben["verdict"] == "clean" and ben["errors"] == []
-    assert 0 < sus["bytes_read"] < sum(f.stat().st_size for f in world["suspect"].glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in world["suspect"].glob("*.safetensors"))
+    # with a reference, a small checkpoint is read whole once more: its tensors outside the projector are compared
+    assert size < sus["bytes_read"] < 2 * size and sus["scope"]["changed"] == {"language model": 0, "vision tower": 0}
 
 
 def test_scan_reference_free_mode(world: dict[str, Path], calibration_file: Path) -> None:
     code, out = _scan(str(world["suspect"]), "--calibration", str(calibration_file), "--format", "json")
     obj = json.loads(out)[0]
+    # without one it reads only the projector and the LLM read-out the lens needs
+    assert 0 < obj["bytes_read"] < sum(f.stat().st_size for f in world["suspect"].glob("*.safetensors"))
     assert obj["mode"] == "reference-free"
     assert obj["signals_used"] and obj["signals_used"][0].startswith("rf.")
     assert f"tok{TARGET}" in obj["suspected_target_tokens"][:5]

@@ -17,7 +17,7 @@ import torch
 from ..errors import CheckpointError
 from .reader import CheckpointInfo
 
-COMPARE_LIMIT_BYTES = 4 << 30
+COMPARE_LIMIT_BYTES = 1 << 30
 """Tensors outside the projector are compared with the reference's only up to this many bytes per checkpoint."""
 
 VISION_MARKERS = ("vision_tower.", "visual.", "vision_model.", "image_encoder.")
