@@ -7,8 +7,8 @@ malicious injection and perceptual hijack at a 0.5% poison rate, the projector p
 LLM), the adaptive attacks (spread, hide-target, mimic; see ``projlens_defense/attacks/adaptive.py``) and the
 out-of-scope controls (the backdoor only in LLM LoRA / only in the vision tower; the projector untouched). Per row: ASR and clean accuracy reached (two-key: also each
 key alone), the reference-mode and reference-free scan against the zoo's self-generated calibration (verdict,
-score, threshold), and the data-free and few-shot (64 clean training samples) ``subspace`` sanitize, each
-evaluated on the zoo's test set. Only the public Python API is used; results are resumable (``results.jsonl``)
+score, threshold), and the data-free and few-shot (64 clean training samples) ``subspace`` sanitize and the PSR-style
+``channel-restore`` baseline (64 clean samples), each evaluated on the zoo's test set. Only the public Python API is used; results are resumable (``results.jsonl``)
 and summarised in ``summary.md`` / ``summary.json``. The benign false-positive side of the same threshold is the
 transfer table's (``benchmarks/results/transfer/``): this table adds no benign rows.
 """
@@ -61,6 +61,7 @@ def one(variant: str, rate: float, zoo: str, zoo_seed: int, out: str) -> dict:
                                                      "suspected_target_tokens", "zscores", "scope", "warnings")}
     for how, kw in (("data-free", {}), ("few-shot", {"clean_data": z.train_data, "n_clean": 64, "n_eval": 0})):
         san = root / "sanitized" / f"{name}-{how}"
+        san.parent.mkdir(parents=True, exist_ok=True)
         try:
             r = pld.sanitize(ck, san, force=True, **kw)
         except pld.NothingRemovedError as e:
@@ -72,11 +73,26 @@ def one(variant: str, rate: float, zoo: str, zoo_seed: int, out: str) -> dict:
     return row
 
 
+def psr(row: dict, zoo: str, zoo_seed: int, out: str) -> dict:
+    """The PSR-style baseline (`channel-restore`, 64 clean samples) on a row's checkpoint."""
+    import projlens_defense as pld
+
+    z = pld.load_zoo(zoo, zoo_seed, progress=False)
+    ck, san = Path(out) / "ckpt" / row["name"], Path(out) / "sanitized" / f"{row['name']}-psr"
+    san.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        r = pld.sanitize(ck, san, method="channel-restore", clean_data=z.train_data, n_clean=64, n_eval=0, force=True)
+    except pld.NothingRemovedError as e:
+        return {**row, "psr": {"removed": 0, "message": str(e)[:300], "asr": row["metrics"]["asr"],
+                               "clean": row["metrics"]["clean_accuracy"]}}
+    return {**row, "psr": {"removed": r.report.get("n_restored"), **_m(pld.evaluate(san, row["variant"]))}}
+
+
 def markdown(zoo: str, rows: list[dict]) -> str:
     lines = [f"## Threat table, {zoo} zoo (seed {SEED}; nothing in the defense was chosen on these checkpoints)", "",
              "| attack | rate | ASR | clean | one key alone (image / text) | scan ref: verdict (score / thr) "
-             "| changed outside the projector | scan ref-free | data-free ASR / clean | few-shot ASR / clean |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| changed outside the projector | scan ref-free | data-free ASR / clean | few-shot ASR / clean "
+             "| PSR-style channel-restore ASR / clean |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(d: dict | None) -> str:
         if d is None:
@@ -92,7 +108,7 @@ def markdown(zoo: str, rows: list[dict]) -> str:
         outside = ", ".join(f"{c} {n}" for c, n in sorted(changed.items()) if n) or "none"
         lines.append(f"| {r['variant']} | {r['rate']:g} | {m['asr']:.3f} | {m['clean_accuracy']:.3f} | {keys} | "
                      f"{a['verdict']} ({score}) | {outside} | {b['verdict']} | {f(r.get('data-free'))} | "
-                     f"{f(r.get('few-shot'))} |")
+                     f"{f(r.get('few-shot'))} | {f(r.get('psr'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,6 +119,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="names of the rows to run (default: all)")
+    ap.add_argument("--no-psr", action="store_true", help="skip the PSR-style channel-restore baseline")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +142,14 @@ def main() -> None:
             print(f"{row['name']}: ASR {row['metrics']['asr']}, ref {row['scan_reference']['verdict']}, "
                   f"data-free {row['data-free'].get('asr')}, few-shot {row['few-shot'].get('asr')} "
                   f"({row['seconds']} s)", flush=True)
+    if not args.no_psr:
+        todo_psr = [r for r in done.values() if "psr" not in r]
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            n = len(todo_psr)
+            for row in pool.map(psr, todo_psr, [args.zoo] * n, [args.zoo_seed] * n, [str(args.out)] * n):
+                done[row["name"]] = row
+                print(f"{row['name']}: channel-restore {row['psr']}", flush=True)
+        done_path.write_text("".join(json.dumps(done[k]) + "\n" for k in done))
     rows = [done[name_of(v, r)] for v, r in SPECS if name_of(v, r) in done]
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "wall_time_s": round(time.time() - t0, 1)},
                                                       indent=2))

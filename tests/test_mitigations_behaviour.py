@@ -177,3 +177,19 @@ def test_finetune_on_the_benign_control_keeps_it_benign(benign: Bench) -> None:
     _, after = benign.repair("finetune")
     assert after.asr is not None and after.asr <= 0.05
     assert after.clean_accuracy >= benign.before.clean_accuracy - 0.03, (benign.before, after)
+
+
+def test_channel_restore_puts_back_only_the_chosen_channels_and_keeps_clean_accuracy(backdoored: Bench) -> None:
+    """The PSR-style baseline. On the micro zoo it restores 18 of 128 channels and leaves malicious injection at
+    ASR 1.00 (/tmp measurement, benchmarks/threat_table.py has the default zoo): the backdoor has no dedicated
+    channels (ProjLens finding 1), so restoring the most-changed ones does not remove it."""
+    res, after = backdoored.repair("channel-restore")
+    new, sus, ref = res.projector, backdoored.suspect, backdoored.reference
+    chosen = res.report["restored_channels"]
+    assert 0 < len(chosen) <= 0.9 * sus.hidden_dim and res.report["n_channels"] == sus.hidden_dim
+    others = [j for j in range(sus.hidden_dim) if j not in set(chosen)]
+    assert torch.equal(new.layers[0].weight[chosen], ref.layers[0].weight[chosen])
+    assert torch.equal(new.layers[1].weight[:, chosen], ref.layers[1].weight[:, chosen])
+    assert torch.equal(new.layers[0].weight[others], sus.layers[0].weight[others])
+    assert torch.equal(new.layers[1].weight[:, others], sus.layers[1].weight[:, others])
+    assert after.clean_accuracy >= backdoored.before.clean_accuracy - 0.05

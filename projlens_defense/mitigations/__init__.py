@@ -12,6 +12,7 @@ from projlens_defense.mitigations.base import (
     MitigationResult,
     weight_change,
 )
+from projlens_defense.mitigations.channel_restore import ChannelRestoreMitigation
 from projlens_defense.mitigations.clp import ClpMitigation
 from projlens_defense.mitigations.fine_prune import FinePruneMitigation
 from projlens_defense.mitigations.finetune import FinetuneMitigation
@@ -24,7 +25,7 @@ from projlens_defense.mitigations.unlearn import UnlearnMitigation
 
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.name: cls for cls in (
     SubspaceMitigation, TargetDirectionMitigation, NormGuardMitigation, UnlearnMitigation, RestoreMitigation,
-    FinetuneMitigation, FinePruneMitigation, ClpMitigation, OrthogonalMitigation,
+    FinetuneMitigation, FinePruneMitigation, ClpMitigation, OrthogonalMitigation, ChannelRestoreMitigation,
 )}
 """The mitigations by their ``name`` (the names the CLI, the API and the harness use)."""
 
