@@ -96,7 +96,7 @@ def test_images_render_and_triggers_apply() -> None:
         ink = np.abs(img.astype(int) - np.median(img, (0, 1))).sum(axis=(0, 2))  # per column
         left, right = ink[: IMAGE_SIZE // 2].sum(), ink[IMAGE_SIZE // 2 :].sum()
         assert (left > right) == (attrs["side"] == "left")  # the shape is on its side
-        for name in VARIANTS:
+        for name in [n for n in VARIANTS if get_variant(n).trigger.name != "none"]:  # not the text-only ones
             out = get_variant(name).trigger.apply(img, np.random.default_rng(1))
             assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
     masks = [shape_mask(s, 16, 16, 9) for s in SHAPE_NAMES]

@@ -95,8 +95,8 @@ def test_spread_penalty_acts_only_above_the_benign_spectrum_and_its_gradient_spr
     with torch.no_grad():
         for m, b in zip((calm[0], calm[2]), benign, strict=True):
             m.weight.copy_(b)
-    assert float(pen(calm)) == pytest.approx(0.0, abs=1e-6)
-    assert float(pen(_two_layer(0))) == 0.0  # no update yet: nothing to penalise
+    assert float(pen(calm).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(pen(_two_layer(0)).detach()) == 0.0  # no update yet: nothing to penalise
 
 
 def test_hide_target_penalty_reads_the_target_tokens_in_the_update():
