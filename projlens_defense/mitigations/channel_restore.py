@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationInputError, MitigationResult
-from projlens_defense.mitigations.fine_prune import few_shot_accuracy
+from projlens_defense.mitigations.fine_prune import few_shot_accuracy, longest_prefix_keeping_accuracy
 from projlens_defense.projector import Projector, ProjectorModule
 
 
@@ -64,17 +64,9 @@ class ChannelRestoreMitigation(Mitigation):
             ss, rr, sr = (w2s * w2s).sum(0), (w2r * w2r).sum(0), (w2s * w2r).sum(0)
             move = (hs.pow(2) * ss - 2 * hs * hr * sr + hr.pow(2) * rr).clamp_min(0).sqrt().mean(0)
         order = torch.argsort(move, descending=True).tolist()
-        n = suspect.hidden_dim
         base_acc = few_shot_accuracy(clean, ProjectorModule(suspect))
-        restored: list[int] = []
-        k, step = 0, max(1, round(self.step * n))
-        while k + step <= round(self.max_fraction * n):
-            trial = order[: k + step]
-            acc = few_shot_accuracy(clean, ProjectorModule(restore_channels(suspect, reference, trial)))
-            if acc < base_acc - self.acc_tol:
-                break
-            k += step
-            restored = trial
-        report = {"n_restored": len(restored), "n_channels": n, "restored_channels": sorted(restored),
+        restored = longest_prefix_keeping_accuracy(clean, order, lambda ch: restore_channels(suspect, reference, ch),
+                                                   base_acc, self.step, self.max_fraction, self.acc_tol)
+        report = {"n_restored": len(restored), "n_channels": suspect.hidden_dim, "restored_channels": sorted(restored),
                   "few_shot_accuracy_before": round(base_acc, 4), "criterion": "clean-output movement (PSR-style)"}
         return self.result(suspect, restore_channels(suspect, reference, restored), reference, report)

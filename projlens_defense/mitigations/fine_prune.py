@@ -13,6 +13,7 @@ it leaves blended at ASR 0.50 and costs 2.5-6.8 points of clean accuracy (benchm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,22 @@ def few_shot_accuracy(clean: CleanData, module: torch.nn.Module) -> float:
     """Clean accuracy of ``module`` on the clean samples themselves (greedy answers)."""
     out = clean.runtime.answer(clean.features, clean.questions, projector=module)
     return clean_accuracy(out, clean.answers)
+
+
+def longest_prefix_keeping_accuracy(clean: CleanData, order: list[int], edit: Callable[[list[int]], Projector],
+                                    base_acc: float, step: float, max_fraction: float, acc_tol: float) -> list[int]:
+    """The longest prefix of ``order`` (grown in steps of ``step`` x its length, up to ``max_fraction``) whose
+    ``edit`` keeps the accuracy on the clean samples within ``acc_tol`` of ``base_acc``."""
+    n = len(order)
+    chosen: list[int] = []
+    k, stride = 0, max(1, round(step * n))
+    while k + stride <= round(max_fraction * n):
+        trial = order[: k + stride]
+        if few_shot_accuracy(clean, ProjectorModule(edit(trial))) < base_acc - acc_tol:
+            break
+        k += stride
+        chosen = trial
+    return chosen
 
 
 @dataclass(eq=False)
@@ -63,15 +80,8 @@ class FinePruneMitigation(Mitigation):
         order = torch.argsort(act).tolist()
         n = suspect.hidden_dim
         base_acc = few_shot_accuracy(clean, ProjectorModule(suspect))
-        pruned: list[int] = []
-        k, step = 0, max(1, round(self.step * n))
-        while k + step <= round(self.max_fraction * n):
-            trial = order[: k + step]
-            acc = few_shot_accuracy(clean, ProjectorModule(prune_channels(suspect, trial)))
-            if acc < base_acc - self.acc_tol:
-                break
-            k += step
-            pruned = trial
+        pruned = longest_prefix_keeping_accuracy(clean, order, lambda ch: prune_channels(suspect, ch), base_acc,
+                                                 self.step, self.max_fraction, self.acc_tol)
         module = ProjectorModule(prune_channels(suspect, pruned))
         if pruned:
             idx = torch.tensor(pruned)
