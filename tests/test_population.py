@@ -30,7 +30,8 @@ def test_the_population_grid_has_200_cells_with_a_spread_recipe(tmp_path):
 
 
 def _record(key: str, variant: str | None, top1: float, norm: float, verdict: str) -> dict:
-    return {"key": key, "benign": variant is None, "cell": {"variant": variant}, "metrics": {},
+    return {"key": key, "benign": variant is None, "cell": {"variant": variant},
+            "metrics": {variant: {"asr": 1.0 if variant == "fam-a" else 0.9}} if variant else {},
             "detectors": {"scan[reference]": top1, "scan[reference-free]": 0.0, "spectral": top1,
                           "verdict[reference]": verdict, "verdict[reference-free]": "inconclusive"},
             "weight_features": {f"linear_2.{k}": v for k, v in {"fro_norm": norm, "top1_energy": top1,
@@ -58,4 +59,4 @@ def test_leave_one_family_out_shows_what_a_supervised_detector_cannot_know(tmp_p
     assert v["tpr_at_threshold"] == 0.75 and v["fpr_at_threshold"] == 0.0 and v["per_family_tpr"]["fam-b"] == 0.5
     write_population_summary(recs, tmp_path)
     text = (tmp_path / "population.md").read_text()
-    assert "| fam-b |" in text and "TPR 0.750, FPR 0.000" in text
+    assert "| fam-b | 0.900 |" in text and "TPR 0.750 (effective backdoors 0.750, 10 of them called clean), FPR 0.000" in text
