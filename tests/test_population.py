@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from projlens_defense.eval.bench import PRESETS, RECIPE_SPREAD, BenchConfig
+from projlens_defense.attacks.variants import (
+    ADAPTIVE_VARIANTS,
+    CLASSIC_VARIANTS,
+    NEW_FAMILY_VARIANTS,
+    PROJLENS_VARIANTS,
+)
+from projlens_defense.eval.bench import POPULATION_VARIANTS, PRESETS, RECIPE_SPREAD, BenchConfig
 from projlens_defense.eval.population import population_tables, write_population_summary
 
 
@@ -15,6 +21,11 @@ def _config(tmp_path: Path) -> BenchConfig:
     return BenchConfig(variants=p["variants"], poison_rates=p["poison_rates"], seeds=p["seeds"], detectors=["spectral"],
                        mitigations=[], model="m", train_data="t", test_data="e", out=tmp_path,
                        benign_seeds=p["benign_seeds"], recipe_spread=True, eval_benign_variants=False)
+
+
+def test_the_population_families_are_the_registry_groups():
+    # spelled out in eval/bench.py so that importing the presets (the CLI does at start-up) does not load torch
+    assert POPULATION_VARIANTS == PROJLENS_VARIANTS + CLASSIC_VARIANTS + NEW_FAMILY_VARIANTS + ADAPTIVE_VARIANTS
 
 
 def test_the_population_grid_has_200_cells_with_a_spread_recipe(tmp_path):

@@ -57,11 +57,9 @@ class Scope:
 
 
 def _outside(info: CheckpointInfo) -> list[str]:
+    """Tensor names outside the projector (every projector key starts with its prefix)."""
     c = info.tensors
-    if c is None:
-        return []
-    own = set(info.projector_keys())
-    return sorted(k for k in c.keys() if k not in own and not k.startswith(info.prefix))
+    return [] if c is None else sorted(k for k in c.keys() if not k.startswith(info.prefix))
 
 
 def checkpoint_scope(info: CheckpointInfo, reference: CheckpointInfo | None = None,
