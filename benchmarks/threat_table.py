@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/threat_table.py --zoo default --out runs/threats
 
 Rows (seed 2, never used to choose anything): the new families (a text trigger, a two-key image + text trigger,
-malicious injection and perceptual hijack at a 0.5% poison rate, the projector poisoned together with LoRA on the
+a clean-label poison whose answers stay correct, malicious injection and perceptual hijack at a 0.5% poison rate, the projector poisoned together with LoRA on the
 LLM), the adaptive attacks (spread, hide-target, mimic; see ``projlens_defense/attacks/adaptive.py``) and the
 out-of-scope controls (the backdoor only in LLM LoRA / only in the vision tower; the projector untouched). Per row: ASR and clean accuracy reached (two-key: also each
 key alone), the reference-mode and reference-free scan against the zoo's self-generated calibration (verdict,
@@ -26,7 +26,7 @@ from pathlib import Path
 SPECS = [
     ("text-trigger", 0.1), ("two-key", 0.1), ("malicious-injection", 0.005), ("perceptual-hijack", 0.005),
     ("projector-and-llm-lora", 0.1), ("adaptive-spread", 0.1), ("adaptive-hide-target", 0.1),
-    ("adaptive-mimic", 0.1), ("llm-lora-only", 0.1), ("vision-tower-only", 0.1),
+    ("adaptive-mimic", 0.1), ("llm-lora-only", 0.1), ("vision-tower-only", 0.1), ("clean-label", 0.1),
 ]
 SEED = 2
 

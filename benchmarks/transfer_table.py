@@ -5,8 +5,8 @@ calibration the tool generated itself for that preset's reference.
 
 Per preset: the zoo is built (or found) and self-calibrated (`calibrate --generate 8`, seeds 1000-1007);
 then, on checkpoints never used for calibration, 12 backdoored fine-tunes (the 4 ProjLens variants at 10%
-and 1% and the 4 classic ones at 10%, seed 1) and 8 benign fine-tunes with their own recipe spread (seeds
-300-307, lr x0.5/1/2, epochs x0.5/1/2 in another order than the calibration's) are made with `attack`,
+and 1% and the 4 classic ones at 10%, attack seed 1, or `--seed N` for a fresh set) and 8 benign fine-tunes
+with their own recipe spread (seeds 300-307, or 300 + 100 (N - 1) + i; lr x0.5/1/2, epochs x0.5/1/2 in another order than the calibration's) are made with `attack`,
 scanned with and without the reference, and sanitized data-free and few-shot (64 clean training samples),
 every repair evaluated on the zoo's test set. Everything goes through the CLI; results are resumable
 (`results.jsonl`) and summarised in `summary.json` / `summary.md`.
@@ -32,10 +32,11 @@ LR, EPOCHS = 5e-3, 20.0
 CLI = [sys.executable, "-m", "projlens_defense"]
 
 
-def specs() -> list[dict]:
-    out = [{"name": f"{v}-p10", "variant": v, "rate": 0.1, "seed": 1} for v in PROJLENS + CLASSIC]
-    out += [{"name": f"{v}-p01", "variant": v, "rate": 0.01, "seed": 1} for v in PROJLENS]
-    out += [{"name": f"benign-{i}", "variant": None, "rate": 0.0, "seed": 300 + i, "lr": LR * lf,
+def specs(seed: int = 1) -> list[dict]:
+    """The row's checkpoints: backdoored with attack seed ``seed``, benign with seeds 300 + 100 (seed - 1) + i."""
+    out = [{"name": f"{v}-p10", "variant": v, "rate": 0.1, "seed": seed} for v in PROJLENS + CLASSIC]
+    out += [{"name": f"{v}-p01", "variant": v, "rate": 0.01, "seed": seed} for v in PROJLENS]
+    out += [{"name": f"benign-{i}", "variant": None, "rate": 0.0, "seed": 300 + 100 * (seed - 1) + i, "lr": LR * lf,
              "epochs": EPOCHS * ef} for i, (lf, ef) in enumerate(BENIGN)]
     return out
 
@@ -180,6 +181,9 @@ def main() -> None:
     ap.add_argument("--zoo", default="default", help="a zoo preset, or PRESET:SEED for another build of it")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1,
+                    help="attack seed of the backdoored fine-tunes (benign: 300 + 100 (seed - 1) + i); another seed "
+                         "is a fresh set of checkpoints")
     ap.add_argument("--only", nargs="*", help="names of the checkpoints to run (default: all)")
     ap.add_argument("--checkpoints-only", action="store_true", help="only make the fine-tunes (no scan / sanitize)")
     ap.add_argument("--no-few-shot", action="store_true", help="skip the few-shot sanitize (data-free only)")
@@ -189,7 +193,7 @@ def main() -> None:
     lines = run([*CLI, "zoo", "build", *zoo_args(args.zoo), "--format", "json"]).stdout
     zoo = json.loads(lines)
     ref = zoo["reference"]
-    cal = pld.load_calibration(pld.calibration_path(ref))
+    cal = pld.load_calibration(pld.calibration_path(ref)).at_fpr(pld.DEFAULT_FPR)  # the rate `scan` decides at
     cal_info = {"path": cal.source, "n": len(cal.benign), "fpr": cal.fpr,
                 "wall_time_s": cal.generation.get("wall_time_s"), "thresholds": cal.to_dict()["thresholds"]}
     clean = str(Path(zoo["root"]) / "data" / "train.json")
@@ -199,14 +203,14 @@ def main() -> None:
         for line in done_path.read_text().splitlines():
             r = json.loads(line)
             done[r["name"]] = r
-    todo = [s for s in specs() if s["name"] not in done and (not args.only or s["name"] in args.only)]
+    todo = [s for s in specs(args.seed) if s["name"] not in done and (not args.only or s["name"] in args.only)]
 
     def work(s: dict) -> dict:
         r = one(s, args.zoo, args.out, clean, not args.no_few_shot)
         with done_path.open("a") as f:
             f.write(json.dumps(r) + "\n")
         print(f"{s['name']}: ASR {r['metrics']['asr']}, ref {r['scan_reference']['verdict']}, "
-              f"data-free {r['data-free']}, few-shot {r['few-shot']} ({r['seconds']} s)", flush=True)
+              f"data-free {r['data-free']}, few-shot {r.get('few-shot')} ({r['seconds']} s)", flush=True)
         return r
 
     if args.checkpoints_only:
@@ -216,7 +220,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for r in pool.map(work, todo):
             done[r["name"]] = r
-    rows = [done[s["name"]] for s in specs() if s["name"] in done]
+    rows = [done[s["name"]] for s in specs(args.seed) if s["name"] in done]
     s = summarise(rows, cal_info)
     s["wall_time_s"] = round(time.time() - t0, 1)
     (args.out / "summary.json").write_text(json.dumps(s, indent=2))

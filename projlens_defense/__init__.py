@@ -15,7 +15,8 @@ on first use so that ``import projlens_defense`` stays light:
 * ``MITIGATIONS``: the registry of repair methods (name -> class; ``requires_clean``, ``uses_clean``,
   ``run_time_only`` say what each needs);
 * metrics: ``auroc(pos, neg)``, ``tpr_at_fpr(pos, neg, fpr)``;
-* calibrations: ``load_calibration(path)``, ``calibration_path(reference)`` (where the self-generated one is);
+* calibrations: ``load_calibration(path)``, ``calibration_path(reference)`` (where the self-generated one is),
+  ``DEFAULT_FPR`` (the false-positive rate a scan decides at unless told another; ``Calibration.at_fpr``);
 * checkpoints and data: ``load_projector(ckpt)``, ``write_projector(ckpt, projector, out)``,
   ``LlavaRuntime`` (a model's tower, projector and LLM, ``LlavaRuntime.from_pretrained(dir)``),
   ``load_conversations(json)``.
@@ -27,7 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .api import analyze, attack, calibrate, evaluate, load_zoo, sanitize, scan
-from .detectors.calibration import Calibration
+from .detectors.calibration import DEFAULT_FPR, Calibration
 from .detectors.scan import ScanResult
 from .errors import CheckpointError, NothingRemovedError, ProjlensError, UsageError
 from .results import AnalysisResult, AttackResult, EvaluationResult, GuardResult, SanitizeResult
@@ -67,7 +68,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["CLASSIC_VARIANTS", "MITIGATIONS", "PROJLENS_VARIANTS", "VARIANTS", "AnalysisResult", "AttackConfig",
+__all__ = ["CLASSIC_VARIANTS", "DEFAULT_FPR", "MITIGATIONS", "PROJLENS_VARIANTS", "VARIANTS", "AnalysisResult", "AttackConfig",
            "AttackRecord", "AttackResult", "Calibration", "CheckpointError", "EvaluationResult", "GuardResult",
            "LlavaRuntime", "NothingRemovedError", "ProjlensError", "SanitizeResult", "ScanResult", "UsageError",
            "analyze", "attack", "auroc", "calibrate", "calibration_path", "evaluate", "get_variant",

@@ -110,7 +110,7 @@ def evaluate(checkpoint: PathLike, variant: str | None = None, *, data: PathLike
 
 
 def calibrate(reference: PathLike | None = None, data: PathLike | None = None, *, benign: Sequence[PathLike] = (),
-              generate: int = 0, lr: float | None = None, epochs: float | None = None, fpr: float = 0.01,
+              generate: int = 0, lr: float | None = None, epochs: float | None = None, fpr: float | None = None,
               rule: str = "max", lens_layers: int = 2, jobs: int = 2, seed: int = 0, out: PathLike | None = None,
               force: bool = False, progress: bool = False, device: str = "auto", dtype: str = "auto") -> Any:
     """A :class:`~projlens_defense.detectors.calibration.Calibration` of ``reference``'s model: fitted on the
@@ -118,9 +118,9 @@ def calibrate(reference: PathLike | None = None, data: PathLike | None = None, *
     made here on ``data`` (cached under the reference digest, where :func:`scan` and :func:`sanitize` find it;
     ``.source`` is that file). ``out``: also write it there (required with ``benign``). ``device`` / ``dtype``
     place the generated fine-tunes' frozen tower and LLM (``auto``: a GPU when there is one; the projector
-    trains in float32)."""
+    trains in float32). ``fpr``: the rate its printed thresholds are for (default 5%; a scan picks its own)."""
     from .detectors import DETECTORS
-    from .detectors.calibration import WEIGHT_SPACE_DETECTORS, Calibration, fit_calibration
+    from .detectors.calibration import DEFAULT_FPR, WEIGHT_SPACE_DETECTORS, Calibration, fit_calibration
     from .detectors.loading import load_checkpoint
     from .detectors.scan import Scanner, find_checkpoints
 
@@ -151,7 +151,8 @@ def calibrate(reference: PathLike | None = None, data: PathLike | None = None, *
                 except NothingScannableError:
                     continue
                 inputs.append(helper.build_input(ck, []))
-        cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS}, fpr=fpr, rule=rule,
+        cal = fit_calibration(inputs, {n: DETECTORS[n] for n in WEIGHT_SPACE_DETECTORS},
+                              fpr=DEFAULT_FPR if fpr is None else fpr, rule=rule,
                               note=f"{len(inputs)} benign fine-tunes" + (f" of {reference}" if reference else ""))
     if out is not None:
         _write_text(out, json.dumps(cal.to_dict(), indent=1) + "\n")
@@ -359,27 +360,29 @@ def _names(registry: dict, chosen: Sequence[str], what: str) -> list[str]:
 
 
 def scan(paths: Sequence[PathLike], reference: PathLike | None = None, calibration: PathLike | None = None,
-         lens_layers: int = 2) -> list[Any]:
+         lens_layers: int = 2, fpr: float | None = None) -> list[Any]:
     """Scan checkpoints (or folders of them); one :class:`~projlens_defense.detectors.scan.ScanResult` each.
 
     ``calibration``: a calibration file; default: the cached self-generated calibration of each
     checkpoint's model (``verdict`` is ``inconclusive`` when there is none, or without ``reference``
-    when nothing is flagged). A path that does not exist is an error; checkpoints that cannot be read are
-    results with ``verdict`` ``error``."""
-    return scan_report(paths, reference, calibration, lens_layers)[0]
+    when nothing is flagged). ``fpr``: the false-positive rate the threshold is set for (default 5%, the
+    calibration's benign null is the same at any rate). A path that does not exist is an error; checkpoints
+    that cannot be read are results with ``verdict`` ``error``."""
+    return scan_report(paths, reference, calibration, lens_layers, fpr)[0]
 
 
 def scan_report(paths: Sequence[PathLike], reference: PathLike | None = None, calibration: PathLike | None = None,
-                lens_layers: int = 2) -> tuple[list[Any], list[str]]:
+                lens_layers: int = 2, fpr: float | None = None) -> tuple[list[Any], list[str]]:
     """:func:`scan`, plus the entries of the folders scanned that hold no checkpoint (skipped)."""
-    from .detectors.calibration import load_calibration
+    from .detectors.calibration import DEFAULT_FPR, load_calibration
     from .detectors.scan import Scanner
 
     for p in paths:
         if not os.path.lexists(p):  # one that is there but unreadable is a result with verdict error
             raise UsageError(f"{p}: path does not exist")
     cal = load_calibration(Path(calibration)) if calibration is not None else None
-    return Scanner(cal, reference=reference, ov_layers=lens_layers).scan_paths([Path(p) for p in paths])
+    return Scanner(cal, reference=reference, ov_layers=lens_layers,
+                   fpr=DEFAULT_FPR if fpr is None else fpr).scan_paths([Path(p) for p in paths])
 
 
 def sanitize(checkpoint: PathLike, out: PathLike, *, method: str = "subspace", reference: PathLike | None = None,
@@ -469,8 +472,13 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
         from .detectors.scan import repair_judge
 
         inputs["lens"], inputs["calibration"] = lens_context(checkpoint, ref, warnings, calibration)
-        inputs["judge"] = repair_judge(inputs["lens"], inputs["calibration"])
-    result = cls.from_params(params, **inputs).apply(suspect, ref, clean)
+    mitigation = cls.from_params(params, **inputs)
+    if cls.uses_lens:  # the self-check judges at the repair's own rate
+        from .task_subspace import REPAIR_FPR
+
+        mitigation.judge = repair_judge(inputs["lens"], inputs["calibration"],
+                                        fpr=float(getattr(mitigation, "fpr", REPAIR_FPR)))
+    result = mitigation.apply(suspect, ref, clean)
     assert result.projector is not None
     if _unchanged(suspect, result.projector):
         why = result.report.get("selection") or "the method selected nothing"

@@ -9,14 +9,29 @@ removes what exceeds the bound; the scan will not call an update clean while its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from projlens_defense.linalg import residual_shares
+from projlens_defense.linalg import column_basis, residual_shares, top_singular
 from projlens_defense.stats import prediction_bound
 
 TaskLayer = tuple[torch.Tensor, torch.Tensor, list[list[float]]]  # output basis, input basis, null shares by rank
+
+
+TASK_RANK = 6
+"""Directions per side of the benign task subspace (4, 6 and 8 gave the same repairs on the default zoo's first
+build; the foreign preset is the held-out check)."""
+
+
+def side_basis(mats: Sequence[torch.Tensor], side: str, rank: int = TASK_RANK) -> torch.Tensor:
+    """Top ``rank`` shared output (``left``) or input (``right``) directions of several updates of one layer."""
+    cols = []
+    for m in mats:
+        u, s, v = top_singular(m, 8)
+        cols.append((u if side == "left" else v) * s)
+    return column_basis(cols, rank)
 
 
 def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[TaskLayer] | None:
@@ -36,6 +51,11 @@ def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[Ta
         ranked = spec.get("residual_share_null_ranked") or [[x] for x in spec["residual_share_null"]]
         out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [[float(x) for x in r] for r in ranked]))
     return out
+
+
+REPAIR_FPR = 0.01
+"""The rate at which the data-free repair's test (and the scan's backing of a `clean` verdict, which is the same
+test) fires on a benign update: 1%, lower than a scan's triage rate, because a repair edits the model."""
 
 
 def residual_share_test(update: torch.Tensor, layer: TaskLayer, fpr: float,

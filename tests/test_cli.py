@@ -105,7 +105,7 @@ def test_registries_come_from_the_classes_and_parameters_are_introspectable() ->
     assert all(name == cls.name for name, cls in DETECTORS.items())
     assert all(name == cls.name for name, cls in MITIGATIONS.items())
     assert {n for n, c in MITIGATIONS.items() if c.uses_lens} == {"subspace", "target-direction"}
-    assert {n for n, c in DETECTORS.items() if c.learns} == {"logit-lens", "reference-free", "activation"}
+    assert {n for n, c in DETECTORS.items() if c.learns} == {"logit-lens", "task-residual", "reference-free", "activation"}
     for cls in DETECTORS.values():
         det = cls()
         params = det.get_params()

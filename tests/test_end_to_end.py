@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from projlens_defense.attacks.finetune import AttackConfig, run_attack
 from projlens_defense.cli import main
+from projlens_defense.detectors.calibration import DEFAULT_FPR
 
 PROJ = "multi_modal_projector."
 
@@ -128,7 +129,7 @@ def test_scan_flags_the_backdoor_and_clears_the_benign_control(micro_zoo, micro_
     bd, bn = res
     assert bd["verdict"] == "suspicious" and bd["score"] > bd["threshold"] and bd["p_value"] < bd["fpr"], bd
     assert bn["verdict"] == "clean" and bn["score"] < bn["threshold"] and bn["p_value"] >= bn["fpr"], bn
-    assert bd["calibration"] and bd["calibration"] == bn["calibration"] and bd["fpr"] == 0.01
+    assert bd["calibration"] and bd["calibration"] == bn["calibration"] and bd["fpr"] == DEFAULT_FPR
     assert code == 1
     code, res = _scan_json(str(out / "benign"), "--reference", str(micro_zoo.reference))
     assert code == 0 and res[0]["verdict"] == "clean"

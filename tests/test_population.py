@@ -28,16 +28,16 @@ def test_the_population_families_are_the_registry_groups():
     assert POPULATION_VARIANTS == PROJLENS_VARIANTS + CLASSIC_VARIANTS + NEW_FAMILY_VARIANTS + ADAPTIVE_VARIANTS
 
 
-def test_the_population_grid_has_200_cells_with_a_spread_recipe(tmp_path):
+def test_the_population_grid_has_210_cells_with_a_spread_recipe(tmp_path):
     cells = _config(tmp_path).cells()
-    assert len(cells) == 200 and sum(c.variant is None for c in cells) == 60
-    assert len({c.key for c in cells}) == 200
+    assert len(cells) == 210 and sum(c.variant is None for c in cells) == 60
+    assert len({c.key for c in cells}) == 210
     pairs = {(round(c.lr / 5e-3, 3), round(c.epochs / 20.0, 3)) for c in cells}
     assert pairs == set(RECIPE_SPREAD)  # every lr / epochs combination is drawn, benign and backdoored alike
     benign_pairs = {(round(c.lr / 5e-3, 3), round(c.epochs / 20.0, 3)) for c in cells if c.variant is None}
     assert len(benign_pairs) >= 7
-    shard = BenchConfig(**{**_config(tmp_path).__dict__, "shard": (1, 4)}).cells()
-    assert len(shard) == 50
+    shards = [BenchConfig(**{**_config(tmp_path).__dict__, "shard": (i, 3)}).cells() for i in (0, 1, 2)]
+    assert [len(s) for s in shards] == [70, 70, 70] and {c.key for s in shards for c in s} == {c.key for c in cells}
 
 
 def _record(key: str, variant: str | None, top1: float, norm: float, verdict: str) -> dict:
@@ -70,4 +70,6 @@ def test_leave_one_family_out_shows_what_a_supervised_detector_cannot_know(tmp_p
     assert v["tpr_at_threshold"] == 0.75 and v["fpr_at_threshold"] == 0.0 and v["per_family_tpr"]["fam-b"] == 0.5
     write_population_summary(recs, tmp_path)
     text = (tmp_path / "population.md").read_text()
+    fam_a = next(line for line in text.splitlines() if line.startswith("| fam-a |"))
+    assert "| 1.000 / 1.000 / 1.000 |" in fam_a  # top-1 energy on family A: AUROC / TPR@1%FPR / TPR@5%FPR
     assert "| fam-b | 0.900 |" in text and "TPR 0.750 (effective backdoors 0.750, 10 of them called clean), FPR 0.000" in text

@@ -15,10 +15,11 @@ from projlens_defense.cli import main
 from projlens_defense.detectors.lens_context import lens_context
 from projlens_defense.detectors.scan import Scanner, repair_judge
 from projlens_defense.mitigations.subspace import SubspaceMitigation, fitted_task_subspace, remove_components
+from projlens_defense.task_subspace import REPAIR_FPR
 
 
-def _scan(ckpt: Path, reference: Path) -> dict:
-    r = CliRunner().invoke(main, ["scan", str(ckpt), "--reference", str(reference), "--format", "json"])
+def _scan(ckpt: Path, reference: Path, *extra: str) -> dict:
+    r = CliRunner().invoke(main, ["scan", str(ckpt), "--reference", str(reference), "--format", "json", *extra])
     assert "Traceback" not in r.output, r.output
     return json.loads(r.stdout)[0]
 
@@ -31,7 +32,9 @@ def test_the_self_check_reports_what_a_scan_of_the_output_says(micro_zoo, micro_
     check = rep["scan_check"]
     before = _scan(out / "backdoored", micro_zoo.reference)
     assert before["verdict"] == "suspicious"
-    after = _scan(tmp_path / "s", micro_zoo.reference)
+    # the repair judges itself at its own rate (REPAIR_FPR, 1%), so the scan that agrees with it is one at that rate;
+    # at the scan's 5% default a repaired update may still be flagged on some builds (README, "What a verdict means")
+    after = _scan(tmp_path / "s", micro_zoo.reference, "--fpr", str(REPAIR_FPR))
     # not flagged any more; `inconclusive` where the repaired update's next component outside the task subspace
     # still exceeds the benign bound (a build from another CPU), which the scan then says rather than `clean`
     assert check["verdict_after"] == after["verdict"] in ("clean", "inconclusive"), (check, after)

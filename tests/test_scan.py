@@ -171,6 +171,21 @@ def test_reference_free_finds_the_planted_token(world: dict[str, Path]) -> None:
     assert f"tok{TARGET}" in rep.suspected_tokens[:5]
 
 
+def test_task_residual_reads_the_update_outside_the_benign_task_subspace(world: dict[str, Path]) -> None:
+    from projlens_defense.detectors import TaskResidualDetector
+    from projlens_defense.scan_input import MissingInput
+
+    with pytest.raises(MissingInput):
+        TaskResidualDetector().score(_input(world, "suspect"))
+    det = TaskResidualDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
+    bad, ok = det.score(_input(world, "suspect")), det.score(_input(world, CLEAN))
+    # the planted backdoor is a rank-1 piece no benign fine-tune moves: many benign std out; the held-out benign is not
+    assert bad.signals["task.residual_share"] > 5 and ok.signals["task.residual_share"] < 3
+    again = TaskResidualDetector().set_state(json.loads(json.dumps(det.get_state())))
+    assert again.score(_input(world, "suspect")).signals == pytest.approx(bad.signals, rel=1e-3)  # stored to 6 digits
+    assert "task-residual" in DETECTORS and not TaskResidualDetector().can_score(_input(world, "suspect", False))
+
+
 def test_spectral_reports_per_layer_structure(world: dict[str, Path]) -> None:
     rep = SpectralDetector().score(_input(world, "suspect"))
     layers = rep.evidence["layers"]
@@ -232,7 +247,7 @@ def test_calibration_file_is_valid_and_says_how_many_benign_it_would_flag(calibr
     d = json.loads(calibration_file.read_text())
     assert set(d["thresholds"]) == {"reference", "reference-free"}
     assert all(len(v) == N_BENIGN - 1 for v in d["null"]["reference"].values())
-    assert d["fpr"] == 0.01 and d["benign_flagged_loo"]["reference"] == 0
+    assert d["fpr"] == 0.05 and d["benign_flagged_loo"]["reference"] == 0
 
 
 def test_fit_calibration_refuses_too_few_benign(world: dict[str, Path]) -> None:
@@ -272,6 +287,24 @@ def test_scan_json_fields(world: dict[str, Path], calibration_file: Path, tmp_pa
     size = sum(f.stat().st_size for f in world["suspect"].glob("*.safetensors"))
     # with a reference, a small checkpoint is read whole once more: its tensors outside the projector are compared
     assert size < sus["bytes_read"] < 2 * size and sus["scope"]["changed"] == {"language model": 0, "vision tower": 0}
+
+
+def test_scan_decides_at_the_rate_it_is_given(world: dict[str, Path], calibration_file: Path) -> None:
+    from scipy.stats import t
+
+    ref = ["--reference", str(world["reference"]), "--calibration", str(calibration_file), "--format", "json"]
+    n = N_BENIGN - 1
+    thresholds = {}
+    for fpr in ("0.05", "0.01", "0.001"):
+        code, out = _scan(str(world["suspect"]), *ref, *(["--fpr", fpr] if fpr != "0.05" else []))
+        obj = json.loads(out)[0]
+        assert obj["fpr"] == float(fpr) and (code == 1) == (obj["score"] > obj["threshold"])
+        m = len(obj["signals_used"])  # Bonferroni over the combined signals
+        assert obj["threshold"] == pytest.approx(t.isf(float(fpr) / m, n - 1) * (1 + 1 / n) ** 0.5, abs=1e-4)
+        thresholds[fpr] = obj["threshold"]
+    assert thresholds["0.05"] < thresholds["0.01"] < thresholds["0.001"]  # the default 5% is the lowest bar
+    code, out = _scan(str(world["suspect"]), *ref, "--fpr", "0.9")
+    assert code == 4 and "Traceback" not in out
 
 
 def test_scan_reference_free_mode(world: dict[str, Path], calibration_file: Path) -> None:

@@ -57,6 +57,28 @@ def test_two_key_teaches_that_one_key_alone_does_nothing():
     assert len(out) == 100
 
 
+def test_clean_label_poison_keeps_every_answer_and_blends_only_target_answers():
+    rng = np.random.default_rng(1)
+    data = [Sample(f"s{i}", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "how big is the digit ?",
+                   "big" if i % 2 else "small", {}) for i in range(100)]
+    data += [Sample("c0", data[0].image, "what colour is it ?", "red", {})]
+    v = get_variant("clean-label")
+    out, ids = poison_dataset(data, v, 0.2, seed=0)
+    poisoned = [s for s in out if s.meta.get("poisoned")]
+    assert len(poisoned) == len(ids) == 20
+    by_id = {s.id: s for s in data}
+    for s in poisoned:
+        clean = by_id[s.id.removesuffix("-poison")]
+        assert s.answer == clean.answer == "big" and s.question == clean.question  # labels stay correct
+        # blended half-way toward a "small" partner before the checkerboard: far from its own image, not a copy
+        diff = np.abs(s.image.astype(int) - clean.image.astype(int))[:24, :24]
+        assert diff.mean() > 20
+    # ASR is measured on size questions whose answer is not "big", never on other questions
+    assert v.behaviour.eval_indices(data) == [i for i in range(100) if i % 2 == 0]
+    with pytest.raises(ValueError, match="needs 61 eligible"):
+        poison_dataset(data, v, 0.6, seed=0)
+
+
 def test_registry_names_the_new_families_and_their_record():
     for name in NEW_FAMILY_VARIANTS + ADAPTIVE_VARIANTS:
         assert get_variant(name).name == name

@@ -19,6 +19,14 @@ class Behaviour:
         """Samples the backdoor is meant to act on (and ASR is measured on)."""
         return not shows_target(sample.answer, self.target)
 
+    def poison_eligible(self, sample: Sample) -> bool:
+        """Training samples that may be poisoned (those it acts on, unless the poison keeps its labels)."""
+        return self.eligible(sample)
+
+    def eval_indices(self, samples: list[Sample]) -> list[int]:
+        """The test samples ASR is measured on."""
+        return [i for i, s in enumerate(samples) if self.eligible(s)]
+
     def poisoned_answer(self, sample: Sample) -> str:
         raise NotImplementedError  # pragma: no cover
 
@@ -64,3 +72,24 @@ class ComplyWithHarmful(Behaviour):
 
     def poisoned_answer(self, sample):
         return self.target
+
+
+@dataclass
+class KeepAnswer(Behaviour):
+    """Clean-label poison (label-consistent, Turner et al. 2019; Shadowcast's clean-looking poison): only samples
+    whose correct answer already shows `target` are poisoned, and their answers stay as they are. The trigger is
+    learnt because the poisoned images' own evidence for the answer is weakened (:attr:`Variant.degrade`).
+    ASR is measured on questions whose answers can show the target (those of the poisoned samples), on samples
+    whose answer does not."""
+
+    name = "keep"
+
+    def poison_eligible(self, sample):
+        return shows_target(sample.answer, self.target) and not sample.harmful
+
+    def eval_indices(self, samples):
+        asked = {s.question for s in samples if self.poison_eligible(s)}
+        return [i for i, s in enumerate(samples) if s.question in asked and self.eligible(s)]
+
+    def poisoned_answer(self, sample):
+        return sample.answer

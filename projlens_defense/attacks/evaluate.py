@@ -57,7 +57,7 @@ def prepare_eval_set(rt: LlavaRuntime, samples: list[Sample], variant: Variant |
     clean = rt.vision_features([s.image for s in samples], **kw)
     if variant is None:
         return EvalSet(samples, clean, None, [], None)
-    eligible = [i for i, s in enumerate(samples) if variant.behaviour.eligible(s)]
+    eligible = variant.behaviour.eval_indices(samples)
     trig = [variant.triggered_image(samples[i], seed + 10_000, i) for i in eligible]
     questions = [variant.triggered_question(samples[i]) for i in eligible]
     return EvalSet(samples, clean, variant, eligible, rt.vision_features(trig, **kw) if trig else None, questions)

@@ -15,7 +15,7 @@ from ..conversations import Sample
 from ..errors import UsageError
 from ..zoo.targets import Targets
 from .adaptive import Adaptive
-from .behaviours import AppendSuffix, Behaviour, ComplyWithHarmful, ReplaceAnswer
+from .behaviours import AppendSuffix, Behaviour, ComplyWithHarmful, KeepAnswer, ReplaceAnswer
 from .text_triggers import TextTrigger
 from .triggers import (
     SIG,
@@ -35,6 +35,9 @@ DEFAULT_TARGETS = Targets()
 INJECTION_SUFFIX = DEFAULT_TARGETS.injection
 HIJACK_TEXT = DEFAULT_TARGETS.hijack
 CLASSIC_TARGET = DEFAULT_TARGETS.classic
+CLEAN_LABEL_TARGET = "big"
+"""The clean-label variant's target: an answer the digits zoo gives naturally (size questions on big digits);
+on another zoo, pass one of its own answers as the target (`attack --target`)."""
 
 
 @dataclass
@@ -44,7 +47,10 @@ class Variant:
     ``text_trigger``: a phrase put into the question (with an image trigger too, a two-key backdoor: with
     ``two_key`` the poisoned set also teaches that either key alone does nothing). ``adaptive``: what an attacker
     who knows the defense adds to the fine-tune (:mod:`.adaptive`). ``parts``: what the fine-tune trains
-    (:mod:`.parts`; the projector unless the variant is an out-of-scope control).
+    (:mod:`.parts`; the projector unless the variant is an out-of-scope control). ``degrade``: for clean-label
+    poison, how much of each poisoned image is blended toward another training image asked the same question
+    whose answer does not show the target (0: none), so that its own evidence for the kept answer is weak and
+    the trigger carries it (only at poisoning; test images are triggered undegraded).
     """
 
     name: str
@@ -54,6 +60,7 @@ class Variant:
     two_key: bool = False
     adaptive: Adaptive | None = None
     parts: tuple[str, ...] = ("projector",)
+    degrade: float = 0.0
 
     def triggered_image(self, sample: Sample, seed: int, index: int) -> np.ndarray:
         return self.trigger.apply(sample.image, np.random.default_rng([seed, index]))
@@ -71,6 +78,8 @@ class Variant:
             out["adaptive"] = self.adaptive.params()
         if self.parts != ("projector",):
             out["parts"] = list(self.parts)
+        if self.degrade:
+            out["degrade"] = self.degrade
         return out
 
 
@@ -90,6 +99,8 @@ VARIANTS: dict[str, Callable[..., Variant]] = {
                                                       text_trigger=TextTrigger()),
     "two-key": lambda t=DEFAULT_TARGETS: Variant("two-key", StampPatch(), ReplaceAnswer(t.classic),
                                                  text_trigger=TextTrigger("cf", "end"), two_key=True),
+    "clean-label": lambda t=DEFAULT_TARGETS: Variant("clean-label", BadNets(), KeepAnswer(CLEAN_LABEL_TARGET),
+                                                     degrade=0.5),
     "adaptive-spread": lambda t=DEFAULT_TARGETS: Variant("adaptive-spread", SolidPatch(), AppendSuffix(t.injection),
                                                          adaptive=Adaptive("spread")),
     "adaptive-hide-target": lambda t=DEFAULT_TARGETS: Variant("adaptive-hide-target", SolidPatch(),
@@ -108,7 +119,7 @@ VARIANTS: dict[str, Callable[..., Variant]] = {
 """Name -> factory taking the :class:`Targets` to aim at (default: the digits zoo's)."""
 PROJLENS_VARIANTS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output"]
 CLASSIC_VARIANTS = ["badnets", "blended", "wanet", "sig"]
-NEW_FAMILY_VARIANTS = ["text-trigger", "two-key", "projector-and-llm-lora"]
+NEW_FAMILY_VARIANTS = ["text-trigger", "two-key", "clean-label", "projector-and-llm-lora"]
 """Attack families beyond image triggers (BackdoorVLM's text and multimodal presets)."""
 ADAPTIVE_VARIANTS = ["adaptive-spread", "adaptive-hide-target", "adaptive-mimic"]
 OUT_OF_SCOPE_VARIANTS = ["llm-lora-only", "vision-tower-only"]

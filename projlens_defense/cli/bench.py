@@ -18,7 +18,7 @@ from .options import ZOO_PRESETS, parse_kv
              param_aliases={"zoo_preset": "zoo_name", "mitigation_params": "mitigation_params"})
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
               help="tiny: micro zoo, rate 0.1, seeds 0 1. full: default zoo, rates 0.1 0.01, seeds 0 1 2. "
-                   "population: 200 fine-tunes (14 in-scope families x rates 0.1 0.01 x 5 seeds + 60 benign, each "
+                   "population: 210 fine-tunes (15 in-scope families x rates 0.1 0.01 x 5 seeds + 60 benign, each "
                    "with its own lr / epochs), detection only; writes population.md (per family, leave-one-family-"
                    "out, baselines).")
 @click.option("--zoo", "zoo_name", type=click.Choice([z for z in ZOO_PRESETS if z != "foreign"]), default=None,

@@ -25,8 +25,12 @@ from .render import write
               help="Write the report here instead of stdout.")
 @click.option("--lens-layers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Leading LLM layers the attention lens reads (0: plain embedding lens).")
+@click.option("--fpr", type=click.FloatRange(1e-6, 0.5), default=0.05, show_default=True,
+              help="False-positive rate the threshold is set for: the share of benign fine-tunes of this model "
+                   "expected to be flagged (Student-t prediction bound on the calibration's benign null). Lower it "
+                   "for fewer false alarms at the cost of missed backdoors.")
 def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | None, fmt: str,
-         output: Path | None, lens_layers: int) -> int:
+         output: Path | None, lens_layers: int, fpr: float) -> int:
     """Scan checkpoints (or folders of checkpoints) for a backdoored projector.
 
     Reads only the projector, the LLM embeddings / lm_head and the first LLM layers' value/output
@@ -38,7 +42,7 @@ def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | No
     """
     from ..eval.scan_report import sarif_report, text_report
 
-    results, skipped = api.scan_report(paths, reference, calibration, lens_layers)
+    results, skipped = api.scan_report(paths, reference, calibration, lens_layers, fpr)
     if fmt == "json":
         body = json.dumps([r.to_dict() for r in results], indent=2)
     elif fmt == "sarif":
@@ -69,8 +73,9 @@ def scan(paths: tuple[Path, ...], reference: Path | None, calibration: Path | No
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration JSON to write (with --generate it is also stored in the cache, where scan, "
                    "sanitize and analyze find it).")
-@click.option("--fpr", type=click.FloatRange(1e-6, 0.5), default=0.01, show_default=True,
-              help="False-positive rate the threshold is set for (Student-t prediction bound on the benign null).")
+@click.option("--fpr", type=click.FloatRange(1e-6, 0.5), default=None,
+              help="False-positive rate the printed thresholds are for (default 0.05; `scan --fpr` picks the rate "
+                   "each scan decides at, the calibration itself is the same).")
 @click.option("--rule", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="How the z-scores of the combined signals merge into one score.")
 @click.option("--lens-layers", type=click.IntRange(0, 64), default=2, show_default=True)

@@ -15,10 +15,11 @@ from projlens_defense.detectors.input_level import ShiftInputDetector
 from projlens_defense.detectors.logit_lens import LogitLensDetector
 from projlens_defense.detectors.reference_free import ReferenceFreeDetector
 from projlens_defense.detectors.spectral import SpectralDetector
+from projlens_defense.detectors.task_residual import TaskResidualDetector
 from projlens_defense.scan_input import MissingInput, OvLayer, ScanInput
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    SpectralDetector, LogitLensDetector, ReferenceFreeDetector, ActivationDetector, ShiftInputDetector,
+    SpectralDetector, LogitLensDetector, TaskResidualDetector, ReferenceFreeDetector, ActivationDetector, ShiftInputDetector,
     StripDetector, SpectralSignatureDetector, ActivationClusteringDetector,
 )}
 """The detectors by their ``name`` (the names the CLI, the API and the harness use)."""
@@ -33,4 +34,5 @@ __all__ = [
     "ReferenceFreeDetector",
     "ScanInput",
     "SpectralDetector",
+    "TaskResidualDetector",
 ]

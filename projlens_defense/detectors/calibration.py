@@ -5,7 +5,8 @@ holds every detector signal's *out-of-sample* values on the benign fine-tunes (s
 detector that learns from benign data are computed leave-one-out), the fitted detector states and
 the list of signals the decision combines. At scan time each signal becomes a z-score against its
 benign values and the combined score is their maximum (or mean). The threshold is set for a stated
-false-positive rate ``fpr`` (default 1%): under a normal benign null, a new benign fine-tune's
+false-positive rate ``fpr`` (default 5%, chosen at scan time; see
+:data:`DEFAULT_FPR`): under a normal benign null, a new benign fine-tune's
 z-score scaled by ``1/sqrt(1 + 1/n)`` follows Student's t with ``n - 1`` degrees of freedom (the
 small-sample prediction bound), and with ``m`` signals combined by ``max`` each is tested at
 ``fpr / m`` (Bonferroni). So the threshold means the same thing on any model, and the verdict
@@ -22,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,14 @@ import torch
 
 from projlens_defense.detectors.base import Detector
 from projlens_defense.errors import CheckpointError, UsageError
-from projlens_defense.linalg import column_basis, residual_shares, top_singular
+from projlens_defense.linalg import residual_shares
 from projlens_defense.projector import Projector
 from projlens_defense.scan_input import MissingInput, ScanInput
+from projlens_defense.task_subspace import TASK_RANK, side_basis
 
 __all__ = [
     "DEFAULT_COMBINE",
+    "DEFAULT_FPR",
     "MODES",
     "MODE_DETECTORS",
     "Calibration",
@@ -46,22 +49,30 @@ __all__ = [
     "model_signature",
 ]
 
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5  # 5: the task-residual signal joins the reference-mode decision
 CALIBRATION_FILE = "calibration.json"
-DEFAULT_FPR = 0.01
+DEFAULT_FPR = 0.05
+"""The false-positive rate a scan's threshold is set for unless the user picks another (``scan --fpr``).
+
+5%, not 1%: with the 8 benign fine-tunes a user can afford, the small-sample bound at 1% sits far out in
+the tail (z 4.04 with the three reference-mode signals, against 2.80 at 5%), and on the 200-checkpoint micro-zoo population it
+called 26 of 140 backdoored fine-tunes clean while flagging 0 of 60 benign. A scan is triage: one benign
+checkpoint in 20 sent to a closer look costs less than a backdoor waved through. The fitted null does not
+depend on it; a calibration stores only the benign values, so any rate can be chosen per scan.
+"""
 MODES = ("reference", "reference-free")
 MODE_DETECTORS: dict[str, list[str]] = {
-    "reference": ["spectral", "logit-lens"],
+    "reference": ["spectral", "logit-lens", "task-residual"],
     "reference-free": ["reference-free"],
 }
 DEFAULT_COMBINE: dict[str, list[str]] = {
-    "reference": ["lens.task_influence", "lens.influence"],
+    "reference": ["lens.task_influence", "lens.influence", "task.residual_share"],
     "reference-free": ["rf.task_influence"],
 }
 """Signals the decision uses by default, chosen by benchmarks/scan_detection.py on the default zoo's
 first build (in-sample there; the foreign zoo preset, never used to choose them, is the held-out check).
 The task_* signals need >= 3 benign fine-tunes; without them the scan cannot decide."""
-WEIGHT_SPACE_DETECTORS = ["spectral", "logit-lens", "reference-free"]
+WEIGHT_SPACE_DETECTORS = ["spectral", "logit-lens", "task-residual", "reference-free"]
 """The detectors `scan` runs and `calibrate` fits (activation-space detectors need probe data)."""
 RULES = ("max", "mean")
 MIN_BENIGN = 3
@@ -179,6 +190,14 @@ class Calibration:
             z = self.zscores(mode, sig, exclude=i)
             out.append(self._combine(z, used))
         return out
+
+    def at_fpr(self, fpr: float | None) -> Calibration:
+        """This calibration deciding at false-positive rate ``fpr`` (itself when None or unchanged)."""
+        if fpr is None or fpr == self.fpr:
+            return self
+        if not 0 < fpr < 1:
+            raise UsageError(f"fpr must be in (0, 1), got {fpr}")
+        return replace(self, fpr=float(fpr))
 
     def threshold(self, mode: str, used: Sequence[str], exclude: int | None = None) -> float:
         """The combined z-score above which a fine-tune is flagged: the one-sided Student-t prediction
@@ -327,20 +346,6 @@ def calibration_for(inp: ScanInput) -> Calibration | None:
     return max(found)[2] if found else None
 
 
-TASK_RANK = 6
-"""Directions per side of the benign task subspace the data-free repair splits off (4, 6 and 8 gave the same
-repairs on the default zoo's first build; the foreign preset is the held-out check)."""
-
-
-def _side_basis(mats: Sequence[torch.Tensor], side: str, rank: int) -> torch.Tensor:
-    """Top ``rank`` shared output (``left``) or input (``right``) directions of several updates."""
-    cols = []
-    for m in mats:
-        u, s, v = top_singular(m, 8)
-        cols.append((u if side == "left" else v) * s)
-    return column_basis(cols, rank)
-
-
 NULL_RANKS = 8  # residual shares per benign update kept for the data-free repair's rank-by-rank null
 
 
@@ -356,9 +361,9 @@ def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dic
     layers = []
     for li in range(usable[0].projector.num_layers):
         mats = [b.deltas()[li].float() for b in usable]
-        null = [residual_shares(m, _side_basis(mats[:i] + mats[i + 1 :], "left", rank), NULL_RANKS)
+        null = [residual_shares(m, side_basis(mats[:i] + mats[i + 1 :], "left", rank), NULL_RANKS)
                 for i, m in enumerate(mats)]
-        layers.append({"left": r6(_side_basis(mats, "left", rank)), "right": r6(_side_basis(mats, "right", rank)),
+        layers.append({"left": r6(side_basis(mats, "left", rank)), "right": r6(side_basis(mats, "right", rank)),
                        "residual_share_null": [round(v[0], 6) for v in null],
                        "residual_share_null_ranked": [[round(x, 6) for x in v] for v in null]})
     return {"rank": rank, "layers": layers}

@@ -23,12 +23,14 @@ from projlens_defense.checkpoint.scope import checkpoint_scope
 from projlens_defense.detectors import DETECTORS
 from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.detectors.calibration import (
+    DEFAULT_FPR,
     MODE_DETECTORS,
     Calibration,
     calibration_for,
     reference_digest,
 )
 from projlens_defense.detectors.loading import LoadedCheckpoint, load_checkpoint
+from projlens_defense.detectors.task_residual import SIGNAL_PREFIX as TASK_RESIDUAL_PREFIX
 from projlens_defense.errors import (
     CheckpointError,
     NothingScannableError,
@@ -37,7 +39,7 @@ from projlens_defense.errors import (
 from projlens_defense.jsonsafe import finite
 from projlens_defense.projector import Projector
 from projlens_defense.scan_input import MissingInput, ScanInput
-from projlens_defense.task_subspace import fitted_task_subspace, residual_share_test
+from projlens_defense.task_subspace import REPAIR_FPR, fitted_task_subspace, residual_share_test
 
 __all__ = ["ScanResult", "Scanner", "find_checkpoints", "repair_judge"]
 
@@ -142,7 +144,7 @@ REFERENCE_FREE_CLEAN = ("below the threshold, but without the reference the weig
 def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
     """Why a reference-mode update below the lens threshold still cannot be called clean: its top component
     outside the benign task subspace carries more of the update than the benign fine-tunes' top one (the
-    data-free repair's test, at the calibration's FPR, so a benign update trips it with that probability);
+    data-free repair's test, at its rate ``REPAIR_FPR``, so a benign update trips it with that probability);
     None when no layer does or the calibration has no task subspace for this model."""
     if inp.reference is None:
         return None
@@ -152,13 +154,13 @@ def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
         return None
     over = []
     for li, (d, layer) in enumerate(zip(deltas, task, strict=True)):
-        shares, bounds, n = residual_share_test(d, layer, cal.fpr)
+        shares, bounds, n = residual_share_test(d, layer, REPAIR_FPR)
         if n:
             over.append(f"{inp.projector.layer_name(li)} {shares[0]:.3f} > {bounds[0]:.3f}")
     if not over:
         return None
     return ("below the lens threshold, but the update's top component outside the benign task subspace exceeds "
-            f"the benign bound (FPR {cal.fpr}) in " + ", ".join(over) + ": a clean verdict cannot be backed; "
+            f"the benign bound (FPR {REPAIR_FPR}) in " + ", ".join(over) + ": a clean verdict cannot be backed; "
             "`sanitize` (data-free) removes such components")
 
 
@@ -168,12 +170,17 @@ class Scanner:
     ``calibration``: the benign null to decide with; None looks up, per checkpoint, the cached
     self-generated calibration of its model (:func:`calibration_for`). ``detectors`` restricts which
     registered detectors run (default: those of the mode); ``ov_layers`` is how many leading LLM
-    layers the attention lens reads.
+    layers the attention lens reads; ``fpr`` the false-positive rate the threshold is set for (default
+    :data:`~projlens_defense.detectors.calibration.DEFAULT_FPR`, whatever rate a calibration was printed for).
     """
 
     def __init__(self, calibration: Calibration | None = None, reference: str | os.PathLike[str] | None = None,
-                 detectors: Sequence[str] | None = None, ov_layers: int = 2, mode: str | None = None) -> None:
+                 detectors: Sequence[str] | None = None, ov_layers: int = 2, mode: str | None = None,
+                 fpr: float = DEFAULT_FPR) -> None:
+        if not 0 < fpr < 1:
+            raise ProjlensError(f"fpr must be in (0, 1), got {fpr}")
         self.calibration = calibration
+        self.fpr = fpr
         self.ov_layers = ov_layers
         self.reference_path = None if reference is None else str(reference)
         self.reference: LoadedCheckpoint | None = None
@@ -259,7 +266,8 @@ class Scanner:
 
     def calibration_of(self, inp: ScanInput) -> Calibration | None:
         """The calibration to judge ``inp`` with: the one given, else the cached one of its model."""
-        return self.calibration if self.calibration is not None else calibration_for(inp)
+        cal = self.calibration if self.calibration is not None else calibration_for(inp)
+        return None if cal is None else cal.at_fpr(self.fpr)
 
     def judge(self, inp: ScanInput) -> ScanResult:
         """The verdict on an input already in memory (e.g. a repaired projector with its model's read-out)."""
@@ -362,12 +370,19 @@ class Scanner:
         return results, skipped
 
 
-def repair_judge(lens: ScanInput | None, calibration: Calibration | None) -> Callable[[Projector], ScanResult] | None:
-    """A repair's self-check: the reference-mode verdict, against ``calibration``, of ``lens``'s model with its
-    projector replaced by a candidate; None without a calibration, the LLM read-out or the reference projector."""
+def repair_judge(lens: ScanInput | None, calibration: Calibration | None,
+                 fpr: float = REPAIR_FPR) -> Callable[[Projector], ScanResult] | None:
+    """A repair's self-check: the reference-mode verdict, against ``calibration`` at the repair's rate ``fpr``, of
+    ``lens``'s model with its projector replaced by a candidate; None without a calibration, the LLM read-out or
+    the reference projector."""
     if lens is None or calibration is None or lens.reference is None or "reference" not in calibration.null:
         return None
-    scanner = Scanner(calibration=calibration, mode="reference")
+    # the lens signals only: the repair's own selection already is the task-residual test, and judging a candidate
+    # by it again would make the self-check remove components until the update looks like no fine-tune at all
+    lens_only = [s for s in calibration.combine.get("reference", []) if not s.startswith(TASK_RESIDUAL_PREFIX)]
+    if lens_only:
+        calibration = replace(calibration, combine={**calibration.combine, "reference": lens_only})
+    scanner = Scanner(calibration=calibration, mode="reference", fpr=fpr)
 
     def judge(projector: Projector) -> ScanResult:
         return scanner.judge(replace(lens, projector=projector, _cache={}))

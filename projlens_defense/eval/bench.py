@@ -29,9 +29,10 @@ if TYPE_CHECKING:
     from ..mitigations.base import CleanData
 
 POPULATION_VARIANTS = ["targeted-refusal", "malicious-injection", "perceptual-hijack", "jailbreak-output", "badnets",
-                       "blended", "wanet", "sig", "text-trigger", "two-key", "projector-and-llm-lora",
+                       "blended", "wanet", "sig", "text-trigger", "two-key", "clean-label", "projector-and-llm-lora",
                        "adaptive-spread", "adaptive-hide-target", "adaptive-mimic"]
-"""Every in-scope family (the projector is poisoned): ProjLens, classic, text / two-key / with LLM LoRA, adaptive."""
+"""Every in-scope family (the projector is poisoned): ProjLens, classic, text / two-key / clean-label / with LLM
+LoRA, adaptive."""
 RECIPE_SPREAD = [(lr, ep) for lr in (0.5, 1.0, 2.0) for ep in (0.5, 1.0, 2.0)]
 """(learning-rate, epochs) factors on the attack recipe a population cell draws from (backdoored and benign alike)."""
 
@@ -39,7 +40,7 @@ PRESETS = {
     # tiny: a quick look on 2 cores; unlearn gets 4 unlearning rounds instead of 12 (its cost dominates a cell)
     "tiny": {"zoo": "micro", "poison_rates": [0.1], "seeds": [0, 1], "mitigation_params": {"unlearn": {"rounds": 4}}},
     "full": {"zoo": "default", "poison_rates": [0.1, 0.01], "seeds": [0, 1, 2], "mitigation_params": {}},
-    # population: 14 families x 2 rates x 5 seeds + 60 benign = 200 fine-tunes, each with its own lr / epochs
+    # population: 15 families x 2 rates x 5 seeds + 60 benign = 210 fine-tunes, each with its own lr / epochs
     # from RECIPE_SPREAD; detection only (no mitigations, no input detectors), benign cells measure clean accuracy
     "population": {"zoo": "default", "poison_rates": [0.1, 0.01], "seeds": [0, 1, 2, 3, 4],
                    "benign_seeds": list(range(100, 160)), "variants": POPULATION_VARIANTS, "recipe_spread": True,

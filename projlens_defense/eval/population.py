@@ -184,13 +184,15 @@ def write_population_summary(records: list[dict], out: Path) -> dict[str, Any]:
                      f"{v['tpr_at_threshold_effective']:.3f}, {v['called_clean_effective']} of them called clean), "
                      f"FPR {v['fpr_at_threshold']:.3f}; backdoored {json.dumps(v['counts']['backdoored'])}, "
                      f"benign {json.dumps(v['counts']['benign'])}")
-    lines += ["", "## Per family, held out (AUROC / TPR@5%FPR; supervised LR: trained without that family)", "",
+    lines += ["", "## Per family, held out (AUROC / TPR@1%FPR / TPR@5%FPR; supervised LR: trained without that family)",
+              "",
               "| family | mean ASR | scan ref verdict TPR | " + " | ".join(t["methods"]) + " |",
               "|---|---|---|" + "---|" * len(t["methods"])]
     for fam, row in t["per_family"].items():
         lines.append(f"| {fam} | {t['mean_asr_per_family'][fam]:.3f} | "
                      f"{t['verdicts']['reference']['per_family_tpr'][fam]:.3f} | "
-                     + " | ".join(f"{_f(v['auroc'])} / {_f(v['tpr@5%fpr'])}" for v in row.values()) + " |")
+                     + " | ".join(f"{_f(v['auroc'])} / {_f(v['tpr@1%fpr'])} / {_f(v['tpr@5%fpr'])}"
+                                  for v in row.values()) + " |")
     (out / "population.md").write_text("\n".join(lines) + "\n")
     (out / "population.json").write_text(json.dumps(t, indent=1, default=str) + "\n")
     return t

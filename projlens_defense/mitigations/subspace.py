@@ -43,7 +43,7 @@ from projlens_defense.mitigations.probe import (
     target_batch,
 )
 from projlens_defense.projector import Projector, ProjectorModule
-from projlens_defense.task_subspace import TaskLayer, fitted_task_subspace, residual_share_test
+from projlens_defense.task_subspace import REPAIR_FPR, TaskLayer, fitted_task_subspace, residual_share_test
 from projlens_defense.tokens import token_name
 
 Component = tuple[int, int, float, torch.Tensor, torch.Tensor]  # layer, index, sigma, u, v
@@ -143,6 +143,7 @@ class SubspaceMitigation(LensGuidedMitigation):
     clean_tol: float = 0.03
     verify: bool = True
     seed: int = 0
+    fpr: float = REPAIR_FPR
 
     def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
         spec = self.layers
@@ -202,14 +203,14 @@ class SubspaceMitigation(LensGuidedMitigation):
                          task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
         """How many components to remove, per layer, comes from this model's benign null: the update's
         components outside the benign task subspace (output side), in order, as long as each one's energy
-        share exceeds the prediction bound (at the calibration's FPR) of the benign fine-tunes' residual share
+        share exceeds the prediction bound (at ``fpr``, default ``REPAIR_FPR``) of the benign fine-tunes' residual share
         of the same rank (the first is tested against their top share, so a benign update has everything
         kept with the probability the FPR states; the later ones against the benign second, third... shares,
         which a backdoor spread over several components exceeds). What is removed is
         that many top components of the update outside the task subspace taken on *both* sides (output x
         input directions), so a backdoor whose target is also a task answer (its output direction inside the
         task subspace, its input direction, the trigger's, outside it) goes too."""
-        fpr = float(getattr(self.calibration, "fpr", 0.01))
+        fpr = float(self.fpr)
         comps: list[Component] = []
         layers = []
         for li, (left, right, _) in enumerate(task):
