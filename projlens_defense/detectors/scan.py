@@ -377,8 +377,8 @@ def repair_judge(lens: ScanInput | None, calibration: Calibration | None,
     the reference projector."""
     if lens is None or calibration is None or lens.reference is None or "reference" not in calibration.null:
         return None
-    # the lens signals only: the repair's own selection already is the task-residual test, and judging a candidate
-    # by it again would make the self-check remove components until the update looks like no fine-tune at all
+    # the lens signals only: the repair's own selection already is the task-residual test, so the self-check adds
+    # the lens's evidence (on the seed-2 transfer rows both choices removed the same components)
     lens_only = [s for s in calibration.combine.get("reference", []) if not s.startswith(TASK_RESIDUAL_PREFIX)]
     if lens_only:
         calibration = replace(calibration, combine={**calibration.combine, "reference": lens_only})
