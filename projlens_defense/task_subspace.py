@@ -34,6 +34,13 @@ def side_basis(mats: Sequence[torch.Tensor], side: str, rank: int = TASK_RANK) -
     return column_basis(cols, rank)
 
 
+def loo_residual_shares(mats: Sequence[torch.Tensor], rank: int = TASK_RANK, k: int = 1) -> list[list[float]]:
+    """Each benign update's top ``k`` residual energy shares outside the task subspace of the *others* (one layer):
+    the out-of-sample null a suspect's shares are compared with."""
+    return [residual_shares(m, side_basis(list(mats[:i]) + list(mats[i + 1 :]), "left", rank), k)
+            for i, m in enumerate(mats)]
+
+
 def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[TaskLayer] | None:
     """Per layer, (output basis, input basis, benign residual-share null per benign update and rank) of a
     calibration's task subspace fitted for layers of these shapes (None without one)."""

@@ -31,10 +31,9 @@ import torch
 
 from projlens_defense.detectors.base import Detector
 from projlens_defense.errors import CheckpointError, UsageError
-from projlens_defense.linalg import residual_shares
 from projlens_defense.projector import Projector
 from projlens_defense.scan_input import MissingInput, ScanInput
-from projlens_defense.task_subspace import TASK_RANK, side_basis
+from projlens_defense.task_subspace import TASK_RANK, loo_residual_shares, side_basis
 
 __all__ = [
     "DEFAULT_COMBINE",
@@ -361,8 +360,7 @@ def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dic
     layers = []
     for li in range(usable[0].projector.num_layers):
         mats = [b.deltas()[li].float() for b in usable]
-        null = [residual_shares(m, side_basis(mats[:i] + mats[i + 1 :], "left", rank), NULL_RANKS)
-                for i, m in enumerate(mats)]
+        null = loo_residual_shares(mats, rank, NULL_RANKS)
         layers.append({"left": r6(side_basis(mats, "left", rank)), "right": r6(side_basis(mats, "right", rank)),
                        "residual_share_null": [round(v[0], 6) for v in null],
                        "residual_share_null_ranked": [[round(x, 6) for x in v] for v in null]})

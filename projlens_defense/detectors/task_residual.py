@@ -21,7 +21,7 @@ import torch
 from projlens_defense.detectors.base import Detector, DetectorReport
 from projlens_defense.linalg import residual_shares
 from projlens_defense.scan_input import MissingInput, ScanInput
-from projlens_defense.task_subspace import TASK_RANK, side_basis
+from projlens_defense.task_subspace import TASK_RANK, loo_residual_shares, side_basis
 
 __all__ = ["SIGNAL_PREFIX", "TaskResidualDetector"]
 
@@ -50,8 +50,7 @@ class TaskResidualDetector(Detector):
         layers = []
         for li in range(usable[0].projector.num_layers):
             mats = [b.deltas()[li].float() for b in usable]
-            shares = [residual_shares(m, side_basis(mats[:i] + mats[i + 1 :], "left", self.task_rank), 1)[0]
-                      for i, m in enumerate(mats)]
+            shares = [r[0] for r in loo_residual_shares(mats, self.task_rank)]
             layers.append({"basis": side_basis(mats, "left", self.task_rank), "mean": statistics.fmean(shares),
                            "std": max(statistics.stdev(shares), STD_FLOOR)})
         self.layers = layers
