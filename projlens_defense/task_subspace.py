@@ -2,9 +2,9 @@
 
 A calibration (fitted on benign fine-tunes of one model) stores, per projector layer, the subspace that
 benign fine-tuning moves (output and input bases) and each benign update's top residual energy shares outside
-it (leave-one-out). The test asks whether a suspect update's components outside that subspace carry more of
-its energy than a benign fine-tune's do, at the calibration's false-positive rate. The data-free repair
-removes what exceeds the bound; the scan will not call an update clean while its top share exceeds it.
+it (leave-one-out). The test asks whether a suspect update's top component outside that subspace carries more
+of its energy than a benign fine-tune's does, at a stated false-positive rate. The data-free repair removes
+that component where it exceeds the bound; the scan will not call an update clean while it does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from projlens_defense.linalg import column_basis, residual_shares, top_singular
 from projlens_defense.stats import prediction_bound
 
-TaskLayer = tuple[torch.Tensor, torch.Tensor, list[list[float]]]  # output basis, input basis, null shares by rank
+TaskLayer = tuple[torch.Tensor, torch.Tensor, list[float]]  # output basis, input basis, benign top residual shares
 
 
 TASK_RANK = 6
@@ -34,16 +34,16 @@ def side_basis(mats: Sequence[torch.Tensor], side: str, rank: int = TASK_RANK) -
     return column_basis(cols, rank)
 
 
-def loo_residual_shares(mats: Sequence[torch.Tensor], rank: int = TASK_RANK, k: int = 1) -> list[list[float]]:
-    """Each benign update's top ``k`` residual energy shares outside the task subspace of the *others* (one layer):
-    the out-of-sample null a suspect's shares are compared with."""
-    return [residual_shares(m, side_basis(list(mats[:i]) + list(mats[i + 1 :]), "left", rank), k)
+def loo_residual_shares(mats: Sequence[torch.Tensor], rank: int = TASK_RANK) -> list[float]:
+    """Each benign update's top residual energy share outside the task subspace of the *others* (one layer):
+    the out-of-sample null a suspect's top share is compared with."""
+    return [residual_shares(m, side_basis(list(mats[:i]) + list(mats[i + 1 :]), "left", rank), 1)[0]
             for i, m in enumerate(mats)]
 
 
 def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[TaskLayer] | None:
-    """Per layer, (output basis, input basis, benign residual-share null per benign update and rank) of a
-    calibration's task subspace fitted for layers of these shapes (None without one)."""
+    """Per layer, (output basis, input basis, benign top residual shares) of a calibration's task subspace
+    fitted for layers of these shapes (None without one)."""
     ts = getattr(calibration, "task_subspace", None) if calibration is not None else None
     layers = ts.get("layers") if ts else None
     if not layers or len(layers) != len(delta):
@@ -55,8 +55,7 @@ def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[Ta
             return None
         if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
             return None
-        ranked = spec.get("residual_share_null_ranked") or [[x] for x in spec["residual_share_null"]]
-        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [[float(x) for x in r] for r in ranked]))
+        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [float(x) for x in spec["residual_share_null"]]))
     return out
 
 
@@ -65,15 +64,10 @@ REPAIR_FPR = 0.01
 test) fires on a benign update: 1%, lower than a scan's triage rate, because a repair edits the model."""
 
 
-def residual_share_test(update: torch.Tensor, layer: TaskLayer, fpr: float,
-                        k: int = 1) -> tuple[list[float], list[float], int]:
-    """(the update's top ``k`` residual shares outside the task subspace, the benign bounds of every stored rank
-    at ``fpr``, how many leading shares exceed their bound). The first share is tested against the benign top
-    shares, so a benign update exceeds it with probability ``fpr``; later ones against the benign second,
-    third... shares."""
+def residual_share_test(update: torch.Tensor, layer: TaskLayer, fpr: float) -> tuple[float, float, bool]:
+    """(the update's top residual share outside the task subspace, the benign bound at ``fpr``, whether it
+    exceeds the bound): a benign update exceeds it with probability ``fpr``."""
     left, _, null = layer
-    ranks = min(len(r) for r in null)
-    bounds = [prediction_bound([r[j] for r in null], fpr) for j in range(ranks)]
-    shares = residual_shares(update.float(), left, min(k, ranks))
-    n = next((i for i, (x, b) in enumerate(zip(shares, bounds, strict=False)) if x <= b), len(shares))
-    return shares, bounds, n
+    share = residual_shares(update.float(), left, 1)[0]
+    bound = prediction_bound(null, fpr)
+    return share, bound, share > bound

@@ -598,6 +598,40 @@ def test_data_free_subspace_removes_the_backdoor_outside_the_task_subspace(
     task_before, task_after = left.T @ before @ right, left.T @ after @ right
     assert float((task_after - task_before).norm() / task_before.norm()) < 0.05  # the task piece is kept (to 5%)
     assert torch.equal(res.projector.layers[0].weight, sus.layers[0].weight)
+
+
+def _orthogonal_unit(against: torch.Tensor, seed: int) -> torch.Tensor:
+    x = torch.randn(against.shape[0], generator=torch.Generator().manual_seed(seed))
+    q = torch.linalg.qr(against)[0]
+    x = x - q @ (q.T @ x)
+    return x / x.norm()
+
+
+def test_data_free_subspace_removes_one_component_per_layer(world: dict[str, Path], calibration_file: Path) -> None:
+    """The benign-bound test removes a layer's top component outside the task subspace only: a second, weaker
+    piece outside it stays (removing such pieces cost 2-5 points of clean accuracy for no ASR on the transfer
+    checkpoints); more goes only where the calibrated scan still flags the result (the scan-guided step)."""
+    from projlens_defense.checkpoint import load_projector
+    from projlens_defense.detectors.lens_context import lens_context
+    from projlens_defense.mitigations import MITIGATIONS
+
+    ref, sus = load_projector(world["reference"]), load_projector(world["suspect_task"])
+    lens, cal = lens_context(world["suspect_task"], ref, [], calibration_file)
+    first = MITIGATIONS["subspace"](lens=lens, calibration=cal).apply(sus, ref)
+    removed = sus.delta(ref)[-1] - first.projector.delta(ref)[-1]
+    u0, s0, v0 = top_singular(removed, 1)
+    spec = cal.task_subspace["layers"][-1]
+    left, right = (torch.tensor(spec[k]) for k in ("left", "right"))
+    u2 = _orthogonal_unit(torch.cat([left, u0], dim=1), 1)
+    v2 = _orthogonal_unit(torch.cat([right, v0], dim=1), 2)
+    weights = [layer.weight.clone() for layer in sus.layers]
+    weights[-1] += 0.9 * float(s0[0]) * torch.outer(u2, v2)  # above the benign second share, below the first
+    two = sus.with_weights(weights)
+    res = MITIGATIONS["subspace"](lens=lens, calibration=cal).apply(two, ref)
+    assert res.report["rank"] == 1 and [x["removed"] for x in res.report["layers"]] == [0, 1]
+    kept = float(u2 @ res.projector.delta(ref)[-1] @ v2)
+    assert kept > 0.8 * 0.9 * float(s0[0])  # the weaker piece is (most of it) still there
+    assert float(u0[:, 0] @ res.projector.delta(ref)[-1] @ v0[:, 0]) < 0.1 * float(s0[0])  # the backdoor's is not
     # the lens no longer finds TARGET outside the task: the sanitized update reads like a benign one
     det = LogitLensDetector().fit([_input(world, f"benign{i}") for i in range(N_BENIGN - 1)])
 

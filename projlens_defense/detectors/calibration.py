@@ -345,14 +345,10 @@ def calibration_for(inp: ScanInput) -> Calibration | None:
     return max(found)[2] if found else None
 
 
-NULL_RANKS = 8  # residual shares per benign update kept for the data-free repair's rank-by-rank null
-
-
 def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dict[str, Any]:
     """Per projector layer, the benign task subspace (output and input directions the benign updates share)
-    and its null: each benign update's top ``NULL_RANKS`` residual energy shares outside the subspace of the
-    others (leave-one-out), rank by rank. The data-free repair removes a layer's i-th component only while
-    every one before it exceeded its own rank's bound, and the i-th does too."""
+    and its null: each benign update's top residual energy share outside the subspace of the others
+    (leave-one-out), which the data-free repair's test and the backing of a `clean` verdict compare with."""
     usable = [b for b in benign if b.reference is not None]
     if len(usable) < MIN_BENIGN:
         return {}
@@ -360,10 +356,9 @@ def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dic
     layers = []
     for li in range(usable[0].projector.num_layers):
         mats = [b.deltas()[li].float() for b in usable]
-        null = loo_residual_shares(mats, rank, NULL_RANKS)
+        null = loo_residual_shares(mats, rank)
         layers.append({"left": r6(side_basis(mats, "left", rank)), "right": r6(side_basis(mats, "right", rank)),
-                       "residual_share_null": [round(v[0], 6) for v in null],
-                       "residual_share_null_ranked": [[round(x, 6) for x in v] for v in null]})
+                       "residual_share_null": [round(v, 6) for v in null]})
     return {"rank": rank, "layers": layers}
 
 

@@ -154,9 +154,9 @@ def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
         return None
     over = []
     for li, (d, layer) in enumerate(zip(deltas, task, strict=True)):
-        shares, bounds, n = residual_share_test(d, layer, REPAIR_FPR)
-        if n:
-            over.append(f"{inp.projector.layer_name(li)} {shares[0]:.3f} > {bounds[0]:.3f}")
+        share, bound, over_bound = residual_share_test(d, layer, REPAIR_FPR)
+        if over_bound:
+            over.append(f"{inp.projector.layer_name(li)} {share:.3f} > {bound:.3f}")
     if not over:
         return None
     return ("below the lens threshold, but the update's top component outside the benign task subspace exceeds "

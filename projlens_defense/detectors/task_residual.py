@@ -50,7 +50,7 @@ class TaskResidualDetector(Detector):
         layers = []
         for li in range(usable[0].projector.num_layers):
             mats = [b.deltas()[li].float() for b in usable]
-            shares = [r[0] for r in loo_residual_shares(mats, self.task_rank)]
+            shares = loo_residual_shares(mats, self.task_rank)
             layers.append({"basis": side_basis(mats, "left", self.task_rank), "mean": statistics.fmean(shares),
                            "std": max(statistics.stdev(shares), STD_FLOOR)})
         self.layers = layers

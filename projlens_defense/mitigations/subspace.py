@@ -3,13 +3,14 @@
 Candidates are the top-``k`` singular components ``s_i u_i v_i^T`` of dW per layer. Which of them
 are removed (the rank) is chosen automatically:
 
-* **data-free** (weights only), with a scan calibration that holds the benign **task subspace**
-  (the output directions benign fine-tunes of this model share, see
-  :class:`~projlens_defense.detectors.logit_lens.LogitLensDetector`): the update of the last layer
-  is split into its part inside the top ``task_rank`` task directions and the rest, and the top
-  ``task_removed_rank`` singular components of the rest are removed (``task_rank`` 6 and 1
-  component were chosen on the zoo's 10% checkpoints: rank 4 left 5-9% ASR on perceptual-hijack). The task adaptation is kept whole; what a backdoor adds on top of it is
-  the dominant low-rank piece outside it (finding 1), also when its target is a task answer.
+* **data-free** (weights only), with a calibration that holds the benign **task subspace** (the directions
+  benign fine-tunes of this model share, fitted by ``calibrate``): per layer, the update's top component
+  outside that subspace is removed when its energy share exceeds what a benign fine-tune's top component
+  carries (a prediction bound at ``fpr``); if the calibrated scan still flags the result, further components
+  of the last layer go while each lowers its score. The task adaptation is kept whole; what a backdoor adds on
+  top of it is the dominant low-rank piece outside it (finding 1), also when its target is a task answer.
+  (An older calibration with only the task basis: the top ``task_removed_rank`` components of the last
+  layer's update outside the top ``task_rank`` task directions.)
 * **data-free** without such a calibration: through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
   the random-direction mean by ``lens_sigma`` standard deviations) and carries at least
@@ -201,28 +202,26 @@ class SubspaceMitigation(LensGuidedMitigation):
 
     def _null_calibrated(self, suspect: Projector, delta: list[torch.Tensor],
                          task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
-        """How many components to remove, per layer, comes from this model's benign null: the update's
-        components outside the benign task subspace (output side), in order, as long as each one's energy
-        share exceeds the prediction bound (at ``fpr``, default ``REPAIR_FPR``) of the benign fine-tunes' residual share
-        of the same rank (the first is tested against their top share, so a benign update has everything
-        kept with the probability the FPR states; the later ones against the benign second, third... shares,
-        which a backdoor spread over several components exceeds). What is removed is
-        that many top components of the update outside the task subspace taken on *both* sides (output x
-        input directions), so a backdoor whose target is also a task answer (its output direction inside the
-        task subspace, its input direction, the trigger's, outside it) goes too."""
+        """Per layer, the update's top component outside the benign task subspace (output side) is removed when
+        its energy share exceeds the prediction bound (at ``fpr``, default ``REPAIR_FPR``) of the benign
+        fine-tunes' top residual share, so a benign update has everything kept with the probability the FPR
+        states. One component per layer: the backdoor is the dominant low-rank piece (finding 1); removing the
+        further components that exceed the benign second, third... shares as well (the earlier rule) took 2 to 5 more points of clean accuracy on the transfer checkpoints for no ASR (seed 2, in-sample for
+        this choice). Where one is not enough, the scan-guided step removes more while the calibrated scan's
+        evidence drops. What is removed is the top component of the update outside the task subspace taken on
+        *both* sides (output x input directions), so a backdoor whose target is also a task answer (its output
+        direction inside the task subspace, its input direction, the trigger's, outside it) goes too."""
         fpr = float(self.fpr)
         comps: list[Component] = []
         layers = []
         for li, (left, right, _) in enumerate(task):
             m = delta[li].float()
-            shares, bounds, k = residual_share_test(m, task[li], fpr, int(self.k))
-            layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bounds[0], 6),
-                           "benign_bounds_by_rank": [round(b, 6) for b in bounds[: k + 1]], "removed": k,
-                           "residual_shares": [round(x, 6) for x in shares]})
-            if k:
-                rest = m - left @ (left.T @ m) @ (right @ right.T)
-                u, s, v = top_singular(rest, k)
-                comps += [(li, i, float(s[i]), u[:, i].clone(), v[:, i].clone()) for i in range(min(k, len(s)))]
+            share, bound, over = residual_share_test(m, task[li], fpr)
+            layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bound, 6), "removed": int(over),
+                           "residual_share": round(share, 6)})
+            if over:
+                u, s, v = top_singular(m - left @ (left.T @ m) @ (right @ right.T), 1)
+                comps.append((li, 0, float(s[0]), u[:, 0].clone(), v[:, 0].clone()))
         n = len(task[0][2])
         report: dict[str, Any] = {"mode": "data-free", "task_rank": int(task[0][0].shape[1]), "fpr": fpr,
                                   "n_benign": n, "layers": layers}
