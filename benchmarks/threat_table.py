@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/threat_table.py --zoo default --out runs/threats
 
-Rows (seed 2, never used to choose anything): the new families (a text trigger, a two-key image + text trigger,
+Rows (attack seed 2, or ``--seed N`` for a fresh set after a change to the defense): the new families (a text
+trigger, a two-key image + text trigger,
 a clean-label poison whose answers stay correct, malicious injection and perceptual hijack at a 0.5% poison rate, the projector poisoned together with LoRA on the
 LLM), the adaptive attacks (spread, hide-target, mimic; see ``projlens_defense/attacks/adaptive.py``) and the
 out-of-scope controls (the backdoor only in LLM LoRA / only in the vision tower; the projector untouched). Per row: ASR and clean accuracy reached (two-key: also each
@@ -40,7 +41,7 @@ def _m(ev) -> dict:
     return {"asr": m.asr, "clean": m.clean_accuracy, "one_key": m.one_key_activation}
 
 
-def one(variant: str, rate: float, zoo: str, zoo_seed: int, out: str) -> dict:
+def one(variant: str, rate: float, zoo: str, zoo_seed: int, out: str, seed: int = SEED) -> dict:
     """Attack, scan (with and without the reference), sanitize data-free and few-shot, evaluate; one row."""
     import projlens_defense as pld
 
@@ -50,9 +51,9 @@ def one(variant: str, rate: float, zoo: str, zoo_seed: int, out: str) -> dict:
     z = pld.load_zoo(zoo, zoo_seed, progress=False)
     ck = root / "ckpt" / name
     if not (ck / "attack.json").is_file():
-        pld.attack(variant, ck, zoo_preset=zoo, zoo_seed=zoo_seed, poison_rate=rate, seed=SEED, force=True)
+        pld.attack(variant, ck, zoo_preset=zoo, zoo_seed=zoo_seed, poison_rate=rate, seed=seed, force=True)
     rec = json.loads((ck / "attack.json").read_text())
-    row: dict = {"name": name, "variant": variant, "rate": rate, "seed": SEED, "metrics": rec["metrics"],
+    row: dict = {"name": name, "variant": variant, "rate": rate, "seed": seed, "metrics": rec["metrics"],
                  "adaptive": rec.get("adaptive"), "train_time_s": rec.get("train_time_s")}
     for mode, ref in (("reference", z.reference), ("reference-free", None)):
         [res] = pld.scan([ck], reference=ref)
@@ -89,7 +90,8 @@ def psr(row: dict, zoo: str, zoo_seed: int, out: str) -> dict:
 
 
 def markdown(zoo: str, rows: list[dict]) -> str:
-    lines = [f"## Threat table, {zoo} zoo (seed {SEED}; nothing in the defense was chosen on these checkpoints)", "",
+    seeds = ", ".join(str(x) for x in sorted({r.get("seed", SEED) for r in rows})) or str(SEED)
+    lines = [f"## Threat table, {zoo} zoo (seed {seeds}; nothing in the defense was chosen on these checkpoints)", "",
              "| attack | rate | ASR | clean | one key alone (image / text) | scan ref: verdict (score / thr) "
              "| changed outside the projector | scan ref-free | data-free ASR / clean | few-shot ASR / clean "
              "| PSR-style channel-restore ASR / clean |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--zoo-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=SEED, help="attack seed (another seed is a fresh set of checkpoints)")
     ap.add_argument("--only", nargs="*", help="names of the rows to run (default: all)")
     ap.add_argument("--no-psr", action="store_true", help="skip the PSR-style channel-restore baseline")
     args = ap.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
         done = {r["name"]: r for r in map(json.loads, done_path.read_text().splitlines())}
     todo = [(v, r) for v, r in SPECS if name_of(v, r) not in done and (not args.only or name_of(v, r) in args.only)]
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(one, v, r, args.zoo, args.zoo_seed, str(args.out)) for v, r in todo]
+        futures = [pool.submit(one, v, r, args.zoo, args.zoo_seed, str(args.out), args.seed) for v, r in todo]
         for fut in futures:
             row = fut.result()
             done[row["name"]] = row
