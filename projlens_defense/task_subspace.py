@@ -55,7 +55,8 @@ def fitted_task_subspace(calibration: Any, delta: list[torch.Tensor]) -> list[Ta
             return None
         if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
             return None
-        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], [float(x) for x in spec["residual_share_null"]]))
+        null = [float(x) for x in spec["residual_share_null"]]
+        out.append((torch.linalg.qr(left)[0], torch.linalg.qr(right)[0], null))
     return out
 
 

@@ -60,6 +60,12 @@ def top_components(delta: list[torch.Tensor], layers: list[int], k: int) -> list
     return out
 
 
+def outside_task(m: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``m`` less its part inside the two-sided task subspace (output basis ``left`` x input basis ``right``): what
+    the data-free repair picks components from."""
+    return m - left @ (left.T @ m) @ (right @ right.T)
+
+
 def remove_components(proj: Projector, comps: list[Component]) -> Projector:
     """``proj`` with each component's rank-1 term subtracted from its layer's weight."""
     weights = [layer.weight.clone().float() for layer in proj.layers]
@@ -206,8 +212,8 @@ class SubspaceMitigation(LensGuidedMitigation):
         its energy share exceeds the prediction bound (at ``fpr``, default ``REPAIR_FPR``) of the benign
         fine-tunes' top residual share, so a benign update has everything kept with the probability the FPR
         states. One component per layer: the backdoor is the dominant low-rank piece (finding 1); removing the
-        further components that exceed the benign second, third... shares as well (the earlier rule) took 2 to 5 more points of clean accuracy on the transfer checkpoints for no ASR (seed 2, in-sample for
-        this choice). Where one is not enough, the scan-guided step removes more while the calibrated scan's
+        further components that exceed the benign second, third... shares as well (the earlier rule) took 2 to 5
+        more points of clean accuracy on the transfer checkpoints for no ASR (seed 2, in-sample for this choice). Where one is not enough, the scan-guided step removes more while the calibrated scan's
         evidence drops. What is removed is the top component of the update outside the task subspace taken on
         *both* sides (output x input directions), so a backdoor whose target is also a task answer (its output
         direction inside the task subspace, its input direction, the trigger's, outside it) goes too."""
@@ -220,7 +226,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             layers.append({"layer": suspect.layer_name(li), "benign_bound": round(bound, 6), "removed": int(over),
                            "residual_share": round(share, 6)})
             if over:
-                u, s, v = top_singular(m - left @ (left.T @ m) @ (right @ right.T), 1)
+                u, s, v = top_singular(outside_task(m, left, right), 1)
                 comps.append((li, 0, float(s[0]), u[:, 0].clone(), v[:, 0].clone()))
         n = len(task[0][2])
         report: dict[str, Any] = {"mode": "data-free", "task_rank": int(task[0][0].shape[1]), "fpr": fpr,
@@ -273,7 +279,7 @@ class SubspaceMitigation(LensGuidedMitigation):
         extra: list[Component] = []
         scores = [first.score]
         for _ in range(int(self.k)):
-            u, s, v = top_singular(m - left @ (left.T @ m) @ (right @ right.T), 1)
+            u, s, v = top_singular(outside_task(m, left, right), 1)
             if not len(s) or float(s[0]) <= 0.0:
                 break
             c = (li, len(comps) + len(extra), float(s[0]), u[:, 0].clone(), v[:, 0].clone())
