@@ -241,6 +241,18 @@ def test_calibration_threshold_is_a_student_t_prediction_bound_at_the_stated_fpr
     again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
     assert again.threshold("reference", used) == pytest.approx(cal.threshold("reference", used))
     assert again.fpr == 0.05
+    assert cal.at_fpr(0.01).threshold("reference", used) == pytest.approx(t.isf(0.01, n - 1) * (1 + 1 / n) ** 0.5)
+
+
+@pytest.mark.parametrize("fpr", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_a_rate_outside_0_1_is_a_usage_error_for_calibration_and_scanner(fpr: float) -> None:
+    from projlens_defense.errors import UsageError
+
+    cal = Calibration(null={"reference": {"a": [1.0, 2.0, 3.0]}}, fpr=0.05, combine={"reference": ["a"]})
+    with pytest.raises(UsageError, match="fpr must be in"):
+        cal.at_fpr(fpr)
+    with pytest.raises(UsageError, match="fpr must be in"):
+        Scanner(cal, fpr=fpr)
 
 
 def test_calibration_file_is_valid_and_says_how_many_benign_it_would_flag(calibration_file: Path) -> None:

@@ -112,6 +112,13 @@ def reference_digest(inp: ScanInput) -> str | None:
     return cached
 
 
+def checked_fpr(fpr: float) -> float:
+    """``fpr`` as a float, or a UsageError when it is not a rate a threshold can be set for."""
+    if not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+        raise UsageError(f"fpr must be in (0, 1), got {fpr}")
+    return float(fpr)
+
+
 @dataclass
 class Calibration:
     """Benign null distributions per mode and signal, detector states and the decision rule."""
@@ -194,9 +201,7 @@ class Calibration:
         """This calibration deciding at false-positive rate ``fpr`` (itself when None or unchanged)."""
         if fpr is None or fpr == self.fpr:
             return self
-        if not 0 < fpr < 1:
-            raise UsageError(f"fpr must be in (0, 1), got {fpr}")
-        return replace(self, fpr=float(fpr))
+        return replace(self, fpr=checked_fpr(fpr))
 
     def threshold(self, mode: str, used: Sequence[str], exclude: int | None = None) -> float:
         """The combined z-score above which a fine-tune is flagged: the one-sided Student-t prediction

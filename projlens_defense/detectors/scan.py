@@ -27,6 +27,7 @@ from projlens_defense.detectors.calibration import (
     MODE_DETECTORS,
     Calibration,
     calibration_for,
+    checked_fpr,
     reference_digest,
 )
 from projlens_defense.detectors.loading import LoadedCheckpoint, load_checkpoint
@@ -177,10 +178,8 @@ class Scanner:
     def __init__(self, calibration: Calibration | None = None, reference: str | os.PathLike[str] | None = None,
                  detectors: Sequence[str] | None = None, ov_layers: int = 2, mode: str | None = None,
                  fpr: float = DEFAULT_FPR) -> None:
-        if not 0 < fpr < 1:
-            raise ProjlensError(f"fpr must be in (0, 1), got {fpr}")
         self.calibration = calibration
-        self.fpr = fpr
+        self.fpr = checked_fpr(fpr)
         self.ov_layers = ov_layers
         self.reference_path = None if reference is None else str(reference)
         self.reference: LoadedCheckpoint | None = None
