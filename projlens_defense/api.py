@@ -303,7 +303,6 @@ def bench(out: PathLike, *, preset: str = "tiny", zoo_preset: str | None = None,
     from .detectors import DETECTORS
     from .eval.bench import PRESETS, BenchConfig, parse_shard, run_bench
     from .eval.bench import mitigation_params as resolve_params
-    from .eval.summary import write_summary
     from .mitigations import MITIGATIONS
 
     if preset not in PRESETS:
@@ -332,22 +331,28 @@ def bench(out: PathLike, *, preset: str = "tiny", zoo_preset: str | None = None,
         recipe_spread=p.get("recipe_spread", False), eval_benign_variants=p.get("eval_benign_variants", True),
     )
     recs = run_bench(cfg, progress=progress)
-    write_summary(recs, out)
-    if preset == "population":
-        from .eval.population import write_population_summary
-
-        write_population_summary(recs, out)
+    _write_summaries(recs, out)
     return recs
 
 
 def bench_merge(shards: Sequence[PathLike], out: PathLike) -> list[dict[str, Any]]:
     """Join shard directories' ``results.jsonl`` into ``out`` and write the summary; returns the records."""
     from .eval.bench import merge_results
-    from .eval.summary import write_summary
 
     recs = merge_results([Path(s) for s in shards], Path(out))
-    write_summary(recs, Path(out))
+    _write_summaries(recs, Path(out))
     return recs
+
+
+def _write_summaries(recs: list[dict[str, Any]], out: Path) -> None:
+    """``summary.md`` for any grid; ``population.md`` too when the cells draw their own recipe (the population
+    preset's spread), whether the grid ran as one process or as shards joined by :func:`bench_merge`."""
+    from .eval.population import write_population_summary
+    from .eval.summary import write_summary
+
+    write_summary(recs, out)
+    if recs and all((r.get("cell") or {}).get("lr") is not None for r in recs):
+        write_population_summary(recs, out)
 
 
 def _names(registry: dict, chosen: Sequence[str], what: str) -> list[str]:

@@ -73,3 +73,30 @@ def test_leave_one_family_out_shows_what_a_supervised_detector_cannot_know(tmp_p
     fam_a = next(line for line in text.splitlines() if line.startswith("| fam-a |"))
     assert "| 1.000 / 1.000 / 1.000 |" in fam_a  # top-1 energy on family A: AUROC / TPR@1%FPR / TPR@5%FPR
     assert "| fam-b | 0.900 |" in text and "TPR 0.750 (effective backdoors 0.750, 10 of them called clean), FPR 0.000" in text
+
+
+def test_population_shards_joined_by_bench_merge_get_the_population_tables(tmp_path):
+    import json
+
+    from projlens_defense.api import bench_merge
+
+    rng = np.random.default_rng(1)
+    recs = [_record(f"b{i}", None, 0.3 + 0.02 * rng.standard_normal(), 1.0, "clean") for i in range(10)]
+    recs += [_record(f"a{i}", "fam-a", 0.8 + 0.02 * rng.standard_normal(), 1.0, "suspicious") for i in range(10)]
+    for i, r in enumerate(recs):
+        r["cell"].update(seed=i, poison_rate=0.0 if r["benign"] else 0.1, lr=5e-3)  # its own recipe, as in the preset
+        r["metrics"] = {"fam-a": {"asr": 0.0 if r["benign"] else 1.0, "clean_accuracy": 0.9}}
+        r["mitigations"] = {}  # detection only, as in the preset
+    for i, part in enumerate((recs[::2], recs[1::2])):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    merged = bench_merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    assert len(merged) == 20
+    text = (tmp_path / "merged" / "population.md").read_text()
+    assert "| fam-a | 1.000 |" in text and "(10 backdoored, 10 benign fine-tunes" in text
+    # a grid without a per-cell recipe (tiny / full presets) gets the general summary only
+    for r in recs:
+        r["cell"]["lr"] = None
+    (tmp_path / "s0" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bench_merge([tmp_path / "s0"], tmp_path / "plain")
+    assert (tmp_path / "plain" / "summary.md").is_file() and not (tmp_path / "plain" / "population.md").exists()
