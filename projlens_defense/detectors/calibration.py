@@ -112,9 +112,14 @@ def reference_digest(inp: ScanInput) -> str | None:
     return cached
 
 
+def _is_rate(x: object) -> bool:
+    """Whether ``x`` is a false-positive rate a threshold can be set for: a number in (0, 1), NaN excluded."""
+    return isinstance(x, (int, float)) and 0 < x < 1
+
+
 def checked_fpr(fpr: float) -> float:
-    """``fpr`` as a float, or a UsageError when it is not a rate a threshold can be set for."""
-    if not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+    """``fpr`` as a float, or a UsageError when it is not a rate (a user's argument)."""
+    if not _is_rate(fpr):
         raise UsageError(f"fpr must be in (0, 1), got {fpr}")
     return float(fpr)
 
@@ -284,7 +289,7 @@ class Calibration:
         if rule not in RULES:
             raise CheckpointError(f"{where}: unknown rule {rule!r}")
         fpr = d.get("fpr", DEFAULT_FPR)
-        if not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+        if not _is_rate(fpr):  # a calibration file's, so a CheckpointError, not a usage error
             raise CheckpointError(f"{where}: fpr must be a number in (0, 1)")
         combine = d.get("combine") or {}
         if not isinstance(combine, dict) or not all(isinstance(v, list) for v in combine.values()):
