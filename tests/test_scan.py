@@ -254,8 +254,6 @@ def test_a_rate_outside_0_1_is_a_usage_error_for_calibration_and_scanner(fpr: fl
     with pytest.raises(UsageError, match="fpr must be in"):
         Scanner(cal, fpr=fpr)
     # the same rate in a calibration file is the file's fault: a CheckpointError naming the file
-    from projlens_defense.errors import CheckpointError
-
     with pytest.raises(CheckpointError, match="cal.json: fpr must be a number in"):
         Calibration.from_dict({**cal.to_dict(), "fpr": fpr}, source="cal.json")
 
