@@ -45,7 +45,12 @@ def test_each_placement_changes_only_its_parts(micro_zoo, placed):
 def test_the_scan_does_not_blame_the_projector_and_says_what_changed_elsewhere(micro_zoo, placed):
     lora, tower, both = pld.scan([placed / "llm-lora-only", placed / "vision-tower-only",
                                   placed / "projector-and-llm-lora"], reference=micro_zoo.reference)
-    assert lora.verdict == "clean" and tower.verdict == "clean"  # the projector is the reference's
+    # the projector is the reference's, so it is clean; the checkpoint is not cleared: its other parts changed
+    assert lora.projector_verdict == "clean" and tower.projector_verdict == "clean"
+    assert lora.verdict == "inconclusive" and tower.verdict == "inconclusive"
+    assert "language model tensor(s) differ" in lora.reason
+    assert "vision tower tensor(s) differ" in tower.reason
+    assert both.verdict in ("suspicious", "inconclusive")  # never clean: its LLM changed too
     assert lora.scope["changed"]["language model"] > 0 and lora.scope["changed"]["vision tower"] == 0
     assert tower.scope["changed"]["vision tower"] > 0 and tower.scope["changed"]["language model"] == 0
     assert any("language model tensor(s) differ from the reference" in w for w in lora.warnings)

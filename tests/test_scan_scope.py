@@ -60,3 +60,23 @@ def test_a_projector_only_file_has_nothing_outside(make_mm_projector):
     path, _ = make_mm_projector()
     [r] = pld.scan([path])
     assert r.scope is not None and r.scope["outside"] == {} and r.scope["note"] is None
+
+
+def test_a_projector_only_file_against_a_full_reference_is_not_counted_as_changed(make_hf_llava, tmp_path):
+    """LLaVA's own `mm_projector` file holds the projector only: its model's other parts are absent, not changed,
+    so they neither warn nor keep a clean projector from a clean verdict."""
+    from safetensors.torch import save_file
+
+    ref, model = make_hf_llava(seed=0)
+    proj = next(m for k, m in model.named_modules() if k.endswith("multi_modal_projector"))
+    sd = {f"model.mm_projector.{i}.{p}": getattr(getattr(proj, name), p).detach().clone()
+          for i, name in ((0, "linear_1"), (2, "linear_2")) for p in ("weight", "bias")}
+    sd["model.mm_projector.2.weight"] += 0.05
+    d = tmp_path / "mm"
+    d.mkdir()
+    save_file(sd, d / "mm_projector.safetensors", metadata={"format": "pt"})
+    [r] = pld.scan([d / "mm_projector.safetensors"], reference=ref)
+    assert r.verdict != "error", r.errors
+    assert r.scope["changed"] is None and r.scope["note"] == "not compared (the checkpoint holds the projector only)"
+    assert not any("differ from the reference" in w for w in r.warnings)
+    assert r.projector_verdict == r.verdict

@@ -74,7 +74,8 @@ def checkpoint_scope(info: CheckpointInfo, reference: CheckpointInfo | None = No
         scope.note = "not compared (no reference)" if keys else None
         return scope
     ref_keys = _outside(reference)
-    if not keys and not ref_keys:
+    if not keys:  # a projector-only file: the rest of its model is not in it, so nothing there can differ
+        scope.note = "not compared (the checkpoint holds the projector only)" if ref_keys else None
         return scope
     if info.tensors is None or reference.tensors is None:
         scope.note = "not compared (no tensor container)"

@@ -62,7 +62,10 @@ class ScanResult:
     ``signals`` / ``zscores``: every raw signal and its z-score against the benign fine-tunes;
     ``signals_used``: those the decision combined; ``detectors``: each detector's report; ``scope``: what the
     scan examined (the projector) and what it did not (the checkpoint's other tensors, per component, and with a
-    reference how many of them differ from it; see :mod:`projlens_defense.checkpoint.scope`).
+    reference how many of them differ from it; see :mod:`projlens_defense.checkpoint.scope`);
+    ``projector_verdict``: the projector's own verdict. They differ only when the projector is judged clean but
+    tensors outside it differ from the reference: the checkpoint is then ``inconclusive`` (what changed there is
+    outside what the scan examines, so it cannot clear the checkpoint), its projector ``clean``.
     """
 
     path: str
@@ -84,6 +87,7 @@ class ScanResult:
     signals_used: list[str] = field(default_factory=list)
     detectors: list[dict[str, Any]] = field(default_factory=list)
     scope: dict[str, Any] | None = None
+    projector_verdict: str | None = None
     bytes_read: int = 0
     seconds: float = 0.0
 
@@ -140,6 +144,9 @@ NO_CALIBRATION = ("no calibration for this model{what}: fit one with `projlens-d
                   "--data CLEAN.json --generate 8`, or pass --calibration FILE")
 REFERENCE_FREE_CLEAN = ("below the threshold, but without the reference the weight-only signals cannot back a "
                         "clean verdict: scan with --reference for one")
+OUTSIDE_CHANGED = ("the projector is judged clean, but {what} differ from the reference: outside what a "
+                   "projector scan examines, so the checkpoint cannot be declared clean (check those parts with a "
+                   "tool for them; projector_verdict is the projector's own)")
 
 
 def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
@@ -237,6 +244,7 @@ class Scanner:
             res.warnings += ck.notes
             inp = self.build_input(ck, res.warnings)
             self._judge(inp, res)
+            res.projector_verdict = res.verdict
             self._scope(ck, res)
         except NothingScannableError:
             raise
@@ -251,17 +259,21 @@ class Scanner:
         return res
 
     def _scope(self, ck: LoadedCheckpoint, res: ScanResult) -> None:
-        """Record what the scan did not examine; warn when those parts differ from the reference."""
+        """Record what the scan did not examine; warn when those parts differ from the reference, and then do not
+        call the checkpoint clean (a backdoor there is outside the scan's scope, not absent)."""
         try:
             scope = checkpoint_scope(ck.info, None if self.reference is None else self.reference.info)
         except CheckpointError as e:
             res.warnings.append(f"could not compare the tensors outside the projector ({_first_line(e)})")
             return
         res.scope = scope.to_dict()
-        for comp, n in sorted((scope.changed or {}).items()):
-            if n:
-                res.warnings.append(f"{n} {comp} tensor(s) differ from the reference: outside the projector, not "
-                                    f"examined by this scan (a backdoor there is out of its scope)")
+        changed = {comp: n for comp, n in sorted((scope.changed or {}).items()) if n}
+        for comp, n in changed.items():
+            res.warnings.append(f"{n} {comp} tensor(s) differ from the reference: outside the projector, not "
+                                f"examined by this scan (a backdoor there is out of its scope)")
+        if changed and res.verdict == "clean":
+            res.verdict = "inconclusive"
+            res.reason = OUTSIDE_CHANGED.format(what=" and ".join(f"{n} {c} tensor(s)" for c, n in changed.items()))
 
     def calibration_of(self, inp: ScanInput) -> Calibration | None:
         """The calibration to judge ``inp`` with: the one given, else the cached one of its model."""
@@ -272,6 +284,7 @@ class Scanner:
         """The verdict on an input already in memory (e.g. a repaired projector with its model's read-out)."""
         res = ScanResult(path=inp.path or "<in memory>", verdict="error", mode=self.mode, reference=self.reference_path)
         self._judge(inp, res)
+        res.projector_verdict = res.verdict
         return res
 
     def _judge(self, inp: ScanInput, res: ScanResult) -> None:
