@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/population_sanitize.py runs/population --jobs 2
 
 Reads a `bench --preset population` output folder (its `results.jsonl` and `checkpoints/`), runs the default
-data-free repair (`subspace`, the zoo's self-generated calibration, no clean data) on each cell, evaluates the
+data-free repair (`subspace`, the zoo's self-generated calibration, no clean data; with `--clean-data`, the
+few-shot repair with 64 of those samples) on each cell, evaluates the
 repaired checkpoint on the zoo's test set (ASR with the cell's trigger; benign cells with the trigger they were
 measured with) and writes `sanitize.jsonl` (resumable) and `sanitize.md`: per family the ASR before / after and the
 clean-accuracy change against the cell itself and against the population's benign mean, and what the benign cells
@@ -30,8 +31,9 @@ import projlens_defense as pld
 EFFECTIVE_ASR = 0.5
 
 
-def one(rec: dict, root: Path, zoo: str, params: dict | None = None) -> dict:
-    """Repair one cell data-free and evaluate the result (the cell's own metrics are the 'before')."""
+def one(rec: dict, root: Path, zoo: str, params: dict | None = None, clean_data: Path | None = None) -> dict:
+    """Repair one cell (data-free, or few-shot with ``clean_data``) and evaluate the result (the cell's own metrics
+    are the 'before')."""
     t0 = time.time()
     ck = root / "checkpoints" / rec["key"]
     variant, before = next(iter(rec["metrics"].items()))
@@ -41,7 +43,7 @@ def one(rec: dict, root: Path, zoo: str, params: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "repaired"
         try:
-            res = pld.sanitize(ck, out, params=params).to_dict()
+            res = pld.sanitize(ck, out, params=params, clean_data=clean_data, n_clean=64, n_eval=0).to_dict()
         except pld.NothingRemovedError as e:
             row.update(removed=0, message=str(e).splitlines()[0][:300], after=dict(row["before"]))
         else:
@@ -103,8 +105,17 @@ def main() -> None:
     ap.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                     help="a `subspace` parameter other than its default (repeatable), e.g. --param fpr=0.05")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: POPULATION/sanitize.jsonl)")
+    ap.add_argument("--clean-data", type=Path, default=None,
+                    help="few-shot: 64 clean samples from this conversation JSON (e.g. the zoo's train.json)")
+    ap.add_argument("--only", default="", help="comma-separated families to repair ('benign' for the benign cells)")
+    ap.add_argument("--rate", type=float, default=None, help="only backdoored cells of this poison rate (and benign)")
     args = ap.parse_args()
     recs = [json.loads(line) for line in (args.population / "results.jsonl").read_text().splitlines() if line.strip()]
+    if args.only:
+        fams = set(args.only.split(","))
+        recs = [r for r in recs if ("benign" if r["benign"] else r["cell"]["variant"]) in fams]
+    if args.rate is not None:
+        recs = [r for r in recs if r["benign"] or r["cell"]["poison_rate"] == args.rate]
     if args.limit:
         recs = recs[: args.limit]
     params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)} or None
@@ -112,7 +123,7 @@ def main() -> None:
     done = {json.loads(line)["key"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
     todo = [r for r in recs if r["key"] not in done]
     t0 = time.time()
-    work = partial(one, root=args.population, zoo=args.zoo, params=params)
+    work = partial(one, root=args.population, zoo=args.zoo, params=params, clean_data=args.clean_data)
     with ProcessPoolExecutor(max(1, args.jobs), mp_context=get_context("spawn")) as pool, out.open("a") as f:
         for i, row in enumerate(pool.map(work, todo), 1):
             f.write(json.dumps(row) + "\n")

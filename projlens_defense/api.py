@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, NothingRemovedError, NothingScannableError, UsageError
+from .errors import CheckpointError, NothingRemovedError, NothingScannableError, ProjlensError, UsageError
 from .results import AnalysisResult, AttackResult, EvaluationResult, GuardResult, SanitizeResult
 from .runinfo import attack_provenance, read_attack_record
 
@@ -449,6 +449,7 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
     ref = load_projector(ref_path) if ref_path is not None else None
     if ref is not None:
         suspect.delta(ref)  # refuses a reference of another shape, before any work
+        warnings += _outside_changed(info, Path(ref_path))
 
     clean = rt = None
     heldout: list = []
@@ -514,6 +515,21 @@ def _sanitize_staged(staged: Any, info: Any, cls: Any, method: str, checkpoint: 
     return SanitizeResult(checkpoint, out, info.format, result.method, "few-shot" if clean is not None else "data-free",
                           None if ref_path is None else Path(ref_path), result.writable, result.params,
                           result.report, warnings, clean_accuracy)
+
+
+def _outside_changed(info: Any, reference: Path) -> list[str]:
+    """Warnings for the checkpoint's parts outside the projector that differ from the reference's: a repair of the
+    projector leaves whatever was trained there."""
+    from .checkpoint import detect_format
+    from .checkpoint.scope import checkpoint_scope
+
+    try:
+        scope = checkpoint_scope(info, detect_format(reference))
+    except ProjlensError:
+        return []
+    return [f"{n} {comp} tensor(s) differ from the reference: outside the projector, not repaired (a backdoor "
+            f"trained there stays; this repair edits the projector only)"
+            for comp, n in sorted((scope.changed or {}).items()) if n]
 
 
 def _unchanged(before: Any, after: Any) -> bool:

@@ -58,6 +58,16 @@ def test_the_scan_does_not_blame_the_projector_and_says_what_changed_elsewhere(m
     assert both.scope["changed"]["language model"] > 0
 
 
+def test_sanitize_says_it_repairs_the_projector_only(micro_zoo, placed, tmp_path):
+    """A repair of projector+LLM LoRA cannot reach the LLM half: it says so (in its warnings, or in the
+    nothing-removed error when the projector half is not found)."""
+    try:
+        said = " ".join(pld.sanitize(placed / "projector-and-llm-lora", tmp_path / "out").warnings)
+    except pld.NothingRemovedError as e:
+        said = str(e)
+    assert "language model tensor(s) differ from the reference: outside the projector, not repaired" in said
+
+
 def test_adaptive_attacks_refuse_other_placements_and_lora(micro_zoo, tmp_path):
     with pytest.raises(pld.UsageError, match="adaptive attacks"):
         run_attack(AttackConfig(variant="adaptive-spread", lora_rank=4, epochs=1.0), micro_zoo.reference,
