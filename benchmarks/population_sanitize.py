@@ -54,7 +54,7 @@ def one(rec: dict, root: Path, zoo: str, params: dict | None = None, clean_data:
     return row
 
 
-def summarise(rows: list[dict]) -> list[str]:
+def summarise(rows: list[dict], mode: str = "Data-free") -> list[str]:
     """The markdown summary: overall, then per family."""
     benign = [r for r in rows if r["benign"]]
     bd = [r for r in rows if not r["benign"]]
@@ -64,7 +64,7 @@ def summarise(rows: list[dict]) -> list[str]:
     def pts(x: float) -> str:
         return f"{100 * x:+.1f}"
 
-    L = [f"# Data-free sanitize over the population ({len(bd)} backdoored, {len(benign)} benign cells)", "",
+    L = [f"# {mode} sanitize over the population ({len(bd)} backdoored, {len(benign)} benign cells)", "",
          f"- benign mean clean accuracy (before): {mean_benign:.4f}"]
     if eff:
         after = sorted(r["after"]["asr"] for r in eff)
@@ -134,7 +134,8 @@ def main() -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     keys = {r["key"] for r in recs}
     rows = [r for r in rows if r["key"] in keys]
-    md = summarise(rows) + ["", f"wall time this run: {time.time() - t0:.0f} s for {len(todo)} cells "
+    mode = "Few-shot (64 clean samples)" if args.clean_data else "Data-free"
+    md = summarise(rows, mode) + ["", f"wall time this run: {time.time() - t0:.0f} s for {len(todo)} cells "
                                 f"(`--jobs {args.jobs}`); per cell {statistics.fmean(r['seconds'] for r in rows):.1f} s"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
