@@ -27,8 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import projlens_defense as pld
-
-EFFECTIVE_ASR = 0.5
+from projlens_defense.eval.population import EFFECTIVE_ASR
 
 
 def one(rec: dict, root: Path, zoo: str, params: dict | None = None, clean_data: Path | None = None) -> dict:

@@ -16,8 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import projlens_defense as pld
-
-EFFECTIVE_ASR = 0.5
+from projlens_defense.eval.population import EFFECTIVE_ASR
 
 
 def main() -> None:

@@ -527,9 +527,8 @@ def _outside_changed(info: Any, reference: Path) -> list[str]:
         scope = checkpoint_scope(info, detect_format(reference))
     except ProjlensError:
         return []
-    return [f"{n} {comp} tensor(s) differ from the reference: outside the projector, not repaired (a backdoor "
-            f"trained there stays; this repair edits the projector only)"
-            for comp, n in sorted((scope.changed or {}).items()) if n]
+    return scope.differing_warnings("not repaired (a backdoor trained there stays; this repair edits the projector "
+                                    "only)")
 
 
 def _unchanged(before: Any, after: Any) -> bool:

@@ -42,14 +42,24 @@ class Scope:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def differing(self) -> dict[str, int]:
+        """Components outside the projector with tensors that differ from the reference (sorted; none if not
+        compared)."""
+        return {c: n for c, n in sorted((self.changed or {}).items()) if n}
+
+    def differing_warnings(self, consequence: str) -> list[str]:
+        """One warning per differing component, ending with what that means for the caller (``consequence``)."""
+        return [f"{n} {c} tensor(s) differ from the reference: outside the projector, {consequence}"
+                for c, n in self.differing().items()]
+
     def summary(self) -> str:
         """One line for the text report."""
         parts = [f"projector examined ({self.examined} tensors)"]
         if self.outside:
             parts.append("not examined: " + ", ".join(f"{c} ({n} tensors)" for c, n in sorted(self.outside.items())))
         if self.changed is not None:
-            diff = {c: n for c, n in self.changed.items() if n}
-            parts.append("differ from the reference: " + (", ".join(f"{c} {n}" for c, n in sorted(diff.items()))
+            diff = self.differing()
+            parts.append("differ from the reference: " + (", ".join(f"{c} {n}" for c, n in diff.items())
                                                            if diff else "none"))
         elif self.note:
             parts.append(self.note)

@@ -267,10 +267,8 @@ class Scanner:
             res.warnings.append(f"could not compare the tensors outside the projector ({_first_line(e)})")
             return
         res.scope = scope.to_dict()
-        changed = {comp: n for comp, n in sorted((scope.changed or {}).items()) if n}
-        for comp, n in changed.items():
-            res.warnings.append(f"{n} {comp} tensor(s) differ from the reference: outside the projector, not "
-                                f"examined by this scan (a backdoor there is out of its scope)")
+        changed = scope.differing()
+        res.warnings += scope.differing_warnings("not examined by this scan (a backdoor there is out of its scope)")
         if changed and res.verdict == "clean":
             res.verdict = "inconclusive"
             res.reason = OUTSIDE_CHANGED.format(what=" and ".join(f"{n} {c} tensor(s)" for c, n in changed.items()))
