@@ -260,7 +260,8 @@ def test_no_command_runs_a_payload(payloads, command, tmp_path):
         chosen = [_case(cases, "payload-os-system-hf-pytorch-model-bin")]
         argv = hc.command_argv(command, chosen[0], tmp_path / "out")
     rc, out, err, wall, rss, timed_out = hc.run_child(argv, tmp_path)
-    assert rc == 2 and not timed_out and "Traceback" not in out + err, (out, err)
+    assert rc == 2 and not timed_out and "Traceback" not in out + err, dict(rc=rc, timed_out=timed_out, wall=wall,
+                                                                          rss_mb=rss, out=out, err=err)
     assert all(str(c.path) in out + err for c in chosen)
     assert wall < hc.TIMEOUT_S and rss < hc.MAX_RSS_MB
     _no_markers(root)

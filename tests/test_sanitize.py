@@ -117,6 +117,25 @@ def test_unknown_parameter_and_missing_inputs_are_usage_errors() -> None:
         MITIGATIONS["restore"]().apply(sus, None)
     with pytest.raises(UsageError, match="clean samples"):
         MITIGATIONS["finetune"]().apply(sus, ref, None)
+    for name in ("few_shot", "outside"):
+        with pytest.raises(UsageError, match=f"{name} must be one of"):
+            SubspaceMitigation.from_params({name: "everything"}).apply(sus, ref)
+
+
+def test_the_whole_outside_task_update_is_its_components_sum() -> None:
+    """`outside=all` and the few-shot refit drop every component of the update outside the task subspace: the
+    components taken must add up to that part exactly, and what is left must lie inside the subspace."""
+    from projlens_defense.mitigations.subspace import _all_components, outside_task
+
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(24, 16, generator=g)
+    left, right = torch.linalg.qr(torch.randn(24, 3, generator=g))[0], torch.linalg.qr(torch.randn(16, 3, generator=g))[0]
+    rest = outside_task(m, left, right)
+    comps = _all_components(1, rest)
+    total = sum(s * torch.outer(u, v) for _, _, s, u, v in comps)
+    assert len(comps) == 16 and torch.allclose(total, rest, atol=1e-5)
+    kept = m - total
+    assert torch.allclose(kept, left @ left.T @ m @ right @ right.T, atol=1e-5)
 
 
 def test_registry_names_are_the_cli_names() -> None:

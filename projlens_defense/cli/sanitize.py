@@ -12,6 +12,9 @@ from .exits import Command
 from .options import device_options, format_option, parse_kv
 from .render import emit
 
+SHOWN_COMPONENTS = 8
+"""Removed components listed one per line in the text report (a whole-subspace removal has hundreds)."""
+
 
 def _text(rec: SanitizeResult) -> str:
     r = rec.report
@@ -26,9 +29,16 @@ def _text(rec: SanitizeResult) -> str:
         lines.append(f"selection: {r['selection']}")
     if "rank" in r:
         lines.append(f"removed: rank {r['rank']}, energy of the update removed {r.get('energy_removed')}")
-    for c in r.get("removed", []) if isinstance(r.get("removed"), list) else []:
+    removed = r.get("removed", []) if isinstance(r.get("removed"), list) else []
+    for c in removed[:SHOWN_COMPONENTS]:
         lines.append(f"  {c.get('layer')} component {c.get('component')}: sigma {c.get('sigma')}, "
                      f"energy share {c.get('energy')}")
+    if len(removed) > SHOWN_COMPONENTS:
+        lines.append(f"  ... {len(removed) - SHOWN_COMPONENTS} more components (all in --format json)")
+    if isinstance(r.get("refit"), dict):
+        f = r["refit"]
+        lines.append(f"refit on the clean samples: {f.get('steps')} steps (lr {f.get('lr')}), loss {f.get('loss_first')} "
+                     f"-> {f.get('loss_last')}")
     if "outcome" in r:
         lines.append(f"outcome: {r['outcome']}")
     for w in r.get("weight_change", []):

@@ -11,6 +11,8 @@ are removed (the rank) is chosen automatically:
   top of it is the dominant low-rank piece outside it (finding 1), also when its target is a task answer.
   (An older calibration with only the task basis: the top ``task_removed_rank`` components of the last
   layer's update outside the top ``task_rank`` task directions.)
+  ``outside="all"`` removes the whole update outside the task subspace instead of its top component (lower ASR
+  left behind, at a cost in clean accuracy that only the few-shot refit recovers).
 * **data-free** without such a calibration: through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
   the random-direction mean by ``lens_sigma`` standard deviations) and carries at least
@@ -18,7 +20,15 @@ are removed (the rank) is chosen automatically:
   calibration (``calibration``), its token must also be novel (``min_novelty``) against the
   benign fine-tunes' readings, so that directions toward the task's own answer words are kept.
   (The thresholds were set on the zoo against benign fine-tunes; see benchmarks/mitigation_table.py.) Without the LLM read-out, the top ``fallback_rank`` components are removed.
-* **few-shot** (<= 64 clean samples, no trigger knowledge): a synthesized universal trigger
+* **few-shot** (<= 64 clean samples) with a calibration that holds the task subspace (``few_shot="refit"``, the
+  default): when the data-free test finds the update over the benign bound, the *whole* update outside the
+  two-sided task subspace is removed in every layer (what a backdoor adds beyond the task adaptation, including
+  the low-energy residue one component leaves behind), then the projector is fine-tuned on the clean samples'
+  answers (``refit_epochs``, ``refit_lr``) to recover the clean accuracy that costs; clean samples carry no
+  trigger, so the backdoor is not relearned. (Fine-tuning it toward the suspect's own outputs on the clean
+  features instead relearned the backdoor: tried on 5 population cells, rejected.) Nothing over the bound: the
+  probe search below, which removes nothing when no fixed-target response shows.
+* **few-shot** without such a calibration, or with ``few_shot="probe"``: a synthesized universal trigger
   (:mod:`~projlens_defense.mitigations.probe`) reveals whether the projector has a shortcut to a
   fixed target at all; if so, the components are ranked by how much their removal suppresses the
   target under that trigger and added greedily while the clean samples' answers stay unchanged
@@ -34,7 +44,8 @@ import torch
 
 from projlens_defense.lens import DEFAULT_STD_FLOOR, lens_reading, stored_task_basis, token_novelty
 from projlens_defense.linalg import top_singular
-from projlens_defense.mitigations.base import CleanData, MitigationResult
+from projlens_defense.mitigations.base import CleanData, MitigationInputError, MitigationResult
+from projlens_defense.mitigations.finetune import finetune_module
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
     ProbeResult,
@@ -117,6 +128,13 @@ def component_novelty(lens: Any, directions: torch.Tensor, calibration: Any) -> 
     return out
 
 
+def _all_components(li: int, m: torch.Tensor, tol: float = 1e-6) -> list[Component]:
+    """Every singular component of ``m`` (layer ``li``) above ``tol`` of its largest: their sum is ``m``."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    keep = [i for i in range(len(s)) if float(s[i]) > tol * float(s[0])] if len(s) else []
+    return [(li, i, float(s[i]), u[:, i].clone(), vh[i].clone()) for i in keep]
+
+
 def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[str, Any]:
     li, i, s, _, _ = c
     return {"layer": proj.layer_name(li), "component": i, "sigma": round(s, 6),
@@ -151,6 +169,10 @@ class SubspaceMitigation(LensGuidedMitigation):
     verify: bool = True
     seed: int = 0
     fpr: float = REPAIR_FPR
+    outside: str = "top"
+    few_shot: str = "refit"
+    refit_epochs: float = 10.0
+    refit_lr: float = 3e-4
 
     def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
         spec = self.layers
@@ -163,6 +185,10 @@ class SubspaceMitigation(LensGuidedMitigation):
               clean: CleanData | None = None) -> MitigationResult:
         self.check(reference, clean)
         assert reference is not None
+        for name, allowed in (("outside", ("top", "all")), ("few_shot", ("refit", "probe"))):
+            if getattr(self, name) not in allowed:
+                raise MitigationInputError(f"subspace: {name} must be one of {', '.join(allowed)}, "
+                                           f"got {getattr(self, name)!r}")
         delta = suspect.delta(reference)
         energy = {li: float(d.pow(2).sum()) for li, d in enumerate(delta)}
         if self.rank != "auto":
@@ -173,6 +199,8 @@ class SubspaceMitigation(LensGuidedMitigation):
         else:
             comps, report = self._data_free(suspect, delta)
         new = remove_components(suspect, comps)
+        if clean is not None and report.get("refit"):
+            new, report["refit"] = self._refit(new, clean)
         report.update({"removed": [_describe(c, energy, suspect) for c in comps], "rank": len(comps),
                        "energy_removed": {suspect.layer_name(li): round(sum(c[2] ** 2 for c in comps if c[0] == li)
                                                                         / energy[li], 6)
@@ -232,7 +260,10 @@ class SubspaceMitigation(LensGuidedMitigation):
         report: dict[str, Any] = {"mode": "data-free", "task_rank": int(task[0][0].shape[1]), "fpr": fpr,
                                   "n_benign": n, "layers": layers}
         extra: list[Component] = []
-        if self.judge is not None:
+        if comps and self.outside == "all":
+            comps = [c for li, (left, right, _) in enumerate(task)
+                     for c in _all_components(li, outside_task(delta[li].float(), left, right))]
+        elif self.judge is not None:
             extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task)
         if not comps and not extra:
             check = report.get("scan_check", {})
@@ -324,6 +355,13 @@ class SubspaceMitigation(LensGuidedMitigation):
         basis = task_basis(self.calibration, suspect.out_dim, int(self.task_rank))
         if ts is not None:
             first, head = self._null_calibrated(suspect, delta, ts)
+            if first and self.few_shot == "refit":
+                comps = [c for li, (left, right, _) in enumerate(ts)
+                         for c in _all_components(li, outside_task(delta[li].float(), left, right))]
+                return comps, {"mode": "few-shot", "refit": True, "task_removed_step": {**head, "removed": len(first)},
+                               "selection": f"{head['selection']}; then the whole update outside the two-sided task "
+                                            f"subspace (rank {len(comps)}) removed in every layer and the projector "
+                                            f"refitted on the {len(clean)} clean samples"}
         elif basis is None or int(self.task_removed_rank) <= 0:
             return self._few_shot(suspect, delta, clean)
         else:
@@ -335,6 +373,15 @@ class SubspaceMitigation(LensGuidedMitigation):
         report["task_removed_step"] = {**head, "removed": len(first)}
         report["selection"] = f"{head['selection']}; then on what is left: {report.get('selection')}"
         return first + more, report
+
+    def _refit(self, proj: Projector, clean: CleanData) -> tuple[Projector, dict[str, Any]]:
+        """``proj`` fine-tuned on the clean samples' answers: recovers the clean accuracy that dropping the whole
+        outside-task update costs; clean samples carry no trigger, so the backdoor is not relearned."""
+        module = ProjectorModule(proj)
+        losses = finetune_module(module, clean, self.refit_epochs, self.refit_lr, 16, self.seed)
+        return module.to_projector(), {"epochs": self.refit_epochs, "lr": self.refit_lr, "steps": len(losses),
+                                       "loss_first": round(losses[0], 5) if losses else None,
+                                       "loss_last": round(losses[-1], 5) if losses else None}
 
     def _inherit_probe(self, suspect: Projector, rest: Projector, clean: CleanData) -> ProbeResult | None:
         """The trigger synthesized on the *unrepaired* projector (where the backdoor is strongest, so its target is
