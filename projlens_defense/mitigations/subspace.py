@@ -12,7 +12,8 @@ are removed (the rank) is chosen automatically:
   (An older calibration with only the task basis: the top ``task_removed_rank`` components of the last
   layer's update outside the top ``task_rank`` task directions.)
   ``outside="all"`` removes the whole update outside the task subspace instead of its top component (lower ASR
-  left behind, at a cost in clean accuracy that only the few-shot refit recovers).
+  left behind, at a cost in clean accuracy that only the few-shot refit recovers; on 5 default-zoo population
+  cells, in-sample: ASR after 0.003-0.040, clean accuracy -4.0 to +0.8 points).
 * **data-free** without such a calibration: through the logit lens. A component whose output direction ``u_i``
   reads as one vocabulary token far more sharply than random directions do (peak z-score above
   the random-direction mean by ``lens_sigma`` standard deviations) and carries at least
@@ -133,6 +134,13 @@ def _all_components(li: int, m: torch.Tensor, tol: float = 1e-6) -> list[Compone
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     keep = [i for i in range(len(s)) if float(s[i]) > tol * float(s[0])] if len(s) else []
     return [(li, i, float(s[i]), u[:, i].clone(), vh[i].clone()) for i in keep]
+
+
+def whole_outside_task(delta: list[torch.Tensor], task: list[TaskLayer]) -> list[Component]:
+    """Every component of every layer's update outside its two-sided task subspace: removing them all leaves only
+    the task adaptation."""
+    return [c for li, (left, right, _) in enumerate(task)
+            for c in _all_components(li, outside_task(delta[li].float(), left, right))]
 
 
 def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[str, Any]:
@@ -261,8 +269,7 @@ class SubspaceMitigation(LensGuidedMitigation):
                                   "n_benign": n, "layers": layers}
         extra: list[Component] = []
         if comps and self.outside == "all":
-            comps = [c for li, (left, right, _) in enumerate(task)
-                     for c in _all_components(li, outside_task(delta[li].float(), left, right))]
+            comps = whole_outside_task(delta, task)
         elif self.judge is not None:
             extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task)
         if not comps and not extra:
@@ -356,8 +363,7 @@ class SubspaceMitigation(LensGuidedMitigation):
         if ts is not None:
             first, head = self._null_calibrated(suspect, delta, ts)
             if first and self.few_shot == "refit":
-                comps = [c for li, (left, right, _) in enumerate(ts)
-                         for c in _all_components(li, outside_task(delta[li].float(), left, right))]
+                comps = whole_outside_task(delta, ts)
                 return comps, {"mode": "few-shot", "refit": True, "task_removed_step": {**head, "removed": len(first)},
                                "selection": f"{head['selection']}; then the whole update outside the two-sided task "
                                             f"subspace (rank {len(comps)}) removed in every layer and the projector "
