@@ -27,7 +27,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import projlens_defense as pld
-from projlens_defense.eval.population import EFFECTIVE_ASR
+
+EFFECTIVE_ASR = pld.EFFECTIVE_ASR
 
 
 def one(rec: dict, root: Path, zoo: str, params: dict | None = None, clean_data: Path | None = None) -> dict:

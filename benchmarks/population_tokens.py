@@ -16,7 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import projlens_defense as pld
-from projlens_defense.eval.population import EFFECTIVE_ASR
+
+EFFECTIVE_ASR = pld.EFFECTIVE_ASR
 
 
 def main() -> None:

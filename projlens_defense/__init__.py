@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .checkpoint import load_projector, write_projector
     from .conversations import load_conversations
     from .detectors.calibration import load_calibration
+    from .eval.population import EFFECTIVE_ASR
     from .metrics import auroc, tpr_at_fpr
     from .mitigations import MITIGATIONS
     from .runinfo import AttackRecord, has_attack_record, read_attack_record
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 # public name -> the module that defines it (imported on first access: several pull in torch / transformers)
 _LAZY = {
     "AttackConfig": ".attacks.finetune", "AttackRecord": ".runinfo", "CLASSIC_VARIANTS": ".attacks.variants",
-    "LlavaRuntime": ".runtime", "MITIGATIONS": ".mitigations", "PROJLENS_VARIANTS": ".attacks.variants",
+    "EFFECTIVE_ASR": ".eval.population", "LlavaRuntime": ".runtime", "MITIGATIONS": ".mitigations", "PROJLENS_VARIANTS": ".attacks.variants",
     "VARIANTS": ".attacks.variants", "auroc": ".metrics", "calibration_path": ".self_calibration",
     "get_variant": ".attacks.variants", "has_attack_record": ".runinfo", "load_calibration": ".detectors.calibration",
     "load_conversations": ".conversations", "load_projector": ".checkpoint", "read_attack_record": ".runinfo",
@@ -69,7 +70,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["CLASSIC_VARIANTS", "DEFAULT_FPR", "MITIGATIONS", "PROJLENS_VARIANTS", "VARIANTS", "AnalysisResult", "AttackConfig",
-           "AttackRecord", "AttackResult", "Calibration", "CheckpointError", "EvaluationResult", "GuardResult",
+           "AttackRecord", "AttackResult", "Calibration", "CheckpointError", "EFFECTIVE_ASR", "EvaluationResult", "GuardResult",
            "LlavaRuntime", "NothingRemovedError", "ProjlensError", "SanitizeResult", "ScanResult", "UsageError",
            "analyze", "attack", "auroc", "calibrate", "calibration_path", "evaluate", "get_variant",
            "has_attack_record", "load_calibration", "load_conversations", "load_projector", "load_zoo",
