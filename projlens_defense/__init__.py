@@ -14,7 +14,8 @@ on first use so that ``import projlens_defense`` stays light:
   ``get_variant(name)``, ``AttackConfig`` (the attack recipe and its defaults, e.g. ``AttackConfig().lr``);
 * ``MITIGATIONS``: the registry of repair methods (name -> class; ``requires_clean``, ``uses_clean``,
   ``run_time_only`` say what each needs);
-* metrics: ``auroc(pos, neg)``, ``tpr_at_fpr(pos, neg, fpr)``;
+* metrics: ``auroc(pos, neg)``, ``tpr_at_fpr(pos, neg, fpr)``, ``EFFECTIVE_ASR`` (the ASR from which a backdoored
+  fine-tune counts as an effective backdoor in the population tables);
 * calibrations: ``load_calibration(path)``, ``calibration_path(reference)`` (where the self-generated one is),
   ``DEFAULT_FPR`` (the false-positive rate a scan decides at unless told another; ``Calibration.at_fpr``);
 * checkpoints and data: ``load_projector(ckpt)``, ``write_projector(ckpt, projector, out)``,
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
 # public name -> the module that defines it (imported on first access: several pull in torch / transformers)
 _LAZY = {
     "AttackConfig": ".attacks.finetune", "AttackRecord": ".runinfo", "CLASSIC_VARIANTS": ".attacks.variants",
-    "EFFECTIVE_ASR": ".eval.population", "LlavaRuntime": ".runtime", "MITIGATIONS": ".mitigations", "PROJLENS_VARIANTS": ".attacks.variants",
+    "EFFECTIVE_ASR": ".eval.population", "LlavaRuntime": ".runtime", "MITIGATIONS": ".mitigations",
+    "PROJLENS_VARIANTS": ".attacks.variants",
     "VARIANTS": ".attacks.variants", "auroc": ".metrics", "calibration_path": ".self_calibration",
     "get_variant": ".attacks.variants", "has_attack_record": ".runinfo", "load_calibration": ".detectors.calibration",
     "load_conversations": ".conversations", "load_projector": ".checkpoint", "read_attack_record": ".runinfo",
