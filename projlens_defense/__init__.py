@@ -72,7 +72,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["CLASSIC_VARIANTS", "DEFAULT_FPR", "MITIGATIONS", "PROJLENS_VARIANTS", "VARIANTS", "AnalysisResult", "AttackConfig",
-           "AttackRecord", "AttackResult", "Calibration", "CheckpointError", "EFFECTIVE_ASR", "EvaluationResult", "GuardResult",
+           "AttackRecord", "AttackResult", "Calibration", "CheckpointError", "EFFECTIVE_ASR", "EvaluationResult",
+           "GuardResult",
            "LlavaRuntime", "NothingRemovedError", "ProjlensError", "SanitizeResult", "ScanResult", "UsageError",
            "analyze", "attack", "auroc", "calibrate", "calibration_path", "evaluate", "get_variant",
            "has_attack_record", "load_calibration", "load_conversations", "load_projector", "load_zoo",

@@ -9,6 +9,7 @@ projector backdoor. Measured: badnets on the micro zoo (64 samples), ASR 0.92 ->
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from projlens_defense.mitigations.base import CleanData, Mitigation, MitigationResult
 from projlens_defense.projector import Projector, ProjectorModule
@@ -22,6 +23,12 @@ def finetune_module(module: ProjectorModule, clean: CleanData, epochs: float, lr
     return train_projector(clean.runtime, clean.features, clean.questions, clean.answers, epochs=epochs, lr=lr,
                            batch_size=batch_size, seed=seed, projector=module, progress=False,
                            desc="clean fine-tune")
+
+
+def loss_report(losses: list[float]) -> dict[str, Any]:
+    """Steps and first / last step loss of a fine-tune, as the repairs that fine-tune report them."""
+    return {"steps": len(losses), "loss_first": round(losses[0], 5) if losses else None,
+            "loss_last": round(losses[-1], 5) if losses else None}
 
 
 @dataclass(eq=False)
@@ -44,7 +51,5 @@ class FinetuneMitigation(Mitigation):
         assert clean is not None
         module = ProjectorModule(suspect)
         losses = finetune_module(module, clean, self.epochs, self.lr, self.batch_size, self.seed)
-        report = {"n_clean": len(clean), "steps": len(losses),
-                  "loss_first": round(losses[0], 5) if losses else None,
-                  "loss_last": round(losses[-1], 5) if losses else None}
+        report = {"n_clean": len(clean), **loss_report(losses)}
         return self.result(suspect, module.to_projector(), reference, report)

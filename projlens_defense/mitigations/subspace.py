@@ -46,7 +46,7 @@ import torch
 from projlens_defense.lens import DEFAULT_STD_FLOOR, lens_reading, stored_task_basis, token_novelty
 from projlens_defense.linalg import top_singular
 from projlens_defense.mitigations.base import CleanData, MitigationInputError, MitigationResult
-from projlens_defense.mitigations.finetune import finetune_module
+from projlens_defense.mitigations.finetune import FinetuneMitigation, finetune_module, loss_report
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
     ProbeResult,
@@ -384,10 +384,9 @@ class SubspaceMitigation(LensGuidedMitigation):
         """``proj`` fine-tuned on the clean samples' answers: recovers the clean accuracy that dropping the whole
         outside-task update costs; clean samples carry no trigger, so the backdoor is not relearned."""
         module = ProjectorModule(proj)
-        losses = finetune_module(module, clean, self.refit_epochs, self.refit_lr, 16, self.seed)
-        return module.to_projector(), {"epochs": self.refit_epochs, "lr": self.refit_lr, "steps": len(losses),
-                                       "loss_first": round(losses[0], 5) if losses else None,
-                                       "loss_last": round(losses[-1], 5) if losses else None}
+        losses = finetune_module(module, clean, self.refit_epochs, self.refit_lr, FinetuneMitigation.batch_size,
+                                 self.seed)
+        return module.to_projector(), {"epochs": self.refit_epochs, "lr": self.refit_lr, **loss_report(losses)}
 
     def _inherit_probe(self, suspect: Projector, rest: Projector, clean: CleanData) -> ProbeResult | None:
         """The trigger synthesized on the *unrepaired* projector (where the backdoor is strongest, so its target is
