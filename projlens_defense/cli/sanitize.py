@@ -37,8 +37,9 @@ def _text(rec: SanitizeResult) -> str:
         lines.append(f"  ... {len(removed) - SHOWN_COMPONENTS} more components (all in --format json)")
     if isinstance(r.get("refit"), dict):
         f = r["refit"]
-        lines.append(f"refit on the clean samples: {f.get('steps')} steps (lr {f.get('lr')}), loss {f.get('loss_first')} "
-                     f"-> {f.get('loss_last')}")
+        lines.append(f"refit on the clean samples: {f.get('epochs')} epochs, {f.get('steps')} steps (lr {f.get('lr')}), "
+                     f"loss {f.get('loss_first')} -> {f.get('loss_last')}; clean-sample loss {f.get('clean_loss_after')} "
+                     f"vs the suspect's {f.get('suspect_clean_loss')} ({f.get('stopped')})")
     if "outcome" in r:
         lines.append(f"outcome: {r['outcome']}")
     for w in r.get("weight_change", []):

@@ -25,6 +25,19 @@ def finetune_module(module: ProjectorModule, clean: CleanData, epochs: float, lr
                            desc="clean fine-tune")
 
 
+def clean_loss(module: ProjectorModule, clean: CleanData, batch_size: int = 16) -> float:
+    """Mean answer-token loss of the clean samples through ``module``: how well a projector fits the task there."""
+    import torch
+
+    rt, n, total = clean.runtime, len(clean), 0.0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            idx = list(range(i, min(n, i + batch_size)))
+            batch = rt.encode([clean.questions[j] for j in idx], [clean.answers[j] for j in idx])
+            total += float(rt.loss(clean.features[idx], batch, projector=module)) * len(idx)
+    return total / n
+
+
 def loss_report(losses: list[float]) -> dict[str, Any]:
     """Steps and first / last step loss of a fine-tune, as the repairs that fine-tune report them."""
     return {"steps": len(losses), "loss_first": round(losses[0], 5) if losses else None,

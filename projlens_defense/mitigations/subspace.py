@@ -25,7 +25,8 @@ are removed (the rank) is chosen automatically:
   default): when the data-free test finds the update over the benign bound, the *whole* update outside the
   two-sided task subspace is removed in every layer (what a backdoor adds beyond the task adaptation, including
   the low-energy residue one component leaves behind), then the projector is fine-tuned on the clean samples'
-  answers (``refit_epochs``, ``refit_lr``) to recover the clean accuracy that costs; clean samples carry no
+  answers (``refit_epochs`` at a time, at ``refit_lr``, until its loss there is no higher than the suspect's, at
+  most ``refit_max_epochs``) to recover the clean accuracy that costs; clean samples carry no
   trigger, so the backdoor is not relearned. (Fine-tuning it toward the suspect's own outputs on the clean
   features instead relearned the backdoor: tried on 5 population cells, rejected.) Nothing over the bound: the
   probe search below, which removes nothing when no fixed-target response shows.
@@ -46,7 +47,7 @@ import torch
 from projlens_defense.lens import DEFAULT_STD_FLOOR, lens_reading, stored_task_basis, token_novelty
 from projlens_defense.linalg import top_singular
 from projlens_defense.mitigations.base import CleanData, MitigationInputError, MitigationResult
-from projlens_defense.mitigations.finetune import FinetuneMitigation, finetune_module, loss_report
+from projlens_defense.mitigations.finetune import FinetuneMitigation, clean_loss, finetune_module, loss_report
 from projlens_defense.mitigations.lens import LensGuidedMitigation
 from projlens_defense.mitigations.probe import (
     ProbeResult,
@@ -181,6 +182,7 @@ class SubspaceMitigation(LensGuidedMitigation):
     few_shot: str = "refit"
     refit_epochs: float = 10.0
     refit_lr: float = 3e-4
+    refit_max_epochs: float = 40.0
 
     def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
         spec = self.layers
@@ -208,7 +210,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             comps, report = self._data_free(suspect, delta)
         new = remove_components(suspect, comps)
         if clean is not None and report.get("refit"):
-            new, report["refit"] = self._refit(new, clean)
+            new, report["refit"] = self._refit(new, suspect, clean)
         report.update({"removed": [_describe(c, energy, suspect) for c in comps], "rank": len(comps),
                        "energy_removed": {suspect.layer_name(li): round(sum(c[2] ** 2 for c in comps if c[0] == li)
                                                                         / energy[li], 6)
@@ -380,13 +382,28 @@ class SubspaceMitigation(LensGuidedMitigation):
         report["selection"] = f"{head['selection']}; then on what is left: {report.get('selection')}"
         return first + more, report
 
-    def _refit(self, proj: Projector, clean: CleanData) -> tuple[Projector, dict[str, Any]]:
-        """``proj`` fine-tuned on the clean samples' answers: recovers the clean accuracy that dropping the whole
-        outside-task update costs; clean samples carry no trigger, so the backdoor is not relearned."""
+    def _refit(self, proj: Projector, suspect: Projector, clean: CleanData) -> tuple[Projector, dict[str, Any]]:
+        """``proj`` fine-tuned on the clean samples' answers, ``refit_epochs`` at a time, until it fits them as well as
+        the suspect does (its loss there at most the suspect's) or ``refit_max_epochs`` are spent: recovers the clean
+        accuracy that dropping the whole outside-task update costs, also where that update carried much of the task
+        (an update shaped to look benign); clean samples carry no trigger, so the backdoor is not relearned."""
+        bs = FinetuneMitigation.batch_size
         module = ProjectorModule(proj)
-        losses = finetune_module(module, clean, self.refit_epochs, self.refit_lr, FinetuneMitigation.batch_size,
-                                 self.seed)
-        return module.to_projector(), {"epochs": self.refit_epochs, "lr": self.refit_lr, **loss_report(losses)}
+        target = clean_loss(ProjectorModule(suspect), clean, bs)
+        losses: list[float] = []
+        after: list[float] = []
+        epochs = 0.0
+        while True:
+            losses += finetune_module(module, clean, self.refit_epochs, self.refit_lr, bs, self.seed + len(after))
+            epochs += self.refit_epochs
+            after.append(clean_loss(module, clean, bs))
+            if after[-1] <= target or epochs + self.refit_epochs > self.refit_max_epochs + 1e-9:
+                break
+        return module.to_projector(), {
+            "epochs": epochs, "lr": self.refit_lr, **loss_report(losses), "suspect_clean_loss": round(target, 5),
+            "clean_loss_after": [round(x, 5) for x in after],
+            "stopped": ("fits the clean samples as well as the suspect" if after[-1] <= target
+                        else f"at refit_max_epochs {self.refit_max_epochs}")}
 
     def _inherit_probe(self, suspect: Projector, rest: Projector, clean: CleanData) -> ProbeResult | None:
         """The trigger synthesized on the *unrepaired* projector (where the backdoor is strongest, so its target is
