@@ -169,10 +169,10 @@ def test_sanitize_removes_the_backdoor_and_keeps_clean_accuracy(micro_zoo, micro
     assert rep["rank"] >= 1
     if mode == "few-shot":  # the zoo's self-calibration holds a task subspace: the whole outside part goes, then refit
         assert rep["mode"] == "few-shot" and rep["refit"]["steps"] > 0, rep
-        f = rep["refit"]  # refitted 10 epochs at a time until it fits the clean samples as well as the suspect
+        f = rep["refit"]  # refitted 10 epochs at a time until it fits the clean samples within 10x the suspect's loss
         assert f["epochs"] == 10 * len(f["clean_loss_after"]) <= 40, f
-        assert all(x > f["suspect_clean_loss"] for x in f["clean_loss_after"][:-1]), f
-        assert f["clean_loss_after"][-1] <= f["suspect_clean_loss"] or f["epochs"] == 40, f
+        assert all(x > 10 * f["suspect_clean_loss"] for x in f["clean_loss_after"][:-1]), f
+        assert f["clean_loss_after"][-1] <= 10 * f["suspect_clean_loss"] or f["epochs"] == 40, f
     after = _evaluate(tmp_path / "s", "badnets")
     assert after["asr"] <= 0.1, (before, after, rep)
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.03, (before, after)

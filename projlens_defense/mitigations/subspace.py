@@ -25,8 +25,8 @@ are removed (the rank) is chosen automatically:
   default): when the data-free test finds the update over the benign bound, the *whole* update outside the
   two-sided task subspace is removed in every layer (what a backdoor adds beyond the task adaptation, including
   the low-energy residue one component leaves behind), then the projector is fine-tuned on the clean samples'
-  answers (``refit_epochs`` at a time, at ``refit_lr``, until its loss there is no higher than the suspect's, at
-  most ``refit_max_epochs``) to recover the clean accuracy that costs; clean samples carry no
+  answers (``refit_epochs`` at a time, at ``refit_lr``, until its loss there is within ``refit_fit_factor`` of the
+  suspect's, at most ``refit_max_epochs``) to recover the clean accuracy that costs; clean samples carry no
   trigger, so the backdoor is not relearned. (Fine-tuning it toward the suspect's own outputs on the clean
   features instead relearned the backdoor: tried on 5 population cells, rejected.) Nothing over the bound: the
   probe search below, which removes nothing when no fixed-target response shows.
@@ -183,6 +183,7 @@ class SubspaceMitigation(LensGuidedMitigation):
     refit_epochs: float = 10.0
     refit_lr: float = 3e-4
     refit_max_epochs: float = 40.0
+    refit_fit_factor: float = 10.0
 
     def _layers(self, proj: Projector, few_shot: bool) -> list[int]:
         spec = self.layers
@@ -383,10 +384,12 @@ class SubspaceMitigation(LensGuidedMitigation):
         return first + more, report
 
     def _refit(self, proj: Projector, suspect: Projector, clean: CleanData) -> tuple[Projector, dict[str, Any]]:
-        """``proj`` fine-tuned on the clean samples' answers, ``refit_epochs`` at a time, until it fits them as well as
-        the suspect does (its loss there at most the suspect's) or ``refit_max_epochs`` are spent: recovers the clean
-        accuracy that dropping the whole outside-task update costs, also where that update carried much of the task
-        (an update shaped to look benign); clean samples carry no trigger, so the backdoor is not relearned."""
+        """``proj`` fine-tuned on the clean samples' answers, ``refit_epochs`` at a time, until its loss there is within
+        ``refit_fit_factor`` of the suspect's or ``refit_max_epochs`` are spent: recovers the clean accuracy that
+        dropping the whole outside-task update costs, also where that update carried much of the task (an update
+        shaped to look benign), without training on 64 samples longer than the first round where it already fits
+        them about as well as the suspect (longer cost up to 1.5 points there); clean samples carry no trigger, so
+        the backdoor is not relearned."""
         bs = FinetuneMitigation.batch_size
         module = ProjectorModule(proj)
         target = clean_loss(ProjectorModule(suspect), clean, bs)
@@ -397,12 +400,13 @@ class SubspaceMitigation(LensGuidedMitigation):
             losses += finetune_module(module, clean, self.refit_epochs, self.refit_lr, bs, self.seed + len(after))
             epochs += self.refit_epochs
             after.append(clean_loss(module, clean, bs))
-            if after[-1] <= target or epochs + self.refit_epochs > self.refit_max_epochs + 1e-9:
+            fits = after[-1] <= self.refit_fit_factor * target
+            if fits or epochs + self.refit_epochs > self.refit_max_epochs + 1e-9:
                 break
         return module.to_projector(), {
             "epochs": epochs, "lr": self.refit_lr, **loss_report(losses), "suspect_clean_loss": round(target, 5),
             "clean_loss_after": [round(x, 5) for x in after],
-            "stopped": ("fits the clean samples as well as the suspect" if after[-1] <= target
+            "stopped": (f"its clean-sample loss is within {self.refit_fit_factor}x the suspect's" if fits
                         else f"at refit_max_epochs {self.refit_max_epochs}")}
 
     def _inherit_probe(self, suspect: Projector, rest: Projector, clean: CleanData) -> ProbeResult | None:
