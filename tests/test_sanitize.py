@@ -120,6 +120,9 @@ def test_unknown_parameter_and_missing_inputs_are_usage_errors() -> None:
     for name in ("few_shot", "outside"):
         with pytest.raises(UsageError, match=f"{name} must be one of"):
             SubspaceMitigation.from_params({name: "everything"}).apply(sus, ref)
+    for bad in ({"refit_epochs": 0}, {"refit_epochs": 20, "refit_max_epochs": 10}):  # the refit loop must end
+        with pytest.raises(UsageError, match="refit_epochs must be > 0"):
+            SubspaceMitigation.from_params(bad).apply(sus, ref)
 
 
 def test_the_whole_outside_task_update_is_its_components_sum() -> None:

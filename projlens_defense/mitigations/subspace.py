@@ -200,6 +200,9 @@ class SubspaceMitigation(LensGuidedMitigation):
             if getattr(self, name) not in allowed:
                 raise MitigationInputError(f"subspace: {name} must be one of {', '.join(allowed)}, "
                                            f"got {getattr(self, name)!r}")
+        if not 0 < float(self.refit_epochs) <= float(self.refit_max_epochs):
+            raise MitigationInputError(f"subspace: refit_epochs must be > 0 and <= refit_max_epochs, got "
+                                       f"{self.refit_epochs} and {self.refit_max_epochs}")
         delta = suspect.delta(reference)
         energy = {li: float(d.pow(2).sum()) for li, d in enumerate(delta)}
         if self.rank != "auto":
