@@ -391,7 +391,7 @@ class SubspaceMitigation(LensGuidedMitigation):
         ``refit_fit_factor`` of the suspect's or ``refit_max_epochs`` are spent: recovers the clean accuracy that
         dropping the whole outside-task update costs, also where that update carried much of the task (an update
         shaped to look benign), without training on 64 samples longer than the first round where it already fits
-        them about as well as the suspect (longer cost up to 1.5 points there); clean samples carry no trigger, so
+        them about as well as the suspect (longer cost up to 1.75 points there); clean samples carry no trigger, so
         the backdoor is not relearned."""
         bs = FinetuneMitigation.batch_size
         module = ProjectorModule(proj)
