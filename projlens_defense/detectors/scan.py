@@ -172,6 +172,53 @@ def _share_test_reason(inp: ScanInput, cal: Calibration) -> str | None:
             "`sanitize` (data-free) removes such components")
 
 
+def _configured_detectors(names: Sequence[str], cal: Calibration | None) -> list[Detector]:
+    """The registered detectors ``names``, each with its state from ``cal`` where it has one."""
+    out = []
+    for name in names:
+        det = DETECTORS[name]()
+        state = cal.detector_states.get(name) if cal is not None else None
+        if state:
+            det.set_state(state)
+        out.append(det)
+    return out
+
+
+def _reference_free_reason(inp: ScanInput, cal: Calibration, res: ScanResult) -> str | None:
+    """Why a reference-mode update below every reference-mode bound still cannot be called clean: the calibrated
+    reference-free test, which reads the suspect's projector alone, flags it. The two modes see different things
+    (on the instructed zoo a malicious-injection backdoor scored below the reference-mode threshold while the
+    reference-free scan flagged it), so a `clean` verdict needs both; this moves a benign fine-tune from `clean` to
+    `inconclusive` with that test's rate, never to `suspicious`. Only a test that flags none of the calibration's
+    own benign fine-tunes (each held out) may veto: one that does is no ground to withhold `clean`. Its signals are
+    added to ``res``."""
+    mode = "reference-free"
+    if mode not in cal.null:
+        return None
+    signals: dict[str, float] = {}
+    for det in _configured_detectors(MODE_DETECTORS[mode], cal):
+        if not det.can_score(inp):
+            return None
+        try:
+            signals.update(det.score(inp).signals)
+        except MissingInput:
+            return None
+    try:
+        score, used, z = cal.score(mode, signals)
+    except MissingInput:
+        return None
+    threshold = cal.threshold(mode, used)
+    res.signals.update(signals)
+    res.zscores.update({k: round(v, 4) for k, v in z.items() if k in signals})
+    if not (math.isfinite(score) and score > threshold):
+        return None
+    if cal.benign_flagged(mode, used):  # it flags a benign fine-tune of its own null: no ground for a veto
+        return None
+    return (f"below every reference-mode bound, but the reference-free test flags it (score {score:.2f} > "
+            f"{threshold:.2f} on {', '.join(used)}, at FPR {cal.fpr}): the two modes disagree, so a clean verdict "
+            "cannot be backed")
+
+
 class Scanner:
     """Scans checkpoints against an optional reference, deciding with a calibration.
 
@@ -179,13 +226,16 @@ class Scanner:
     self-generated calibration of its model (:func:`calibration_for`). ``detectors`` restricts which
     registered detectors run (default: those of the mode); ``ov_layers`` is how many leading LLM
     layers the attention lens reads; ``fpr`` the false-positive rate the threshold is set for (default
-    :data:`~projlens_defense.detectors.calibration.DEFAULT_FPR`, whatever rate a calibration was printed for).
+    :data:`~projlens_defense.detectors.calibration.DEFAULT_FPR`, whatever rate a calibration was printed for);
+    ``cross_check``: a reference-mode `clean` also needs the calibrated reference-free test below its threshold
+    (off for a repair's self-check, which only asks whether the scan still flags a candidate).
     """
 
     def __init__(self, calibration: Calibration | None = None, reference: str | os.PathLike[str] | None = None,
                  detectors: Sequence[str] | None = None, ov_layers: int = 2, mode: str | None = None,
-                 fpr: float = DEFAULT_FPR) -> None:
+                 fpr: float = DEFAULT_FPR, cross_check: bool = True) -> None:
         self.calibration = calibration
+        self.cross_check = cross_check
         self.fpr = checked_fpr(fpr)
         self.ov_layers = ov_layers
         self.reference_path = None if reference is None else str(reference)
@@ -203,14 +253,7 @@ class Scanner:
         self.detector_names = names
 
     def _detectors(self, cal: Calibration | None) -> list[Detector]:
-        out = []
-        for name in self.detector_names:
-            det = DETECTORS[name]()
-            state = cal.detector_states.get(name) if cal is not None else None
-            if state:
-                det.set_state(state)
-            out.append(det)
-        return out
+        return _configured_detectors(self.detector_names, cal)
 
     def build_input(self, ck: LoadedCheckpoint, warnings: list[str]) -> ScanInput:
         """The ScanInput of a loaded checkpoint, borrowing the reference's LLM read-out if it has none."""
@@ -347,10 +390,12 @@ class Scanner:
             res.reason = REFERENCE_FREE_CLEAN
         else:
             res.verdict = "clean"
-            share = _share_test_reason(inp, cal)
-            if share:
+            reason = _share_test_reason(inp, cal)
+            if reason is None and self.cross_check:
+                reason = _reference_free_reason(inp, cal, res)
+            if reason:
                 res.verdict = "inconclusive"
-                res.reason = share
+                res.reason = reason
 
     def scan_paths(self, paths: Sequence[str | os.PathLike[str]]) -> tuple[list[ScanResult], list[str]]:
         """Scan every checkpoint under ``paths``; returns (results, skipped entries).
@@ -392,7 +437,7 @@ def repair_judge(lens: ScanInput | None, calibration: Calibration | None,
     lens_only = [s for s in calibration.combine.get("reference", []) if not s.startswith(TASK_RESIDUAL_PREFIX)]
     if lens_only:
         calibration = replace(calibration, combine={**calibration.combine, "reference": lens_only})
-    scanner = Scanner(calibration=calibration, mode="reference", fpr=fpr)
+    scanner = Scanner(calibration=calibration, mode="reference", fpr=fpr, cross_check=False)
 
     def judge(projector: Projector) -> ScanResult:
         return scanner.judge(replace(lens, projector=projector, _cache={}))
