@@ -314,3 +314,35 @@ def test_scan_output_matches_the_golden(micro_zoo, micro_attacks):
             assert runs[key]["output"] == golden[key]["output"], key
         else:
             _approx_equal(runs[key]["output"], golden[key]["output"], key)
+
+
+def test_reference_free_scan_uses_the_calibration_of_its_own_model(micro_zoo, micro_attacks, tmp_path, monkeypatch):
+    """Without a reference, of the cached calibrations whose shapes and vocabulary match, the scan uses the one whose
+    model the suspect's projector lies nearest to, not the most recent: two builds of one architecture share shapes
+    (a seed-0 micro benign fine-tune scanned against the seed-2 build's null was flagged, z 9.98 > 2.01). The decoy
+    is a newer copy of the zoo's own calibration whose stored benign fine-tune lies far from this model."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from projlens_defense.self_calibration import calibration_path
+
+    out, _ = micro_attacks
+    own_src = calibration_path(micro_zoo.reference).parent
+    monkeypatch.setenv("PROJLENS_CACHE", str(tmp_path))
+    own, decoy = tmp_path / "calibrations" / own_src.name, tmp_path / "calibrations" / "decoy"
+    for d in (own, decoy):
+        d.mkdir(parents=True)
+        shutil.copy(own_src / "calibration.json", d / "calibration.json")
+        shutil.copy(own_src / "benign-00.safetensors", d / "benign-00.safetensors")
+    save_file({k: v + 1.0 for k, v in load_file(decoy / "benign-00.safetensors").items()},
+              str(decoy / "benign-00.safetensors"))
+    later = (own / "calibration.json").stat().st_mtime + 60
+    os.utime(decoy / "calibration.json", (later, later))
+    for ckpt in ("benign", "backdoored"):
+        _, res = _scan_json(str(out / ckpt))
+        assert Path(res[0]["calibration"]).parent == own, res[0]["calibration"]
+    (own / "benign-00.safetensors").unlink()  # nothing to measure the distance by: the most recent one
+    _, res = _scan_json(str(out / "benign"))
+    assert Path(res[0]["calibration"]).parent == decoy, res[0]["calibration"]

@@ -337,8 +337,11 @@ def cached_calibration(digest: str | None) -> Calibration | None:
 
 
 def calibration_for(inp: ScanInput) -> Calibration | None:
-    """The cached calibration that fits ``inp``'s model: by its reference's digest; without a reference,
-    the most recent one whose projector shapes and vocabulary match (the reference-free mode)."""
+    """The cached calibration that fits ``inp``'s model: by its reference's digest; without a reference (the
+    reference-free mode), of those whose projector shapes and vocabulary match, the one whose model ``inp``'s
+    projector lies nearest to (then the most recent). Two models of one architecture share shapes and vocabulary:
+    with the micro zoo's seed-0 and seed-2 builds both calibrated, "the most recent" scanned a seed-0 benign
+    fine-tune against seed 2's null and flagged it (z 9.98 > 2.01)."""
     from projlens_defense.cache import calibration_dir
 
     if inp.reference is not None:
@@ -351,8 +354,29 @@ def calibration_for(inp: ScanInput) -> Calibration | None:
         except CheckpointError:
             continue
         if cal.model.get("projector") == mine["projector"] and cal.model.get("vocab_size") == mine["vocab_size"]:
-            found.append((path.stat().st_mtime, str(path), cal))
-    return max(found)[2] if found else None
+            found.append((path, cal))
+    if len(found) > 1:
+        found.sort(key=lambda pc: (_distance_to_calibrated_model(inp.projector, pc[0].parent),
+                                   -pc[0].stat().st_mtime))
+    return found[0][1] if found else None
+
+
+def _distance_to_calibrated_model(projector: Projector, folder: Path) -> float:
+    """Squared distance of ``projector``'s weights to a benign fine-tune stored with a self-generated calibration
+    in ``folder`` (a fine-tune stays near its base model, another model of the same shapes does not); infinite
+    where none is stored or it does not fit."""
+    from projlens_defense.checkpoint.reader import load_projector
+
+    for f in sorted(folder.glob("benign-*.safetensors"))[:1]:
+        try:
+            other = load_projector(f)
+        except CheckpointError:
+            return math.inf
+        if [tuple(a.weight.shape) for a in other.layers] != [tuple(a.weight.shape) for a in projector.layers]:
+            return math.inf
+        return sum(float((a.weight.float() - b.weight.float()).pow(2).sum())
+                   for a, b in zip(projector.layers, other.layers, strict=True))
+    return math.inf
 
 
 def fit_task_subspace(benign: Sequence[ScanInput], rank: int = TASK_RANK) -> dict[str, Any]:
