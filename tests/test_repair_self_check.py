@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from projlens_defense.checkpoint import load_projector
@@ -100,3 +101,80 @@ def test_no_judge_without_a_calibration(micro_zoo, micro_attacks):
     out, _ = micro_attacks
     lens, _ = lens_context(out / "backdoored", load_projector(micro_zoo.reference))
     assert repair_judge(lens, None) is None and repair_judge(None, None) is None
+
+
+def test_few_shot_refits_what_the_scan_does_not_call_clean(micro_zoo, micro_attacks):
+    """Few-shot, the refit also runs where no component exceeds the benign bound but the scan, as `scan` prints it,
+    does not call the update clean (a weak backdoor the reference-free cross-check flags); where the scan calls it
+    clean, no refit runs. The benign fine-tune is the case of nothing over the bound; the judge's `as_scan` verdict
+    is made `inconclusive` for the first half, as the cross-check makes it on such a backdoor."""
+    from projlens_defense.conversations import load_conversations
+    from projlens_defense.mitigations.base import CleanData
+    from projlens_defense.mitigations.subspace import whole_outside_task
+    from projlens_defense.runtime import LlavaRuntime
+
+    out, _ = micro_attacks
+    ref = load_projector(micro_zoo.reference)
+    lens, cal = lens_context(out / "benign", ref)
+    real = repair_judge(lens, cal)
+    assert real is not None
+    delta = lens.projector.delta(ref)
+    task = fitted_task_subspace(cal, delta)
+    first, _ = SubspaceMitigation(lens=lens, calibration=cal)._null_calibrated(lens.projector, delta, task)
+    assert first == [], "the benign fine-tune has a component over the benign bound"
+    scanned = real(lens.projector, as_scan=True)
+    printed = Scanner(calibration=cal, mode="reference").judge(lens)  # what `scan` prints: 5%, cross-checked
+    assert (scanned.verdict, scanned.score) == (printed.verdict, printed.score) == ("clean", printed.score), printed
+    rt = LlavaRuntime.from_pretrained(micro_zoo.reference)
+    clean = CleanData.from_samples(rt, load_conversations(micro_zoo.train_data), n=16, seed=0)
+
+    def unbacked(projector, as_scan=False):
+        res = real(projector, as_scan=as_scan)
+        return dataclasses.replace(res, verdict="inconclusive", reason="the two modes disagree") if as_scan else res
+
+    res = SubspaceMitigation(lens=lens, calibration=cal, judge=unbacked).apply(lens.projector, ref, clean)
+    rep = res.report
+    assert rep["mode"] == "few-shot" and rep["refit"]["epochs"] > 0, rep
+    assert "calibrated scan calls it inconclusive (the two modes disagree)" in rep["selection"], rep["selection"]
+    assert rep["rank"] == len(whole_outside_task(delta, task)) > 0
+    assert res.projector is not None and not torch.equal(res.projector.layers[-1].weight, lens.projector.layers[-1].weight)
+    # the scan calls it clean: no refit (the probe search runs, which removes nothing without a fixed target)
+    comps, rep2 = SubspaceMitigation(lens=lens, calibration=cal, judge=real)._few_shot_after_task_removed(
+        lens.projector, delta, clean)
+    assert not rep2.get("refit") and "scan_verdict" not in rep2, rep2
+
+
+def test_data_free_removes_until_the_scan_calls_it_clean(micro_zoo, micro_attacks):
+    """Data-free, an update with nothing over the benign bound that the scan (as printed) does not call clean loses
+    its components outside the task subspace one at a time, each lowering the scan's score, until the scan calls it
+    clean; where removal never gets there, nothing is removed and the report says why. The benign fine-tune stands
+    in for such an update: its unrepaired self is reported `inconclusive`, every candidate as the real scan says."""
+    out, _ = micro_attacks
+    ref = load_projector(micro_zoo.reference)
+    lens, cal = lens_context(out / "benign", ref)
+    real = repair_judge(lens, cal)
+    assert real is not None
+    suspect = lens.projector
+
+    def judge_with(always: bool):
+        def judge(projector, as_scan=False):
+            res = real(projector, as_scan=as_scan)
+            unrepaired = projector is suspect or all(
+                torch.equal(a.weight, b.weight) for a, b in zip(projector.layers, suspect.layers, strict=True))
+            if as_scan and (always or unrepaired):
+                res = dataclasses.replace(res, verdict="inconclusive", reason="the two modes disagree")
+            return res
+        return judge
+
+    res = SubspaceMitigation(lens=lens, calibration=cal, judge=judge_with(False)).apply(suspect, ref)
+    check = res.report["scan_check"]
+    assert check["as_scan"] and check["verdict"] == "inconclusive" and check["verdict_after"] == "clean", check
+    scores = check["scores"]
+    assert res.report["rank"] == check["removed"] == len(scores) - 1 >= 1, res.report
+    assert all(b < a for a, b in zip(scores, scores[1:], strict=False)), scores
+    assert "until the calibrated scan calls it clean" in res.report["selection"]
+    assert real(res.projector, as_scan=True).verdict == "clean"
+
+    res = SubspaceMitigation(lens=lens, calibration=cal, judge=judge_with(True)).apply(suspect, ref)
+    assert res.report["rank"] == 0 and res.report["removed"] == [], res.report
+    assert "calls it inconclusive (the two modes disagree), but removing components" in res.report["selection"]

@@ -426,12 +426,15 @@ class Scanner:
 
 
 def repair_judge(lens: ScanInput | None, calibration: Calibration | None,
-                 fpr: float = REPAIR_FPR) -> Callable[[Projector], ScanResult] | None:
+                 fpr: float = REPAIR_FPR) -> Callable[..., ScanResult] | None:
     """A repair's self-check: the reference-mode verdict, against ``calibration`` at the repair's rate ``fpr``, of
     ``lens``'s model with its projector replaced by a candidate; None without a calibration, the LLM read-out or
-    the reference projector."""
+    the reference projector. ``judge(projector, as_scan=True)`` is instead the verdict `scan` prints for it (all
+    reference-mode signals, the calibration's own rate, the reference-free cross-check), so that a repair can act on
+    what the user was told."""
     if lens is None or calibration is None or lens.reference is None or "reference" not in calibration.null:
         return None
+    as_scanned = Scanner(calibration=calibration, mode="reference")
     # the lens signals only: the repair's own selection already is the task-residual test, so the self-check adds
     # the lens's evidence (on the seed-2 transfer rows both choices removed the same components)
     lens_only = [s for s in calibration.combine.get("reference", []) if not s.startswith(TASK_RESIDUAL_PREFIX)]
@@ -439,7 +442,7 @@ def repair_judge(lens: ScanInput | None, calibration: Calibration | None,
         calibration = replace(calibration, combine={**calibration.combine, "reference": lens_only})
     scanner = Scanner(calibration=calibration, mode="reference", fpr=fpr, cross_check=False)
 
-    def judge(projector: Projector) -> ScanResult:
-        return scanner.judge(replace(lens, projector=projector, _cache={}))
+    def judge(projector: Projector, as_scan: bool = False) -> ScanResult:
+        return (as_scanned if as_scan else scanner).judge(replace(lens, projector=projector, _cache={}))
 
     return judge

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projlens_defense.mitigations.base import Mitigation
-from projlens_defense.projector import Projector
 from projlens_defense.scan_input import ScanInput
 
 
@@ -19,8 +18,8 @@ class LensGuidedMitigation(Mitigation):
 
     Keyword inputs (not parameters): ``lens``, the ``lens_context`` ScanInput (or None: no LLM weights);
     ``calibration``, the scan calibration that gives benign token novelty for this model (or None); ``judge``,
-    the calibrated reference-mode scan of this model as a function of a candidate projector (or None), which a
-    repair may use to check itself (``detectors.scan.repair_judge`` makes one; injected so that mitigations do
+    the calibrated reference-mode scan of this model as a function of a candidate projector (or None; with
+    ``as_scan=True`` the verdict `scan` prints), which a repair may use to check itself (``detectors.scan.repair_judge`` makes one; injected so that mitigations do
     not depend on the scan).
     """
 
@@ -28,4 +27,4 @@ class LensGuidedMitigation(Mitigation):
 
     lens: ScanInput | None = field(default=None, kw_only=True, repr=False)
     calibration: Any = field(default=None, kw_only=True, repr=False)
-    judge: Callable[[Projector], Any] | None = field(default=None, kw_only=True, repr=False)
+    judge: Callable[..., Any] | None = field(default=None, kw_only=True, repr=False)

@@ -22,14 +22,16 @@ are removed (the rank) is chosen automatically:
   benign fine-tunes' readings, so that directions toward the task's own answer words are kept.
   (The thresholds were set on the zoo against benign fine-tunes; see benchmarks/mitigation_table.py.) Without the LLM read-out, the top ``fallback_rank`` components are removed.
 * **few-shot** (<= 64 clean samples) with a calibration that holds the task subspace (``few_shot="refit"``, the
-  default): when the data-free test finds the update over the benign bound, the *whole* update outside the
+  default): when the data-free test finds the update over the benign bound, or the calibrated scan (as `scan`
+  prints it, cross-check included) does not call it clean, the *whole* update outside the
   two-sided task subspace is removed in every layer (what a backdoor adds beyond the task adaptation, including
   the low-energy residue one component leaves behind), then the projector is fine-tuned on the clean samples'
   answers (``refit_epochs`` at a time, at ``refit_lr``, until its loss there is within ``refit_fit_factor`` of the
   suspect's, at most ``refit_max_epochs``) to recover the clean accuracy that costs; clean samples carry no
   trigger, so the backdoor is not relearned. (Fine-tuning it toward the suspect's own outputs on the clean
   features instead relearned the backdoor: tried on 5 population cells, rejected.) Nothing over the bound: the
-  probe search below, which removes nothing when no fixed-target response shows.
+  probe search below (the scan calls it clean, or without a judge), which removes nothing when no fixed-target
+  response shows.
 * **few-shot** without such a calibration, or with ``few_shot="probe"``: a synthesized universal trigger
   (:mod:`~projlens_defense.mitigations.probe`) reveals whether the projector has a shortcut to a
   fixed target at all; if so, the components are ranked by how much their removal suppresses the
@@ -278,19 +280,24 @@ class SubspaceMitigation(LensGuidedMitigation):
             comps = whole_outside_task(delta, task)
         elif self.judge is not None:
             extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task)
+            if not comps and not extra and report["scan_check"]["verdict"] != "suspicious":
+                extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task, as_scan=True)
         if not comps and not extra:
             check = report.get("scan_check", {})
+            flag = (f"calls it {check.get('verdict')} ({check.get('reason')})" if check.get("as_scan")
+                    else f"flags the update (z {check.get('score')} > {check.get('threshold')})")
             report["selection"] = (
                 f"no component outside the benign task subspace exceeds the benign bound at FPR {fpr} in any layer"
-                + (": the update looks like a benign fine-tune of this model" if check.get("verdict") != "suspicious"
-                   else f"; the calibrated scan flags the update (z {check.get('score')} > {check.get('threshold')}), "
-                        "but removing components outside the task subspace does not lower its score, so no low-rank "
-                        "piece to remove was found"))
+                + (": the update looks like a benign fine-tune of this model"
+                   if check.get("verdict") not in ("suspicious", "inconclusive")
+                   else f"; the calibrated scan {flag}, but removing components outside the task subspace does not "
+                        "end that, so no low-rank piece to remove was found"))
             return [], report
         report["selection"] = (f"components above the benign bound (FPR {fpr}, {n} benign fine-tunes) per layer: "
                                + ", ".join(f"{x['layer']} {x['removed']}" for x in layers)
-                               + (f", then {len(extra)} more until the calibrated scan no longer flags it"
-                                  if extra else "")
+                               + (f", then {len(extra)} more until the calibrated scan "
+                                  + ("calls it clean" if report.get("scan_check", {}).get("as_scan")
+                                     else "no longer flags it") if extra else "")
                                + f"; removed outside the two-sided task subspace (rank {task[0][0].shape[1]})")
         comps = comps + extra
         last = [c for c in comps if c[0] == suspect.num_layers - 1]
@@ -301,18 +308,25 @@ class SubspaceMitigation(LensGuidedMitigation):
         return comps, report
 
     def _scan_guided(self, suspect: Projector, delta: list[torch.Tensor], comps: list[Component],
-                     task: list[TaskLayer]) -> tuple[list[Component], dict[str, Any]]:
+                     task: list[TaskLayer], as_scan: bool = False) -> tuple[list[Component], dict[str, Any]]:
         """When the calibrated scan still flags the update after ``comps`` are removed: the last layer's next
         components outside the two-sided task subspace, one at a time (up to ``k``), as long as each lowers the
         scan's score, kept only if the last one ends the flag. A backdoor is a low-rank piece (finding 1) whose
         removal takes the scan's evidence with it; a removal that raises the score is not removing what the
         scan sees (on the default zoo, the one benign fine-tune the scan flags is such a case), so then nothing
-        more is removed. Returns the extra components and the scan's scores along the way."""
+        more is removed. Returns the extra components and the scan's scores along the way.
+
+        ``as_scan``: the scan as `scan` prints it (the judge's ``as_scan``), and removal goes on until it calls the
+        update `clean`: for an update with nothing over the benign bound that the scan still cannot call clean (a
+        1% malicious-injection fine-tune of the micro:2 zoo, which the reference-free cross-check flagged, kept ASR
+        0.5 when nothing was removed; its top component outside the task subspace took it to 0.0, in-sample)."""
         assert self.judge is not None
-        first = self.judge(remove_components(suspect, comps))
+        first = self._verdict(remove_components(suspect, comps), as_scan)
         report: dict[str, Any] = {"verdict": first.verdict, "score": first.score, "threshold": first.threshold,
-                                  "removed": 0, "verdict_after": first.verdict}
-        if first.verdict != "suspicious" or first.score is None:
+                                  "removed": 0, "verdict_after": first.verdict,
+                                  **({"as_scan": True, "reason": first.reason} if as_scan else {})}
+        flagged = ("suspicious", "inconclusive") if as_scan else ("suspicious",)
+        if first.verdict not in flagged or first.score is None:
             return [], report
         li = suspect.num_layers - 1
         left, right, _ = task[li]
@@ -327,13 +341,13 @@ class SubspaceMitigation(LensGuidedMitigation):
             if not len(s) or float(s[0]) <= 0.0:
                 break
             c = (li, len(comps) + len(extra), float(s[0]), u[:, 0].clone(), v[:, 0].clone())
-            res = self.judge(remove_components(suspect, comps + extra + [c]))
+            res = self._verdict(remove_components(suspect, comps + extra + [c]), as_scan)
             scores.append(res.score)
             if res.score is None or res.score >= scores[-2]:
                 break
             m -= c[2] * torch.outer(c[3], c[4])
             extra.append(c)
-            if res.verdict != "suspicious":
+            if res.verdict not in flagged:
                 report.update({"scores": scores, "removed": len(extra), "verdict_after": res.verdict})
                 return extra, report
         report["scores"] = scores
@@ -368,10 +382,13 @@ class SubspaceMitigation(LensGuidedMitigation):
         basis = task_basis(self.calibration, suspect.out_dim, int(self.task_rank))
         if ts is not None:
             first, head = self._null_calibrated(suspect, delta, ts)
-            if first and self.few_shot == "refit":
+            unbacked = self._scan_not_clean(suspect) if not first and self.few_shot == "refit" else None
+            if (first or unbacked) and self.few_shot == "refit":
                 comps = whole_outside_task(delta, ts)
+                why = head["selection"] if first else unbacked
                 return comps, {"mode": "few-shot", "refit": True, "task_removed_step": {**head, "removed": len(first)},
-                               "selection": f"{head['selection']}; then the whole update outside the two-sided task "
+                               **({"scan_verdict": unbacked} if unbacked else {}),
+                               "selection": f"{why}; then the whole update outside the two-sided task "
                                             f"subspace (rank {len(comps)}) removed in every layer and the projector "
                                             f"refitted on the {len(clean)} clean samples"}
         elif basis is None or int(self.task_removed_rank) <= 0:
@@ -385,6 +402,25 @@ class SubspaceMitigation(LensGuidedMitigation):
         report["task_removed_step"] = {**head, "removed": len(first)}
         report["selection"] = f"{head['selection']}; then on what is left: {report.get('selection')}"
         return first + more, report
+
+    def _verdict(self, projector: Projector, as_scan: bool) -> Any:
+        """The judge's verdict on ``projector``: the repair's self-check, or with ``as_scan`` the scan as printed."""
+        assert self.judge is not None
+        return self.judge(projector, as_scan=True) if as_scan else self.judge(projector)
+
+    def _scan_not_clean(self, suspect: Projector) -> str | None:
+        """Why the scan, as `scan` prints it, does not call ``suspect`` clean (None where it does, or without a
+        judge). Few-shot, that is ground for the refit even where no component exceeds the benign bound: the refit
+        costs little clean accuracy (it recovers what the removal takes), while a weak backdoor whose components
+        all look benign-sized (a 1% malicious-injection fine-tune of the micro:2 zoo, which the reference-free
+        cross-check flagged) kept ASR 0.5 when nothing was removed."""
+        if self.judge is None:
+            return None
+        res = self._verdict(suspect, as_scan=True)
+        if res.verdict not in ("suspicious", "inconclusive"):
+            return None
+        detail = res.reason or f"z {res.score} > {res.threshold}"
+        return f"nothing exceeds the benign bound, but the calibrated scan calls it {res.verdict} ({detail})"
 
     def _refit(self, proj: Projector, suspect: Projector, clean: CleanData) -> tuple[Projector, dict[str, Any]]:
         """``proj`` fine-tuned on the clean samples' answers, ``refit_epochs`` at a time, until its loss there is within
