@@ -42,18 +42,25 @@ def test_the_self_check_reports_what_a_scan_of_the_output_says(micro_zoo, micro_
     assert after["score"] < after["threshold"] < before["score"]
 
 
-def test_scan_guided_removal_finishes_a_repair_the_share_test_stopped_short(micro_zoo, micro_attacks):
-    """The benign-share test's repair cut short by three components (as when a weak backdoor's later components
-    look benign-sized): the scan still flags it, and the repair takes further components outside the task
-    subspace, each lowering the real scan's score, until the flag ends."""
+def _repair_inputs(micro_zoo, micro_attacks, name: str):
+    """(reference, lens input, calibration, judge, update, task subspace, data-free share-test removals) of the micro
+    attacks' fine-tune ``name``."""
     out, _ = micro_attacks
     ref = load_projector(micro_zoo.reference)
-    lens, cal = lens_context(out / "backdoored", ref)
+    lens, cal = lens_context(out / name, ref)
     judge = repair_judge(lens, cal)
     assert judge is not None
     delta = lens.projector.delta(ref)
     task = fitted_task_subspace(cal, delta)
-    full, _ = SubspaceMitigation(lens=lens, calibration=cal)._null_calibrated(lens.projector, delta, task)
+    first, _ = SubspaceMitigation(lens=lens, calibration=cal)._null_calibrated(lens.projector, delta, task)
+    return ref, lens, cal, judge, delta, task, first
+
+
+def test_scan_guided_removal_finishes_a_repair_the_share_test_stopped_short(micro_zoo, micro_attacks):
+    """The benign-share test's repair cut short by three components (as when a weak backdoor's later components
+    look benign-sized): the scan still flags it, and the repair takes further components outside the task
+    subspace, each lowering the real scan's score, until the flag ends."""
+    _, lens, cal, judge, delta, task, full = _repair_inputs(micro_zoo, micro_attacks, "backdoored")
     short = full[:-3]
     start = judge(remove_components(lens.projector, short))
     if len(full) < 4 or start.verdict != "suspicious":  # the scenario needs a backdoor the scan flags strongly
@@ -113,14 +120,7 @@ def test_few_shot_refits_what_the_scan_does_not_call_clean(micro_zoo, micro_atta
     from projlens_defense.mitigations.subspace import whole_outside_task
     from projlens_defense.runtime import LlavaRuntime
 
-    out, _ = micro_attacks
-    ref = load_projector(micro_zoo.reference)
-    lens, cal = lens_context(out / "benign", ref)
-    real = repair_judge(lens, cal)
-    assert real is not None
-    delta = lens.projector.delta(ref)
-    task = fitted_task_subspace(cal, delta)
-    first, _ = SubspaceMitigation(lens=lens, calibration=cal)._null_calibrated(lens.projector, delta, task)
+    ref, lens, cal, real, delta, task, first = _repair_inputs(micro_zoo, micro_attacks, "benign")
     assert first == [], "the benign fine-tune has a component over the benign bound"
     scanned = real(lens.projector, as_scan=True)
     printed = Scanner(calibration=cal, mode="reference").judge(lens)  # what `scan` prints: 5%, cross-checked
@@ -172,7 +172,7 @@ def test_data_free_removes_until_the_scan_calls_it_clean(micro_zoo, micro_attack
     scores = check["scores"]
     assert res.report["rank"] == check["removed"] == len(scores) - 1 >= 1, res.report
     assert all(b < a for a, b in zip(scores, scores[1:], strict=False)), scores
-    assert "until the calibrated scan calls it clean" in res.report["selection"]
+    assert "until the scan as printed calls it clean" in res.report["selection"]
     assert real(res.projector, as_scan=True).verdict == "clean"
 
     res = SubspaceMitigation(lens=lens, calibration=cal, judge=judge_with(True)).apply(suspect, ref)

@@ -7,7 +7,8 @@ are removed (the rank) is chosen automatically:
   benign fine-tunes of this model share, fitted by ``calibrate``): per layer, the update's top component
   outside that subspace is removed when its energy share exceeds what a benign fine-tune's top component
   carries (a prediction bound at ``fpr``); if the calibrated scan still flags the result, further components
-  of the last layer go while each lowers its score. The task adaptation is kept whole; what a backdoor adds on
+  of the last layer go while each lowers its score, and then, the same way, until the scan as `scan` prints it
+  (its own rate, cross-check included) calls the result clean: also where nothing exceeded the bound. The task adaptation is kept whole; what a backdoor adds on
   top of it is the dominant low-rank piece outside it (finding 1), also when its target is a task answer.
   (An older calibration with only the task basis: the top ``task_removed_rank`` components of the last
   layer's update outside the top ``task_rank`` task directions.)
@@ -146,6 +147,15 @@ def whole_outside_task(delta: list[torch.Tensor], task: list[TaskLayer]) -> list
             for c in _all_components(li, outside_task(delta[li].float(), left, right))]
 
 
+def _extra_note(check: dict[str, Any]) -> str:
+    """What the scan-guided steps of a data-free repair removed, for its selection line."""
+    own = check.get("self_check", check if not check.get("as_scan") else {})
+    parts = [f"{own['removed']} more until the calibrated scan no longer flags it"] if own.get("removed") else []
+    if check.get("as_scan") and check.get("removed"):
+        parts.append(f"{check['removed']} more until the scan as printed calls it clean")
+    return "".join(f", then {p}" for p in parts)
+
+
 def _describe(c: Component, energy: dict[int, float], proj: Projector) -> dict[str, Any]:
     li, i, s, _, _ = c
     return {"layer": proj.layer_name(li), "component": i, "sigma": round(s, 6),
@@ -258,7 +268,9 @@ class SubspaceMitigation(LensGuidedMitigation):
         states. One component per layer: the backdoor is the dominant low-rank piece (finding 1); removing the
         further components that exceed the benign second, third... shares as well (the earlier rule) took 2 to 5
         more points of clean accuracy on the transfer checkpoints for no ASR (seed 2, in-sample for this choice). Where one is not enough, the scan-guided step removes more while the calibrated scan's
-        evidence drops. What is removed is the top component of the update outside the task subspace taken on
+        evidence drops, first until the repair's self-check (at ``fpr``) no longer flags it, then until the scan as
+        printed (the calibration's rate, cross-checked) calls it clean; each step keeps its removals only if it
+        gets there. What is removed is the top component of the update outside the task subspace taken on
         *both* sides (output x input directions), so a backdoor whose target is also a task answer (its output
         direction inside the task subspace, its input direction, the trigger's, outside it) goes too."""
         fpr = float(self.fpr)
@@ -280,8 +292,14 @@ class SubspaceMitigation(LensGuidedMitigation):
             comps = whole_outside_task(delta, task)
         elif self.judge is not None:
             extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task)
-            if not comps and not extra and report["scan_check"]["verdict"] != "suspicious":
-                extra, report["scan_check"] = self._scan_guided(suspect, delta, comps, task, as_scan=True)
+            printed_extra: list[Component] = []
+            if report["scan_check"]["verdict_after"] != "suspicious":  # then: until the scan as printed calls it clean
+                printed_extra, printed = self._scan_guided(suspect, delta, comps + extra, task, as_scan=True)
+                if printed_extra or not (comps or extra):
+                    report["scan_check"] = {**printed, "self_check": report["scan_check"]}
+                else:
+                    report["printed_check"] = printed
+            extra = extra + printed_extra
         if not comps and not extra:
             check = report.get("scan_check", {})
             flag = (f"calls it {check.get('verdict')} ({check.get('reason')})" if check.get("as_scan")
@@ -295,9 +313,7 @@ class SubspaceMitigation(LensGuidedMitigation):
             return [], report
         report["selection"] = (f"components above the benign bound (FPR {fpr}, {n} benign fine-tunes) per layer: "
                                + ", ".join(f"{x['layer']} {x['removed']}" for x in layers)
-                               + (f", then {len(extra)} more until the calibrated scan "
-                                  + ("calls it clean" if report.get("scan_check", {}).get("as_scan")
-                                     else "no longer flags it") if extra else "")
+                               + _extra_note(report.get("scan_check", {}))
                                + f"; removed outside the two-sided task subspace (rank {task[0][0].shape[1]})")
         comps = comps + extra
         last = [c for c in comps if c[0] == suspect.num_layers - 1]
