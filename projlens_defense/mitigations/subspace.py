@@ -302,8 +302,9 @@ class SubspaceMitigation(LensGuidedMitigation):
             extra = extra + printed_extra
         if not comps and not extra:
             check = report.get("scan_check", {})
-            flag = (f"calls it {check.get('verdict')} ({check.get('reason')})" if check.get("as_scan")
-                    else f"flags the update (z {check.get('score')} > {check.get('threshold')})")
+            z = f"z {check.get('score')} > {check.get('threshold')}"
+            flag = (f"calls it {check.get('verdict')} ({check.get('reason') or z})" if check.get("as_scan")
+                    else f"flags the update ({z})")
             report["selection"] = (
                 f"no component outside the benign task subspace exceeds the benign bound at FPR {fpr} in any layer"
                 + (": the update looks like a benign fine-tune of this model"
